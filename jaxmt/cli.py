@@ -1,0 +1,126 @@
+"""The ``jaxmt`` command: train, eval, translate.
+
+    jaxmt train --gin_file=gin_configs/runs/demo.gin --gin.TRAIN_STEPS=100 --model_dir=runs/x
+    jaxmt eval --model_dir=runs/x [--split=test] [--max_examples=N] [--json]
+    jaxmt translate --model_dir=runs/x --src_lang=en --tgt_lang=de < in.txt > out.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+GIN_DIR = Path(__file__).resolve().parent.parent / "gin_configs"
+
+
+def _resolve_gin_file(name: str) -> str:
+    for cand in (Path(name), GIN_DIR / name, GIN_DIR / f"{name}.gin"):
+        if cand.is_file():
+            return str(cand)
+    raise SystemExit(f"error: --gin_file={name}: no such file (also looked in {GIN_DIR})")
+
+
+def parse_gin(gin_files: list[str], overrides: list[str]) -> None:
+    """Loads gin files then ``--gin.NAME=VALUE`` overrides, in that order."""
+    import gin
+
+    import jaxmt.config  # noqa: F401  (registers the configurables)
+    import jaxmt.trainer  # noqa: F401
+
+    gin.add_config_file_search_path(str(GIN_DIR))
+    bindings = []
+    for o in overrides:
+        key, sep, value = o[len("--gin."):].partition("=")
+        if not sep:
+            raise SystemExit(f"error: {o}: expected --gin.NAME=VALUE")
+        bindings.append(f"{key} = {value}")
+    gin.parse_config_files_and_bindings([_resolve_gin_file(f) for f in gin_files], bindings)
+
+
+def cmd_train(args, gin_overrides) -> int:
+    parse_gin(args.gin_file or [], gin_overrides)
+    from jaxmt.trainer import train
+
+    t0 = time.time()
+    train(model_dir=args.model_dir)
+    print(f"train finished in {time.time() - t0:.0f}s; model directory {args.model_dir}",
+          flush=True)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from jaxmt import config as cfglib
+    from jaxmt.evaluation import evaluate, format_table
+    from jaxmt.translator import Translator
+
+    tr = Translator.from_pretrained(args.model_dir)
+    with open(os.path.join(args.model_dir, cfglib.CONFIG_FILE), encoding="utf-8") as f:
+        data_cfg = cfglib.from_json(f.read())["data"]
+    log = lambda d, r: print(f"{d}: BLEU {r['bleu']:.1f} chrF {r['chrf']:.1f} (n={r['n']})",
+                             file=sys.stderr, flush=True)
+    result = evaluate(tr, data_cfg.directions, split=args.split, max_examples=args.max_examples,
+                      progress=log)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_table(result))
+    return 0
+
+
+def cmd_translate(args) -> int:
+    from jaxmt.translator import Translator, translate_stream
+
+    tr = Translator.from_pretrained(args.model_dir)
+    data = Path(args.input).read_bytes() if args.input else sys.stdin.buffer.read()
+    out = translate_stream(tr, data, args.src_lang, args.tgt_lang)
+    if args.output:
+        Path(args.output).write_bytes(out)
+    else:
+        sys.stdout.buffer.write(out)
+        sys.stdout.buffer.flush()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxmt", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (or resume) a model")
+    t.add_argument("--gin_file", action="append", help="gin file; repeatable")
+    t.add_argument("--model_dir", required=True)
+    e = sub.add_parser("eval", help="BLEU/chrF per direction on a split")
+    e.add_argument("--model_dir", required=True)
+    e.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    e.add_argument("--max_examples", type=int, default=None)
+    e.add_argument("--json", action="store_true", help="last line is one JSON object")
+    tr = sub.add_parser("translate", help="translate lines from stdin or --input")
+    tr.add_argument("--model_dir", required=True)
+    tr.add_argument("--src_lang", required=True)
+    tr.add_argument("--tgt_lang", required=True)
+    tr.add_argument("--input", default=None)
+    tr.add_argument("--output", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    gin_overrides = [a for a in argv if a.startswith("--gin.")]
+    rest = [a for a in argv if not a.startswith("--gin.")]
+    args = build_parser().parse_args(rest)
+    if gin_overrides and args.command != "train":
+        raise SystemExit("error: --gin.NAME=VALUE applies to `jaxmt train` only")
+    if args.command == "train":
+        return cmd_train(args, gin_overrides)
+    if args.command == "eval":
+        return cmd_eval(args)
+    return cmd_translate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

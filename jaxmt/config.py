@@ -1,0 +1,145 @@
+"""Run configuration: frozen dataclasses, the only types gin binds.
+
+Each dataclass validates itself in ``__post_init__`` so a bad gin binding fails
+before anything is compiled, with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import gin
+
+
+def _check(cond: bool, cls: str, field: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{cls}.{field}: {msg}")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """T5.1.1 / mT5-style encoder-decoder hyper-parameters."""
+
+    vocab_size: int = 8192
+    emb_dim: int = 256
+    num_heads: int = 4
+    head_dim: int = 64
+    mlp_dim: int = 768
+    num_encoder_layers: int = 3
+    num_decoder_layers: int = 3
+    dropout_rate: float = 0.0
+    relpos_buckets: int = 32
+    relpos_max_distance: int = 128
+    mlp_activations: tuple[str, ...] = ("gelu", "linear")
+    dtype: str = "bfloat16"  # compute dtype; parameters stay in param_dtype
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        n = type(self).__name__
+        for f in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+                  "num_encoder_layers", "num_decoder_layers", "relpos_buckets"):
+            _check(getattr(self, f) > 0, n, f, f"must be positive, got {getattr(self, f)}")
+        _check(0.0 <= self.dropout_rate < 1.0, n, "dropout_rate", "must be in [0, 1)")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), n, "dtype",
+               f"unknown dtype {self.dtype!r}")
+        _check(self.param_dtype in ("float32", "bfloat16"), n, "param_dtype",
+               f"unknown dtype {self.param_dtype!r}")
+        object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape. -1 on one axis means "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        _check(sum(s == -1 for s in sizes) <= 1, "MeshConfig", "data/fsdp/tensor",
+               "at most one axis may be -1")
+        _check(all(s == -1 or s >= 1 for s in sizes), "MeshConfig", "data/fsdp/tensor",
+               f"sizes must be >= 1 or -1, got {sizes}")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which corpus, languages and directions to train on, and how to batch them."""
+
+    langs: tuple[str, ...] = ("en", "de", "fr", "ru")
+    pivot: str = "en"  # directions are pivot->xx and xx->pivot
+    temperature: float = 5.0  # mixture rate proportional to n_i ** (1 / temperature)
+    vocab_size: int = 8000  # SentencePiece pieces; must not exceed ModelConfig.vocab_size
+    vocab_sample_per_lang: int = 20000  # sentences per language for SentencePiece training
+    src_len: int = 64
+    tgt_len: int = 64
+    pack: bool = True
+    max_eval_len: int = 128
+
+    def __post_init__(self):
+        object.__setattr__(self, "langs", tuple(self.langs))
+        _check(self.pivot in self.langs, "DataConfig", "pivot",
+               f"{self.pivot!r} is not in langs {self.langs}")
+        _check(len(self.langs) >= 2, "DataConfig", "langs", "need at least two languages")
+        _check(self.temperature > 0, "DataConfig", "temperature", "must be positive")
+        _check(self.src_len > 0 and self.tgt_len > 0, "DataConfig", "src_len/tgt_len",
+               "must be positive")
+
+    @property
+    def directions(self) -> tuple[tuple[str, str], ...]:
+        others = [l for l in self.langs if l != self.pivot]
+        return tuple([(self.pivot, l) for l in others] + [(l, self.pivot) for l in others])
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, schedule and bookkeeping."""
+
+    steps: int = 1000
+    batch_size: int = 32  # global, in packed rows
+    optimizer: str = "adamw"  # adamw | adafactor
+    learning_rate: float = 3e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.1
+    z_loss: float = 1e-4
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        _check(self.steps > 0, "TrainConfig", "steps", "must be positive")
+        _check(self.batch_size > 0, "TrainConfig", "batch_size", "must be positive")
+        _check(self.optimizer in ("adamw", "adafactor"), "TrainConfig", "optimizer",
+               f"unknown optimizer {self.optimizer!r} (adamw | adafactor)")
+        _check(0.0 <= self.label_smoothing < 1.0, "TrainConfig", "label_smoothing",
+               "must be in [0, 1)")
+
+
+CONFIG_FILE = "jaxmt_config.json"
+_TYPES = {"model": ModelConfig, "mesh": MeshConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def to_json(**configs: Any) -> str:
+    """Serialises named configs; the model directory keeps them for gin-free reloads."""
+    return json.dumps({k: dataclasses.asdict(v) for k, v in configs.items()}, indent=2)
+
+
+def from_json(text: str) -> dict[str, Any]:
+    """Inverse of :func:`to_json`; unknown sections are an error that names them."""
+    raw = json.loads(text)
+    out = {}
+    for k, v in raw.items():
+        if k not in _TYPES:
+            raise ValueError(f"{CONFIG_FILE}: unknown section {k!r}")
+        out[k] = _TYPES[k](**v)
+    return out

@@ -1,0 +1,203 @@
+"""Building blocks: embeddings, norms, MLP, relative position bias.
+
+Every parameter is created with a logical axis name per dimension
+(``nn.with_logical_partitioning``) and key activations are constrained with
+``act_*`` names, so the rules in :mod:`jaxmt.axes` decide the sharding.
+Matmuls take inputs in the compute dtype and accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxmt import axes
+
+Array = jax.Array
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def normal(std: float) -> Callable:
+    return nn.initializers.normal(stddev=std)
+
+
+def param(mod: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
+          names: tuple[str, ...], dtype) -> Array:
+    """Creates a parameter annotated with one logical axis name per dimension."""
+    assert len(shape) == len(names), (name, shape, names)
+    return mod.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+def constrain(x: Array, names: tuple[str, ...]) -> Array:
+    """Applies the logical activation sharding (a no-op outside a mesh)."""
+    return nn.with_logical_constraint(x, names)
+
+
+def _split_eq(eq: str) -> tuple[str, str, str]:
+    ins, out = eq.replace(" ", "").split("->")
+    a, b = ins.split(",")
+    return a, b, out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum_f32acc(eq: str, x: Array, w: Array) -> Array:
+    return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32)
+
+
+def _einsum_fwd(eq, x, w):
+    return _einsum_f32acc(eq, x, w), (x, w)
+
+
+def _dot_f32(s1: str, x1: Array, s2: str, x2: Array, out: str) -> Array:
+    """f32-accumulated einsum with the operands ordered so that each one's free
+    indices appear in the output in operand order. The CPU backend fails at run time
+    on bf16 dots that need the opposite order (e.g. `bqhd,bhqk->bkhd`, while
+    `bhqk,bqhd->bkhd` runs; stack notes)."""
+    def first_free(sa, sb):
+        free = [out.index(c) for c in sa if c in out and c not in sb]
+        return min(free) if free else -1
+    if first_free(s1, s2) > first_free(s2, s1):
+        s1, x1, s2, x2 = s2, x2, s1, x1
+    return jnp.einsum(f"{s1},{s2}->{out}", x1, x2, preferred_element_type=jnp.float32)
+
+
+def _einsum_bwd(eq, res, g):
+    # Both backward dots take operands in the forward dtype and accumulate in f32.
+    # Autodiff would emit mixed f32 x bf16 dots, which the CPU runs on its slow fp32 path.
+    x, w = res
+    a, b, out = _split_eq(eq)
+    gc = g.astype(x.dtype)
+    dx = _dot_f32(out, gc, b, w, a)
+    dw = _dot_f32(out, gc, a, x, b)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_einsum_f32acc.defvjp(_einsum_fwd, _einsum_bwd)
+
+
+def mixed_einsum(eq: str, x: Array, w: Array, dtype) -> Array:
+    """Two-operand einsum: operands cast to ``dtype``, float32 accumulation, float32 result.
+
+    Every index of an operand must appear in the output or the other operand (true
+    for all dense and attention contractions here), so the backward is two einsums.
+    On CPU only bf16 operands with an f32 accumulator reach the native bf16 kernels;
+    bf16-out dots silently run in fp32 (see stack notes).
+    """
+    return _einsum_f32acc(eq, x.astype(dtype), w.astype(dtype))
+
+
+class Embed(nn.Module):
+    """Token embedding table [vocab, embed]."""
+
+    num_embeddings: int
+    features: int
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def setup(self):
+        self.embedding = param(self, "embedding", normal(1.0),
+                               (self.num_embeddings, self.features),
+                               (axes.VOCAB, axes.EMBED), dtype_of(self.param_dtype))
+
+    def __call__(self, ids: Array) -> Array:
+        x = jnp.take(self.embedding, ids, axis=0).astype(dtype_of(self.dtype))  # [b, l, e]
+        return constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
+
+
+class RMSNorm(nn.Module):
+    """T5 layer norm: scale only, no mean subtraction, statistics in float32."""
+
+    epsilon: float = 1e-6
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), (axes.EMBED,),
+                      dtype_of(self.param_dtype))
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+        y = xf * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+        return y.astype(dtype_of(self.dtype))
+
+
+_ACTIVATIONS = {"gelu": lambda x: nn.gelu(x, approximate=True), "relu": nn.relu,
+                "silu": nn.silu, "linear": lambda x: x}
+
+
+class MlpBlock(nn.Module):
+    """Gated feed-forward block: prod_i act_i(x W_i) then W_o (gated-GELU for T5.1.1)."""
+
+    emb_dim: int
+    mlp_dim: int
+    activations: tuple[str, ...] = ("gelu", "linear")
+    dropout_rate: float = 0.0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        dt, pdt = dtype_of(self.dtype), dtype_of(self.param_dtype)
+        h = None
+        for i, act in enumerate(self.activations):
+            if act not in _ACTIVATIONS:
+                raise ValueError(f"ModelConfig.mlp_activations: unknown activation {act!r}")
+            w = param(self, f"wi_{i}", normal(self.emb_dim ** -0.5),
+                      (self.emb_dim, self.mlp_dim), (axes.EMBED, axes.MLP), pdt)
+            y = _ACTIVATIONS[act](mixed_einsum("ble,em->blm", x, w, dt))  # [b, l, mlp]
+            h = y if h is None else h * y
+        h = constrain(h.astype(dt), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
+        h = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(h, deterministic=deterministic)
+        wo = param(self, "wo", normal(self.mlp_dim ** -0.5), (self.mlp_dim, self.emb_dim),
+                   (axes.MLP, axes.EMBED), pdt)
+        out = mixed_einsum("blm,me->ble", h, wo, dt).astype(dt)  # [b, l, e]
+        return constrain(out, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
+
+
+def relative_bucket(rel: Array, bidirectional: bool, num_buckets: int,
+                    max_distance: int) -> Array:
+    """T5 bucketing of (key - query) offsets: exact for small, log-spaced for large."""
+    ret = jnp.zeros_like(rel)
+    n = -rel
+    if bidirectional:
+        num_buckets //= 2
+        ret += (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    val_large = max_exact + (
+        jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+        / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+    val_large = jnp.minimum(val_large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, val_large)
+
+
+class RelativePositionBias(nn.Module):
+    """Per-head learned bias from a [relpos_buckets, heads] table, shared across layers."""
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    bidirectional: bool
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, q_pos: Array, k_pos: Array) -> Array:
+        """Returns bias [1, heads, q, k] in float32 for position vectors q_pos [q], k_pos [k]."""
+        table = param(self, "rel_embedding", normal(1.0),
+                      (self.num_buckets, self.num_heads), (axes.RELPOS, axes.HEADS),
+                      dtype_of(self.param_dtype))
+        rel = k_pos[None, :] - q_pos[:, None]  # [q, k]
+        buckets = relative_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
+        bias = jnp.take(table.astype(jnp.float32), buckets, axis=0)  # [q, k, h]
+        return jnp.transpose(bias, (2, 0, 1))[None]  # [1, h, q, k]

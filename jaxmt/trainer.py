@@ -1,0 +1,263 @@
+"""Training: optimizer, sharded state, the jitted train step, and the loop.
+
+This module imports no TensorFlow. The data pipeline (seqio) is imported only
+inside :func:`train`, the gin entry point, so the train step can be used and tested
+on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import flax.struct
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxmt import config as cfglib
+from jaxmt.checkpoint import Checkpointer, abstract_like
+from jaxmt.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
+from jaxmt.model import EncoderDecoderModel
+from jaxmt.partitioning import Partitioner
+
+PyTree = Any
+VOCAB_FILE = "spm.model"
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warm-up, then cosine decay to 10% of the peak at the last step."""
+    warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 1))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+        decay_steps=max(cfg.steps, warmup + 1), end_value=0.1 * cfg.learning_rate)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    sched = learning_rate_schedule(cfg)
+    if cfg.optimizer == "adamw":
+        # No decay on vectors (norm scales, bias tables are 2-D but tiny; keep T5X's habit).
+        opt = optax.adamw(sched, b1=0.9, b2=0.98, eps=1e-9, weight_decay=cfg.weight_decay,
+                          mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+    else:
+        opt = optax.adafactor(sched, multiply_by_parameter_scale=False, clipping_threshold=None)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
+
+
+def _fix_unmatched_boxes(tree: PyTree) -> PyTree:
+    """Optimizer leaves whose rank differs from their parameter's (factored moments) are
+    left unannotated, i.e. replicated."""
+    def fix(x):
+        if isinstance(x, nn.LogicallyPartitioned) and len(x.names) != x.value.ndim:
+            return x.value
+        return x
+    return jax.tree.map(fix, tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+class Trainer:
+    """Holds the model, optimizer and partitioner; builds and runs the sharded step."""
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, partitioner: Partitioner,
+                 src_len: int, tgt_len: int):
+        self.model = EncoderDecoderModel(model_cfg)
+        self.cfg = train_cfg
+        self.partitioner = partitioner
+        self.tx = make_optimizer(train_cfg)
+        self.schedule = learning_rate_schedule(train_cfg)
+        partitioner.check_batch(train_cfg.batch_size)
+        self._dummy = self.model.dummy_batch(1, src_len, tgt_len)
+        with partitioner.activate():
+            boxed = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
+        self.state_shardings = partitioner.logical_shardings(boxed)
+        self.abstract_state = abstract_like(nn.unbox(boxed), self.state_shardings)
+        self._step_fn = None
+
+    def _init_boxed(self, rng: jax.Array) -> TrainState:
+        params = self.model.init(rng, self._dummy)
+        opt_state = _fix_unmatched_boxes(self.tx.init(params))
+        return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=opt_state)
+
+    def init_state(self, seed: int) -> TrainState:
+        """Parameters and optimizer state created directly in their shards."""
+        with self.partitioner.activate():
+            fn = jax.jit(lambda r: nn.unbox(self._init_boxed(r)), out_shardings=self.state_shardings)
+            return fn(jax.random.PRNGKey(seed))
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
+
+    def _train_step(self, state: TrainState, batch: dict, rng: jax.Array):
+        dropout_rng = (jax.random.fold_in(rng, state.step)
+                       if self.model.cfg.dropout_rate > 0 else None)
+        loss_fn = lambda p: self.model.loss(p, batch, dropout_rng=dropout_rng,
+                                            label_smoothing=self.cfg.label_smoothing,
+                                            z_loss=self.cfg.z_loss)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                       learning_rate=self.schedule(state.step),
+                       source_tokens=jnp.sum(batch["encoder_input_tokens"] > 0))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def step_fn(self) -> Callable:
+        """The jitted step with explicit in/out shardings; the old state is donated."""
+        if self._step_fn is None:
+            p = self.partitioner
+            jitted = jax.jit(self._train_step,
+                             in_shardings=(self.state_shardings, p.batch_sharding, p.replicated),
+                             out_shardings=(self.state_shardings, p.replicated),
+                             donate_argnums=(0,))
+
+            def run(state, batch, rng):
+                with p.activate():
+                    return jitted(state, batch, rng)
+            self._step_fn = run
+        return self._step_fn
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class MetricWriter:
+    """TensorBoard event files under ``model_dir/train`` (process 0 only)."""
+
+    def __init__(self, model_dir: str):
+        self._writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+            self._writer = SummaryWriter(os.path.join(model_dir, "train"))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is not None:
+            for k, v in values.items():
+                self._writer.add_scalar(k, v, step)
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model_dir: str,
+               ckpt: Checkpointer, state: TrainState, start_step: int,
+               meta: dict | None = None, progress: bool = True) -> tuple[TrainState, dict]:
+    """Runs from ``start_step`` to ``trainer.cfg.steps``; returns final state and metrics."""
+    from tqdm import tqdm
+
+    cfg = trainer.cfg
+    step_fn = trainer.step_fn()
+    rng = jax.random.PRNGKey(cfg.seed + 1)
+    writer = MetricWriter(model_dir)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step",
+               disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+    last = {}
+    t0, tok_acc, steps_acc = time.perf_counter(), 0, 0
+    pending = []
+    for step in range(start_step, cfg.steps):
+        batch = trainer.partitioner.shard_batch(next(batches), cfg.batch_size)
+        state, metrics = step_fn(state, batch, rng)
+        pending.append(metrics)
+        bar.update(1)
+        steps_acc += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            host = [jax.device_get(m) for m in pending]  # one sync per log interval
+            pending = []
+            dt = time.perf_counter() - t0
+            tok_acc = sum(float(m["tokens"]) + float(m["source_tokens"]) for m in host)
+            ntok = sum(float(m["tokens"]) for m in host)
+            last = {"loss": sum(float(m["loss_sum"]) for m in host) / max(ntok, 1.0),
+                    "nll": sum(float(m["nll_sum"]) for m in host) / max(ntok, 1.0),
+                    "accuracy": sum(float(m["correct"]) for m in host) / max(ntok, 1.0),
+                    "grad_norm": float(host[-1]["grad_norm"]),
+                    "learning_rate": float(host[-1]["learning_rate"]),
+                    "tokens_per_s": tok_acc / dt, "steps_per_s": steps_acc / dt}
+            writer.scalars(done, last)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                            lr=f"{last['learning_rate']:.2e}")
+            t0, steps_acc = time.perf_counter(), 0
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            ckpt.save(done, state.params, state.opt_state, dict(meta or {}, step=done))
+    bar.close()
+    ckpt.wait()
+    writer.close()
+    return state, last
+
+
+@gin.configurable
+def train(model_dir: str, progress: bool = True) -> dict:
+    """The ``jaxmt train`` entry point: vocabulary, data, sharded state, loop, checkpoints.
+
+    Rerunning on the same ``model_dir`` resumes from the latest checkpoint.
+    Returns the last logged metrics.
+    """
+    from jaxmt.data import pipeline, tasks, vocab  # seqio/TF only from here on
+
+    model_cfg, mesh_cfg, data_cfg, train_cfg = ModelConfig(), MeshConfig(), DataConfig(), TrainConfig()
+    os.makedirs(model_dir, exist_ok=True)
+    _write_text_atomic(os.path.join(model_dir, cfglib.CONFIG_FILE),
+                       cfglib.to_json(model=model_cfg, mesh=mesh_cfg, data=data_cfg, train=train_cfg))
+    _write_text_atomic(os.path.join(model_dir, "config.gin"), gin.operative_config_str())
+
+    spm_path = os.path.join(model_dir, VOCAB_FILE)
+    if not os.path.exists(spm_path):
+        print(f"training SentencePiece vocabulary ({data_cfg.vocab_size} pieces) -> {spm_path}",
+              flush=True)
+        vocab.train_vocab(spm_path, data_cfg.langs, data_cfg.vocab_size,
+                          data_cfg.vocab_sample_per_lang, seed=train_cfg.seed)
+    n_pieces = vocab.load_processor(spm_path).get_piece_size()
+    if n_pieces > model_cfg.vocab_size:
+        raise ValueError(f"{spm_path}: {n_pieces} pieces exceed ModelConfig.vocab_size="
+                         f"{model_cfg.vocab_size}; raise it or lower DataConfig.vocab_size.")
+    mixture = tasks.register(spm_path, data_cfg.langs, pivot=data_cfg.pivot,
+                             temperature=data_cfg.temperature)
+
+    partitioner = Partitioner(mesh_cfg)
+    trainer = Trainer(model_cfg, train_cfg, partitioner, data_cfg.src_len, data_cfg.tgt_len)
+    ckpt = Checkpointer(model_dir, keep=train_cfg.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        params, opt_state, meta = ckpt.restore(start, trainer.abstract_state.params,
+                                               trainer.abstract_state.opt_state)
+        state = TrainState(step=jnp.array(start, jnp.int32), params=params, opt_state=opt_state)
+        print(f"resuming from step {start} in {ckpt.directory}", flush=True)
+    else:
+        state = trainer.init_state(train_cfg.seed)
+    print(f"model: {trainer.num_params() / 1e6:.2f}M parameters; mesh "
+          f"{dict(zip(('data', 'fsdp', 'tensor'), partitioner.shape))} over "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
+    if start >= train_cfg.steps:
+        ckpt.close()
+        print(f"already trained to step {start} (TrainConfig.steps={train_cfg.steps})")
+        return {}
+    # A resumed run reseeds the shuffle so it does not replay the batches it already saw.
+    batches = pipeline.train_batches(
+        mixture, data_cfg.src_len, data_cfg.tgt_len,
+        partitioner.host_local_batch_size(train_cfg.batch_size), seed=train_cfg.seed + start,
+        shard_index=jax.process_index(), num_shards=jax.process_count(), pack=data_cfg.pack)
+    _, last = train_loop(trainer, batches, model_dir, ckpt, state, start,
+                         meta={"data_seed": train_cfg.seed + start}, progress=progress)
+    ckpt.close()
+    # Rewrite after the run: gin's operative config lists every binding actually used.
+    _write_text_atomic(os.path.join(model_dir, "config.gin"), gin.operative_config_str())
+    with open(os.path.join(model_dir, "train_summary.json"), "w") as f:
+        json.dump(dict(last, steps=train_cfg.steps), f, indent=2)
+    return last
