@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -40,7 +41,22 @@ def parse_gin(gin_files: list[str], overrides: list[str]) -> None:
         if not sep:
             raise SystemExit(f"error: {o}: expected --gin.NAME=VALUE")
         bindings.append(f"{key} = {value}")
-    gin.parse_config_files_and_bindings([_resolve_gin_file(f) for f in gin_files], bindings)
+    # gin tries the bare include path before the search path and logs an ERROR for the miss.
+    quiet = _DropMessage("Path not found")
+    logging.getLogger().addFilter(quiet)
+    try:
+        gin.parse_config_files_and_bindings([_resolve_gin_file(f) for f in gin_files], bindings)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 def cmd_train(args, gin_overrides) -> int:

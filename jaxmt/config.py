@@ -92,9 +92,14 @@ class DataConfig:
                "must be positive")
 
     @property
-    def directions(self) -> tuple[tuple[str, str], ...]:
-        others = [l for l in self.langs if l != self.pivot]
-        return tuple([(self.pivot, l) for l in others] + [(l, self.pivot) for l in others])
+    def directions(self) -> list[tuple[str, str]]:
+        return directions(self.langs, self.pivot)
+
+
+def directions(langs, pivot: str) -> list[tuple[str, str]]:
+    """``pivot -> xx`` for every other language, then ``xx -> pivot``."""
+    others = [lang for lang in langs if lang != pivot]
+    return [(pivot, lang) for lang in others] + [(lang, pivot) for lang in others]
 
 
 @gin.configurable
@@ -104,8 +109,10 @@ class TrainConfig:
 
     steps: int = 1000
     batch_size: int = 32  # global, in packed rows
-    optimizer: str = "adamw"  # adamw | adafactor
-    learning_rate: float = 3e-3
+    # Adafactor with parameter-scaled updates is T5's recipe and learned far faster than
+    # AdamW on the demo (chrF 30.6 vs 15.3 at equal steps; see README).
+    optimizer: str = "adafactor"  # adafactor | adamw
+    learning_rate: float = 1e-2
     warmup_steps: int = 200
     weight_decay: float = 0.01
     grad_clip: float = 1.0

@@ -53,7 +53,9 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         opt = optax.adamw(sched, b1=0.9, b2=0.98, eps=1e-9, weight_decay=cfg.weight_decay,
                           mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
     else:
-        opt = optax.adafactor(sched, multiply_by_parameter_scale=False, clipping_threshold=None)
+        # T5's recipe: updates relative to each parameter's scale, which suits T5's
+        # unscaled attention (queries start at std (d_model * head_dim) ** -0.5).
+        opt = optax.adafactor(sched, multiply_by_parameter_scale=True, clipping_threshold=1.0)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
 
 
@@ -174,6 +176,8 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
     for step in range(start_step, cfg.steps):
         batch = trainer.partitioner.shard_batch(next(batches), cfg.batch_size)
         state, metrics = step_fn(state, batch, rng)
+        if pending:  # keep one step in flight, so the bar's steps/s and ETA are real
+            jax.block_until_ready(pending[-1]["loss"])
         pending.append(metrics)
         bar.update(1)
         steps_acc += 1
@@ -229,6 +233,8 @@ def train(model_dir: str, progress: bool = True) -> dict:
                          f"{model_cfg.vocab_size}; raise it or lower DataConfig.vocab_size.")
     mixture = tasks.register(spm_path, data_cfg.langs, pivot=data_cfg.pivot,
                              temperature=data_cfg.temperature)
+    for reports in tasks.SKIP_REPORTS.values():  # nothing is dropped without a count
+        print(f"data {reports['train'].summary()}", flush=True)
 
     partitioner = Partitioner(mesh_cfg)
     trainer = Trainer(model_cfg, train_cfg, partitioner, data_cfg.src_len, data_cfg.tgt_len)

@@ -1,0 +1,1 @@
+"""Data: the embedded corpus, SentencePiece vocabulary, seqio tasks and input pipeline."""

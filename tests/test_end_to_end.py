@@ -1,0 +1,133 @@
+"""End to end on 8 fake devices: train ~20 steps on the embedded corpus, checkpoint,
+resume, decode, evaluate, and the `jaxmt translate` line contract."""
+
+import glob
+import io
+import json
+import os
+import subprocess
+import sys
+from contextlib import redirect_stdout
+
+import gin
+import pytest
+
+from jaxmt import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BINDINGS = [
+    "ModelConfig.vocab_size = 1024", "ModelConfig.emb_dim = 64", "ModelConfig.num_heads = 4",
+    "ModelConfig.head_dim = 16", "ModelConfig.mlp_dim = 128",
+    "ModelConfig.num_encoder_layers = 2", "ModelConfig.num_decoder_layers = 2",
+    "MeshConfig.data = 2", "MeshConfig.fsdp = 2", "MeshConfig.tensor = 2",
+    "DataConfig.langs = ('en', 'de', 'ru')", "DataConfig.vocab_size = 1000",
+    "DataConfig.vocab_sample_per_lang = 2000", "DataConfig.src_len = 32",
+    "DataConfig.tgt_len = 32", "DataConfig.max_eval_len = 32",
+    "TrainConfig.batch_size = 16", "TrainConfig.warmup_steps = 5",
+    "TrainConfig.checkpoint_every = 10", "TrainConfig.log_every = 5",
+]
+
+
+def _train(model_dir, steps):
+    gin.clear_config()
+    cli.parse_gin([], [f"--gin.{b.replace(' = ', '=')}" for b in BINDINGS]
+                  + [f"--gin.TrainConfig.steps={steps}"])
+    from jaxmt.trainer import train
+    try:
+        return train(model_dir=model_dir, progress=False)
+    finally:
+        gin.clear_config()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("e2e") / "model")
+    first = _train(d, 20)
+    assert first["loss"] > 0
+    return d
+
+
+def test_run_artifacts(model_dir):
+    for name in ("config.gin", "jaxmt_config.json", "spm.model", "train_summary.json"):
+        assert os.path.exists(os.path.join(model_dir, name)), name
+    assert "TrainConfig.steps = 20" in open(os.path.join(model_dir, "config.gin")).read()
+    assert glob.glob(os.path.join(model_dir, "train", "events.out.tfevents.*"))
+    steps = sorted(int(s) for s in os.listdir(os.path.join(model_dir, "checkpoints")) if s.isdigit())
+    assert steps == [10, 20]
+
+
+def test_resume_continues_from_last_step(model_dir, capsys):
+    from jaxmt.checkpoint import Checkpointer
+    last = _train(model_dir, 30)
+    out = capsys.readouterr().out
+    assert "resuming from step 20" in out
+    ck = Checkpointer(model_dir, async_save=False)
+    assert ck.latest_step() == 30
+    ck.close()
+    assert last["loss"] > 0
+
+
+def test_eval_json_contract(model_dir):
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert cli.main(["eval", f"--model_dir={model_dir}", "--max_examples=6", "--json"]) == 0
+    result = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert set(result["directions"]) == {"en-de", "en-ru", "de-en", "ru-en"}
+    for r in result["directions"].values():
+        assert r["n"] == 6 and 0 <= r["bleu"] <= 100 and 0 <= r["chrf"] <= 100
+    assert "nrefs:1" in result["signature"] and "chrF" in result["signature"]
+
+
+ODD_INPUT = ("In the beginning God created the heaven and the earth.\n"
+             "\n"
+             "   \n"
+             "tab\there\x00nul\x07bell\x1b[31mansi\n"
+             "carriage\rreturn and line\u2028separator\u0085next\n"
+             + "very long line " * 400 + "\n"
+             "Mixed: Привет мир, مرحبا, 𝔘🙂, ça coûte déjà\n"
+             "\xff\xfe not utf8 is replaced\n")
+
+
+def test_translate_line_contract_without_tensorflow(model_dir, tmp_path):
+    src = tmp_path / "in.txt"
+    raw = ODD_INPUT.encode("utf-8").replace(b"\xc3\xbf\xc3\xbe", b"\xff\xfe")  # real bad bytes
+    src.write_bytes(raw)
+    n_lines = raw.count(b"\n")
+    code = (
+        "import sys; from jaxmt import cli; rc = cli.main(sys.argv[1:]);"
+        "assert 'tensorflow' not in sys.modules and 'seqio' not in sys.modules, 'TF imported';"
+        "sys.exit(rc)")
+    env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "translate", f"--model_dir={model_dir}", "--src_lang=en",
+         "--tgt_lang=de", f"--input={src}"], capture_output=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    out = proc.stdout
+    assert out.count(b"\n") == n_lines
+    lines = out.decode("utf-8").split("\n")[:-1]
+    assert lines[1] == "" and lines[2] == ""  # empty and blank lines stay empty
+    assert all(lines[i] for i in (0, 3, 4, 5, 6))  # every real line gets a translation
+    assert b"truncated" in proc.stderr
+
+
+def test_translator_api_matches_cli_order(model_dir):
+    from jaxmt import Translator
+    t = Translator.from_pretrained(model_dir)
+    texts = ["a", "", "In the beginning God created the heaven and the earth.", "b c d"]
+    out = t.translate(texts, src_lang="en", tgt_lang="ru")
+    assert len(out) == 4 and out[1] == ""
+    assert out == t.translate(texts, src_lang="en", tgt_lang="ru")  # deterministic
+    with pytest.raises(ValueError, match="tgt_lang='xx'"):
+        t.translate(["x"], src_lang="en", tgt_lang="xx")
+
+
+def test_core_imports_without_tensorflow():
+    code = ("import sys, jaxmt; from jaxmt import Translator;"
+            "import jaxmt.model, jaxmt.network, jaxmt.layers, jaxmt.attention, jaxmt.partitioning,"
+            " jaxmt.trainer, jaxmt.decoding, jaxmt.translator, jaxmt.evaluation, jaxmt.checkpoint,"
+            " jaxmt.cli;"
+            "bad = [m for m in ('tensorflow', 'seqio') if m in sys.modules];"
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
