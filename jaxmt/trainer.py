@@ -60,10 +60,12 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def _fix_unmatched_boxes(tree: PyTree) -> PyTree:
-    """Optimizer leaves whose rank differs from their parameter's (factored moments) are
-    left unannotated, i.e. replicated."""
+    """Optimizer leaves that inherited a parameter's axis names but not its shape
+    (Adafactor's factored moments, and its (1,) placeholders for unfactored ones) are
+    left unannotated, i.e. replicated: they are small."""
     def fix(x):
-        if isinstance(x, nn.LogicallyPartitioned) and len(x.names) != x.value.ndim:
+        if isinstance(x, nn.LogicallyPartitioned) and (
+                len(x.names) != x.value.ndim or 1 in x.value.shape):
             return x.value
         return x
     return jax.tree.map(fix, tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
