@@ -76,8 +76,7 @@ def cmd_eval(args) -> int:
     from jaxmt.translator import Translator
 
     tr = Translator.from_pretrained(args.model_dir)
-    with open(os.path.join(args.model_dir, cfglib.CONFIG_FILE), encoding="utf-8") as f:
-        data_cfg = cfglib.from_json(f.read())["data"]
+    data_cfg = cfglib.load(args.model_dir)["data"]
     log = lambda d, r: print(f"{d}: BLEU {r['bleu']:.1f} chrF {r['chrf']:.1f} (n={r['n']})",
                              file=sys.stderr, flush=True)
     result = evaluate(tr, data_cfg.directions, split=args.split, max_examples=args.max_examples,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import gin
@@ -132,7 +133,8 @@ class TrainConfig:
                "must be in [0, 1)")
 
 
-CONFIG_FILE = "jaxmt_config.json"
+CONFIG_FILE = "jaxmt_config.json"  # in every model directory, beside VOCAB_FILE
+VOCAB_FILE = "spm.model"
 _TYPES = {"model": ModelConfig, "mesh": MeshConfig, "data": DataConfig, "train": TrainConfig}
 
 
@@ -150,3 +152,12 @@ def from_json(text: str) -> dict[str, Any]:
             raise ValueError(f"{CONFIG_FILE}: unknown section {k!r}")
         out[k] = _TYPES[k](**v)
     return out
+
+
+def load(model_dir: str) -> dict[str, Any]:
+    """The configs a model directory was trained with (``jaxmt train`` writes them)."""
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not a jaxmt model directory (run `jaxmt train`).")
+    with open(path, encoding="utf-8") as f:
+        return from_json(f.read())

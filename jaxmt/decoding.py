@@ -13,11 +13,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxmt.data.vocab import EOS_ID, PAD_ID  # SentencePiece only, no TF; PAD also starts decoding
 from jaxmt.network import EncoderDecoder
 
 PyTree = Any
-EOS_ID = 1
-PAD_ID = 0  # also the decoder's start token, as in T5
 
 
 def init_cache(module: EncoderDecoder, batch: int, max_decode_len: int, encoded: jax.Array,

@@ -47,8 +47,7 @@ def main(argv=None) -> int:
 
     t1 = time.time()
     tr = Translator.from_pretrained(args.model_dir)
-    with open(os.path.join(args.model_dir, cfglib.CONFIG_FILE), encoding="utf-8") as f:
-        data_cfg = cfglib.from_json(f.read())["data"]
+    data_cfg = cfglib.load(args.model_dir)["data"]
     result = evaluate(tr, data_cfg.directions, "test", args.max_examples or None,
                       progress=lambda d, r: print(f"  evaluated {d}", flush=True))
     print("\nTest split (books never seen in training), greedy decoding:\n")

@@ -28,7 +28,6 @@ from jaxmt.model import EncoderDecoderModel
 from jaxmt.partitioning import Partitioner
 
 PyTree = Any
-VOCAB_FILE = "spm.model"
 
 
 @flax.struct.dataclass
@@ -223,7 +222,7 @@ def train(model_dir: str, progress: bool = True) -> dict:
                        cfglib.to_json(model=model_cfg, mesh=mesh_cfg, data=data_cfg, train=train_cfg))
     _write_text_atomic(os.path.join(model_dir, "config.gin"), gin.operative_config_str())
 
-    spm_path = os.path.join(model_dir, VOCAB_FILE)
+    spm_path = os.path.join(model_dir, cfglib.VOCAB_FILE)
     if not os.path.exists(spm_path):
         print(f"training SentencePiece vocabulary ({data_cfg.vocab_size} pieces) -> {spm_path}",
               flush=True)

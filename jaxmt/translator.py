@@ -30,7 +30,6 @@ from jaxmt.decoding import EOS_ID, greedy_decode, strip_eos
 from jaxmt.model import EncoderDecoderModel
 
 PyTree = Any
-VOCAB_FILE = "spm.model"
 MIN_BUCKET = 16
 # Anything that str.splitlines() would split on, plus other control characters.
 _LINE_BREAKS = re.compile(r"[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
@@ -67,13 +66,9 @@ class Translator:
     @classmethod
     def from_pretrained(cls, model_dir: str, step: int | None = None, **kwargs) -> "Translator":
         """Loads config, vocabulary and the (latest) checkpoint's parameters onto one device."""
-        cfg_path = os.path.join(model_dir, cfglib.CONFIG_FILE)
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{cfg_path}: not a jaxmt model directory (run `jaxmt train`).")
-        with open(cfg_path, encoding="utf-8") as f:
-            cfgs = cfglib.from_json(f.read())
+        cfgs = cfglib.load(model_dir)
         model_cfg, data_cfg = cfgs["model"], cfgs.get("data", DataConfig())
-        sp = spm.SentencePieceProcessor(model_file=os.path.join(model_dir, VOCAB_FILE))
+        sp = spm.SentencePieceProcessor(model_file=os.path.join(model_dir, cfglib.VOCAB_FILE))
         ckpt = Checkpointer(model_dir, async_save=False)
         step = step if step is not None else ckpt.latest_step()
         if step is None:
