@@ -62,7 +62,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    cfg = ModelConfig(dtype=a.dtype)  # the tiny demo model
+    cfg = ModelConfig(precision="bf16" if a.dtype == "bfloat16" else "fp32")  # tiny demo model
     ours = measure(cfg, a.batch, a.length, a.steps)
     custom = layers._einsum_f32acc
     layers._einsum_f32acc = autodiff_einsum  # same model, JAX's own backward

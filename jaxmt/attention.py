@@ -1,21 +1,50 @@
 """Multi-head attention with T5 conventions and an autoregressive KV cache.
 
 T5 folds the 1/sqrt(head_dim) scale into the query initialisation, so scores are
-not scaled here (this keeps imported T5 weights exact). Scores, masking and the
-softmax run in float32.
+not scaled here (this keeps imported T5 weights exact; Marian's scale is folded into
+its query weights at import). Scores, masking and the softmax run in float32. The
+output is named ``attention_out`` for the ``save_attention_out`` remat policy.
 """
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxmt import axes
-from jaxmt.layers import constrain, dtype_of, mixed_einsum, normal, param
+from jaxmt.layers import bias_param, constrain, dtype_of, mixed_einsum, normal, param
 
 Array = jax.Array
 NEG_INF = -1e10
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax_to(scores: Array, dtype) -> Array:
+    """Float32 softmax over the last axis, returned in ``dtype``.
+
+    The backward keeps only the ``dtype`` probabilities (which the next matmul keeps
+    anyway) and computes the gradient in float32 from them. Autodiff would also keep
+    the float32 probabilities: under bf16 that made attention's saved activations
+    larger than under fp32.
+    """
+    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+def _softmax_fwd(scores, dtype):
+    probs = softmax_to(scores, dtype)
+    return probs, probs
+
+
+def _softmax_bwd(dtype, probs, g):
+    p, g = probs.astype(jnp.float32), g.astype(jnp.float32)
+    return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+
+
+softmax_to.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 def mask_to_bias(mask: Array) -> Array:
@@ -34,6 +63,7 @@ class MultiHeadAttention(nn.Module):
     num_heads: int
     head_dim: int
     emb_dim: int
+    use_bias: bool = False
     dropout_rate: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -59,9 +89,15 @@ class MultiHeadAttention(nn.Module):
         wo = param(self, "out", normal((h * d) ** -0.5), (h, d, e), (axes.HEADS, axes.KV, axes.EMBED), pdt)
 
         names = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, axes.ACT_KV)
-        q = constrain(mixed_einsum("bqe,ehd->bqhd", q_input, wq, dt).astype(dt), names)  # [b, q, h, d]
-        k = constrain(mixed_einsum("bke,ehd->bkhd", kv_input, wk, dt).astype(dt), names)  # [b, k, h, d]
-        v = constrain(mixed_einsum("bke,ehd->bkhd", kv_input, wv, dt).astype(dt), names)  # [b, k, h, d]
+
+        def project(x, w, name):
+            y = mixed_einsum("bte,ehd->bthd", x, w, dt)  # [b, t, h, d] float32
+            if self.use_bias:
+                y = y + bias_param(self, f"{name}_bias", (h, d), (axes.HEADS, axes.KV), pdt)
+            return constrain(y.astype(dt), names)
+
+        q = project(q_input, wq, "query")
+        k, v = project(kv_input, wk, "key"), project(kv_input, wv, "value")
 
         if decode:
             k, v, cache_bias = self._update_cache(k, v)
@@ -71,11 +107,14 @@ class MultiHeadAttention(nn.Module):
         scores = mixed_einsum("bqhd,bkhd->bhqk", q, k, dt)  # [b, h, q, k]
         if bias is not None:
             scores = scores + bias
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic).astype(dt)
+        probs = softmax_to(scores, dt)  # [b, h, q, k]
+        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
         ctx = mixed_einsum("bhqk,bkhd->bqhd", probs, v, dt)  # [b, q, h, d]
         ctx = constrain(ctx.astype(dt), names)
-        out = mixed_einsum("bqhd,hde->bqe", ctx, wo, dt).astype(dt)  # [b, q, e]
+        out = mixed_einsum("bqhd,hde->bqe", ctx, wo, dt)  # [b, q, e] float32
+        if self.use_bias:
+            out = out + bias_param(self, "out_bias", (e,), (axes.EMBED,), pdt)
+        out = checkpoint_name(out.astype(dt), "attention_out")
         return constrain(out, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
     def _update_cache(self, k: Array, v: Array):

@@ -4,7 +4,8 @@ A checkpoint holds three items: ``params``, ``opt_state`` and ``meta`` (JSON: st
 data position, anything small). Orbax writes each step into a temporary directory
 and renames it when complete, so a crash never leaves a half-written step visible.
 Restoring takes abstract arrays carrying the *target* shardings, so a checkpoint
-restores onto any mesh.
+restores onto any mesh. An imported model (``jaxmt convert``) has a params-only
+checkpoint: ``params`` and ``meta``, no ``opt_state``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class Checkpointer:
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta)))
 
+    def save_params(self, step: int, params: PyTree, meta: dict) -> None:
+        """Parameters and meta only: a model for inference, e.g. an imported checkpoint."""
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+
     def restore(self, step: int, abstract_params: PyTree, abstract_opt_state: PyTree
                 ) -> tuple[PyTree, PyTree, dict]:
         out = self.manager.restore(step, args=ocp.args.Composite(
@@ -61,6 +67,13 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def save_params(model_dir: str, params: PyTree, meta: dict) -> None:
+    """Writes a params-only checkpoint at step ``meta["step"]`` and waits for it."""
+    ckpt = Checkpointer(model_dir, keep=1, async_save=False)
+    ckpt.save_params(int(meta["step"]), params, meta)
+    ckpt.close()
 
 
 def abstract_like(tree: PyTree, shardings: PyTree) -> PyTree:

@@ -1,8 +1,10 @@
-"""The ``jaxmt`` command: train, eval, translate.
+"""The ``jaxmt`` command: train, eval, translate, convert.
 
     jaxmt train --gin_file=gin_configs/runs/demo.gin --gin.TRAIN_STEPS=100 --model_dir=runs/x
     jaxmt eval --model_dir=runs/x [--split=test] [--max_examples=N] [--json]
     jaxmt translate --model_dir=runs/x --src_lang=en --tgt_lang=de < in.txt > out.txt
+    jaxmt convert --from_hf=opus-mt-en-de --out=runs/opus-en-de  # T5, mT5 or MarianMT
+    jaxmt translate --model_dir=runs/opus-en-de < in.txt > out.txt
 """
 
 from __future__ import annotations
@@ -75,8 +77,12 @@ def cmd_eval(args) -> int:
     from jaxmt.evaluation import evaluate, format_table
     from jaxmt.translator import Translator
 
+    cfgs = cfglib.load(args.model_dir)
+    if "data" not in cfgs:
+        raise SystemExit(f"error: {args.model_dir}: no data section (an imported model); "
+                         "`jaxmt eval` scores the directions a model was trained on")
     tr = Translator.from_pretrained(args.model_dir)
-    data_cfg = cfglib.load(args.model_dir)["data"]
+    data_cfg = cfgs["data"]
     log = lambda d, r: print(f"{d}: BLEU {r['bleu']:.1f} chrF {r['chrf']:.1f} (n={r['n']})",
                              file=sys.stderr, flush=True)
     result = evaluate(tr, data_cfg.directions, split=args.split, max_examples=args.max_examples,
@@ -102,6 +108,18 @@ def cmd_translate(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from jaxmt.hf_import import convert
+
+    imported = convert(args.from_hf, args.out, precision=args.precision,
+                       scan_layers=args.scan_layers, input_prefix=args.input_prefix)
+    m, tok = imported.model, imported.tokenizer
+    print(f"converted {args.from_hf} -> {args.out}: {tok.kind}, vocab {m.vocab_size}, "
+          f"{m.num_encoder_layers}+{m.num_decoder_layers} layers, d_model {m.emb_dim}, "
+          f"input prefix {tok.input_prefix!r}", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxmt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,14 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="last line is one JSON object")
     tr = sub.add_parser("translate", help="translate lines from stdin or --input")
     tr.add_argument("--model_dir", required=True)
-    tr.add_argument("--src_lang", required=True)
-    tr.add_argument("--tgt_lang", required=True)
+    tr.add_argument("--src_lang", default=None, help="required by jaxmt-trained models")
+    tr.add_argument("--tgt_lang", default=None,
+                    help="required by jaxmt-trained and multilingual imported models")
     tr.add_argument("--input", default=None)
     tr.add_argument("--output", default=None)
+    c = sub.add_parser("convert", help="import a Hugging Face T5 / mT5 / MarianMT checkpoint")
+    c.add_argument("--from_hf", required=True, help="directory with config.json, weights and "
+                   "tokenizer files")
+    c.add_argument("--out", required=True, help="new jaxmt model directory")
+    c.add_argument("--precision", default="fp32", help="ModelConfig.precision of the result")
+    c.add_argument("--scan_layers", action="store_true", help="stack layers for nn.scan")
+    c.add_argument("--input_prefix", default=None,
+                   help="text before every source sentence; {src}/{tgt} become the language "
+                        "codes (e.g. 'translate English to German: ' for T5)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxmt.hostmem import keep_freed_memory
+    keep_freed_memory()  # before any JAX computation; see jaxmt/hostmem.py
     argv = list(sys.argv[1:] if argv is None else argv)
     gin_overrides = [a for a in argv if a.startswith("--gin.")]
     rest = [a for a in argv if not a.startswith("--gin.")]
@@ -134,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_train(args, gin_overrides)
     if args.command == "eval":
         return cmd_eval(args)
+    if args.command == "convert":
+        return cmd_convert(args)
     return cmd_translate(args)
 
 

@@ -13,16 +13,32 @@ from typing import Any
 
 import gin
 
+from jaxmt.tokenizer import TokenizerConfig
+
 
 def _check(cond: bool, cls: str, field: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{cls}.{field}: {msg}")
 
 
+# precision policy -> (compute dtype, parameter dtype). Logits, softmax, norms' statistics
+# and the loss are float32 under every policy; "fp16" adds dynamic loss scaling.
+PRECISIONS = {"fp32": ("float32", "float32"), "bf16": ("bfloat16", "float32"),
+              "bf16_params": ("bfloat16", "bfloat16"), "fp16": ("float16", "float32")}
+REMAT_POLICIES = ("none", "full", "dots_saveable", "save_attention_out", "offload")
+ACTIVATIONS = ("gelu", "gelu_exact", "relu", "silu", "linear")
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """T5.1.1 / mT5-style encoder-decoder hyper-parameters."""
+    """Encoder-decoder hyper-parameters and architecture switches.
+
+    The defaults are T5.1.1 / mT5. ``gin_configs/models/`` sets the switches together
+    for each family: ``t5_original.gin`` (ReLU MLP, tied embeddings, rescaled logits)
+    and ``marian.gin`` (sinusoidal positions, post-LayerNorm, biases, scaled and tied
+    embeddings, final logits bias).
+    """
 
     vocab_size: int = 8192
     emb_dim: int = 256
@@ -32,11 +48,24 @@ class ModelConfig:
     num_encoder_layers: int = 3
     num_decoder_layers: int = 3
     dropout_rate: float = 0.0
+    # "gelu" is the tanh approximation (T5.1.1's gelu_new); "gelu_exact" the erf form.
+    # Two or more activations make a gated MLP (their product).
+    mlp_activations: tuple[str, ...] = ("gelu", "linear")
+    position_embedding: str = "relative"  # relative (T5 bias) | sinusoidal (Vaswani)
     relpos_buckets: int = 32
     relpos_max_distance: int = 128
-    mlp_activations: tuple[str, ...] = ("gelu", "linear")
-    dtype: str = "bfloat16"  # compute dtype; parameters stay in param_dtype
-    param_dtype: str = "float32"
+    norm_type: str = "rms"  # rms (T5) | layer
+    norm_position: str = "pre"  # pre | post (Marian); pre adds a final norm per stack
+    norm_epsilon: float = 1e-6
+    use_bias: bool = False  # biases on attention and MLP projections
+    scale_embeddings: bool = False  # token embeddings times sqrt(emb_dim)
+    tie_embeddings: bool = False  # logits from the shared token embedding
+    rescale_logits: bool = False  # decoder output times emb_dim ** -0.5 before logits (T5)
+    final_logits_bias: bool = False
+    scan_layers: bool = False  # nn.scan over a stacked `layers` axis, not unrolled
+    encoder_remat: str = "none"  # one of REMAT_POLICIES
+    decoder_remat: str = "none"
+    precision: str = "bf16"  # one of PRECISIONS
 
     def __post_init__(self):
         n = type(self).__name__
@@ -44,11 +73,28 @@ class ModelConfig:
                   "num_encoder_layers", "num_decoder_layers", "relpos_buckets"):
             _check(getattr(self, f) > 0, n, f, f"must be positive, got {getattr(self, f)}")
         _check(0.0 <= self.dropout_rate < 1.0, n, "dropout_rate", "must be in [0, 1)")
-        _check(self.dtype in ("float32", "bfloat16", "float16"), n, "dtype",
-               f"unknown dtype {self.dtype!r}")
-        _check(self.param_dtype in ("float32", "bfloat16"), n, "param_dtype",
-               f"unknown dtype {self.param_dtype!r}")
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+        _check(len(self.mlp_activations) >= 1, n, "mlp_activations", "needs at least one")
+        for a in self.mlp_activations:
+            _check(a in ACTIVATIONS, n, "mlp_activations", f"unknown activation {a!r} {ACTIVATIONS}")
+        choices = {"position_embedding": ("relative", "sinusoidal"), "norm_type": ("rms", "layer"),
+                   "norm_position": ("pre", "post"), "encoder_remat": REMAT_POLICIES,
+                   "decoder_remat": REMAT_POLICIES, "precision": tuple(PRECISIONS)}
+        for f, allowed in choices.items():
+            _check(getattr(self, f) in allowed, n, f,
+                   f"unknown value {getattr(self, f)!r}; choose one of {allowed}")
+        _check(self.norm_epsilon > 0, n, "norm_epsilon", "must be positive")
+        if self.position_embedding == "sinusoidal":
+            _check(self.emb_dim % 2 == 0, n, "emb_dim", "sinusoidal positions need an even size")
+
+    @property
+    def dtype(self) -> str:
+        """Compute dtype of matmul operands and activations."""
+        return PRECISIONS[self.precision][0]
+
+    @property
+    def param_dtype(self) -> str:
+        return PRECISIONS[self.precision][1]
 
 
 @gin.configurable
@@ -123,6 +169,10 @@ class TrainConfig:
     log_every: int = 20
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    # Dynamic loss scaling, used only by ModelConfig.precision = "fp16" (jaxmt/precision.py):
+    # the starting scale, and the finite steps after which it doubles (halved on overflow).
+    loss_scale_init: float = 2.0 ** 15
+    loss_scale_growth_interval: int = 2000
 
     def __post_init__(self):
         _check(self.steps > 0, "TrainConfig", "steps", "must be positive")
@@ -131,11 +181,20 @@ class TrainConfig:
                f"unknown optimizer {self.optimizer!r} (adamw | adafactor)")
         _check(0.0 <= self.label_smoothing < 1.0, "TrainConfig", "label_smoothing",
                "must be in [0, 1)")
+        # The scale never drops below 1, and must stay a finite float32.
+        _check(1.0 <= self.loss_scale_init <= 2.0 ** 127, "TrainConfig", "loss_scale_init",
+               f"must be in [1, 2**127], got {self.loss_scale_init}")
+        _check(isinstance(self.loss_scale_growth_interval, int)
+               and self.loss_scale_growth_interval > 0, "TrainConfig",
+               "loss_scale_growth_interval",
+               f"must be a positive integer, got {self.loss_scale_growth_interval!r}")
 
 
 CONFIG_FILE = "jaxmt_config.json"  # in every model directory, beside VOCAB_FILE
 VOCAB_FILE = "spm.model"
-_TYPES = {"model": ModelConfig, "mesh": MeshConfig, "data": DataConfig, "train": TrainConfig}
+# "tokenizer" appears only in directories made by `jaxmt convert` (imported checkpoints).
+_TYPES = {"model": ModelConfig, "mesh": MeshConfig, "data": DataConfig, "train": TrainConfig,
+          "tokenizer": TokenizerConfig}
 
 
 def to_json(**configs: Any) -> str:
@@ -150,6 +209,10 @@ def from_json(text: str) -> dict[str, Any]:
     for k, v in raw.items():
         if k not in _TYPES:
             raise ValueError(f"{CONFIG_FILE}: unknown section {k!r}")
+        if k == "model" and "dtype" in v:  # written before precision policies existed
+            v = dict(v)
+            pair = (v.pop("dtype"), v.pop("param_dtype", "float32"))
+            v["precision"] = {p: k for k, p in PRECISIONS.items()}.get(pair, "bf16")
         out[k] = _TYPES[k](**v)
     return out
 

@@ -56,7 +56,7 @@ def greedy_decode(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
         i, token, out, cache, finished = carry
         logits, upd = module.apply(
             {"params": params, "cache": cache}, token, encoded, enc_seg, decode=True,
-            decode_position=i, max_decode_len=max_decode_len, mutable=["cache"],
+            positions=jnp.full((b, 1), i), max_decode_len=max_decode_len, mutable=["cache"],
             method=EncoderDecoder.decode)  # [b, 1, v]
         nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)  # [b]
         nxt = jnp.where(finished, PAD_ID, nxt)

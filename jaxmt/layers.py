@@ -15,6 +15,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxmt import axes
 
@@ -90,8 +91,11 @@ def mixed_einsum(eq: str, x: Array, w: Array, dtype) -> Array:
     for all dense and attention contractions here), so the backward is two einsums.
     On CPU only bf16 operands with an f32 accumulator reach the native bf16 kernels;
     bf16-out dots silently run in fp32 (see stack notes).
+
+    The result is named ``dot`` for the remat policies: JAX's own ``dots_saveable``
+    cannot see a dot inside ``jnp.einsum``'s jit within a custom_vjp.
     """
-    return _einsum_f32acc(eq, x.astype(dtype), w.astype(dtype))
+    return checkpoint_name(_einsum_f32acc(eq, x.astype(dtype), w.astype(dtype)), "dot")
 
 
 class Embed(nn.Module):
@@ -99,11 +103,12 @@ class Embed(nn.Module):
 
     num_embeddings: int
     features: int
+    init_std: float = 1.0
     dtype: str = "float32"
     param_dtype: str = "float32"
 
     def setup(self):
-        self.embedding = param(self, "embedding", normal(1.0),
+        self.embedding = param(self, "embedding", normal(self.init_std),
                                (self.num_embeddings, self.features),
                                (axes.VOCAB, axes.EMBED), dtype_of(self.param_dtype))
 
@@ -111,34 +116,72 @@ class Embed(nn.Module):
         x = jnp.take(self.embedding, ids, axis=0).astype(dtype_of(self.dtype))  # [b, l, e]
         return constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
+    def attend(self, x: Array) -> Array:
+        """Tied output layer: float32 logits [b, l, vocab] = x @ embedding^T."""
+        logits = mixed_einsum("ble,ve->blv", x, self.embedding, dtype_of(self.dtype))  # [b, l, v]
+        return constrain(logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
 
-class RMSNorm(nn.Module):
-    """T5 layer norm: scale only, no mean subtraction, statistics in float32."""
 
+def sinusoidal_positions(positions: Array, dim: int) -> Array:
+    """Fixed sin/cos position embeddings [..., dim] in float32.
+
+    Layout of Marian / fairseq: the first half is sin, the second half cos, both at
+    frequencies 10000 ** (-2i / dim), so imported Marian models need no permutation.
+    """
+    half = dim // 2
+    inv_freq = 1.0 / (10000.0 ** (2.0 * jnp.arange(half, dtype=jnp.float32) / dim))  # [half]
+    angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., half]
+    return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
+
+
+class Norm(nn.Module):
+    """RMSNorm (T5: scale only, no mean subtraction) or LayerNorm (scale and bias).
+
+    Statistics are computed in float32 whatever the compute dtype.
+    """
+
+    kind: str = "rms"  # rms | layer
     epsilon: float = 1e-6
     dtype: str = "float32"
     param_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), (axes.EMBED,),
-                      dtype_of(self.param_dtype))
+        pdt = dtype_of(self.param_dtype)
+        scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), (axes.EMBED,), pdt)
         xf = x.astype(jnp.float32)
+        if self.kind == "layer":
+            xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
         y = xf * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+        if self.kind == "layer":
+            bias = param(self, "bias", nn.initializers.zeros, (x.shape[-1],), (axes.EMBED,), pdt)
+            y = y + bias.astype(jnp.float32)
         return y.astype(dtype_of(self.dtype))
 
 
-_ACTIVATIONS = {"gelu": lambda x: nn.gelu(x, approximate=True), "relu": nn.relu,
+# Keys are config.ACTIVATIONS. "gelu" is the tanh approximation (T5.1.1, HF gelu_new).
+_ACTIVATIONS = {"gelu": lambda x: nn.gelu(x, approximate=True),
+                "gelu_exact": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu,
                 "silu": nn.silu, "linear": lambda x: x}
 
 
+def bias_param(mod: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...],
+               dtype) -> Array:
+    return param(mod, name, nn.initializers.zeros, shape, names, dtype)
+
+
 class MlpBlock(nn.Module):
-    """Gated feed-forward block: prod_i act_i(x W_i) then W_o (gated-GELU for T5.1.1)."""
+    """Feed-forward block: prod_i act_i(x W_i + b_i) then W_o (+ b_o).
+
+    One activation is the classic MLP (ReLU in T5, swish in Marian); two make it
+    gated (gated-GELU in T5.1.1). Biases only with ``use_bias``.
+    """
 
     emb_dim: int
     mlp_dim: int
     activations: tuple[str, ...] = ("gelu", "linear")
+    use_bias: bool = False
     dropout_rate: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -152,13 +195,21 @@ class MlpBlock(nn.Module):
                 raise ValueError(f"ModelConfig.mlp_activations: unknown activation {act!r}")
             w = param(self, f"wi_{i}", normal(self.emb_dim ** -0.5),
                       (self.emb_dim, self.mlp_dim), (axes.EMBED, axes.MLP), pdt)
-            y = _ACTIVATIONS[act](mixed_einsum("ble,em->blm", x, w, dt))  # [b, l, mlp]
+            y = mixed_einsum("ble,em->blm", x, w, dt)  # [b, l, mlp] float32
+            if self.use_bias:
+                y = y + bias_param(self, f"wi_{i}_bias", (self.mlp_dim,), (axes.MLP,), pdt)
+            # The activation runs in the compute dtype: what the backward keeps of the
+            # widest activation is then bf16 under the bf16 policy, not float32.
+            y = _ACTIVATIONS[act](y.astype(dt))
             h = y if h is None else h * y
         h = constrain(h.astype(dt), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
         h = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(h, deterministic=deterministic)
         wo = param(self, "wo", normal(self.mlp_dim ** -0.5), (self.mlp_dim, self.emb_dim),
                    (axes.MLP, axes.EMBED), pdt)
-        out = mixed_einsum("blm,me->ble", h, wo, dt).astype(dt)  # [b, l, e]
+        out = mixed_einsum("blm,me->ble", h, wo, dt)  # [b, l, e] float32
+        if self.use_bias:
+            out = out + bias_param(self, "wo_bias", (self.emb_dim,), (axes.EMBED,), pdt)
+        out = out.astype(dt)
         return constrain(out, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
 

@@ -1,5 +1,14 @@
-"""The encoder-decoder network (T5.1.1 / mT5 style): pre-norm RMSNorm, shared relative
-position bias per stack, gated-GELU MLP, untied output layer.
+"""The encoder-decoder network, in three architecture families chosen by ModelConfig:
+
+- T5.1.1 / mT5 (default): pre-norm RMSNorm, relative position bias shared per stack,
+  gated-GELU MLP, untied output layer.
+- Original T5: the same with a ReLU MLP and tied embeddings (logits rescaled).
+- Transformer-base / Marian: sinusoidal positions, LayerNorm (post- or pre-norm),
+  biases, embeddings scaled by sqrt(d_model), tied embeddings, final logits bias.
+
+Layers are unrolled (``layers_0``, ``layers_1``, ...) or, with ``scan_layers``, one
+``nn.scan`` over parameters stacked on a ``layers`` axis, so compile time stays flat
+as depth grows. Either form can be rematerialised per stack with a named policy.
 
 Packed inputs are supported through segment ids: tokens attend only within their
 segment. This module is pure computation; losses and decoding live in
@@ -8,6 +17,10 @@ segment. This module is pure computation; losses and decoding live in
 
 from __future__ import annotations
 
+import math
+import re
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,58 +28,117 @@ import jax.numpy as jnp
 from jaxmt import axes
 from jaxmt.attention import MultiHeadAttention, mask_to_bias
 from jaxmt.config import ModelConfig
-from jaxmt.layers import (Embed, MlpBlock, RelativePositionBias, RMSNorm, constrain, dtype_of,
-                          mixed_einsum, normal, param)
+from jaxmt.layers import (Embed, MlpBlock, Norm, RelativePositionBias, bias_param, constrain,
+                          dtype_of, mixed_einsum, normal, param, sinusoidal_positions)
 
 Array = jax.Array
+PyTree = Any
+
+
+def remat_policy(name: str):
+    """The ``jax.checkpoint`` policy for a config name (see config.REMAT_POLICIES).
+
+    ``full`` saves nothing inside a layer (only its input); ``dots_saveable`` keeps
+    every matmul output (named ``dot`` by :func:`~jaxmt.layers.mixed_einsum`) and
+    recomputes the element-wise work; ``save_attention_out`` keeps each attention
+    block's output; ``offload`` moves the matmul outputs to pinned host memory
+    instead of keeping or recomputing them.
+    """
+    cp = jax.checkpoint_policies
+    if name == "full":
+        return cp.nothing_saveable
+    if name == "dots_saveable":
+        return cp.save_only_these_names("dot")
+    if name == "save_attention_out":
+        return cp.save_only_these_names("attention_out")
+    if name == "offload":
+        kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+        if "pinned_host" not in kinds:
+            raise ValueError(f"ModelConfig.*_remat: 'offload' needs pinned_host memory, which "
+                             f"{jax.devices()[0].platform} lacks (it has {sorted(kinds)})")
+        return cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=("dot",),
+            offload_src="device", offload_dst="pinned_host")
+    raise ValueError(f"unknown remat policy {name!r}")
 
 
 def _attn(cfg: ModelConfig, name: str) -> MultiHeadAttention:
     return MultiHeadAttention(num_heads=cfg.num_heads, head_dim=cfg.head_dim, emb_dim=cfg.emb_dim,
-                              dropout_rate=cfg.dropout_rate, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype, name=name)
+                              use_bias=cfg.use_bias, dropout_rate=cfg.dropout_rate,
+                              dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
 
 def _mlp(cfg: ModelConfig) -> MlpBlock:
     return MlpBlock(emb_dim=cfg.emb_dim, mlp_dim=cfg.mlp_dim, activations=cfg.mlp_activations,
-                    dropout_rate=cfg.dropout_rate, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                    name="mlp")
+                    use_bias=cfg.use_bias, dropout_rate=cfg.dropout_rate, dtype=cfg.dtype,
+                    param_dtype=cfg.param_dtype, name="mlp")
 
 
-def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
-    return RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+def _norm(cfg: ModelConfig, name: str) -> Norm:
+    return Norm(kind=cfg.norm_type, epsilon=cfg.norm_epsilon, dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype, name=name)
+
+
+def _residual(cfg: ModelConfig, name: str, x: Array, sublayer, deterministic: bool) -> Array:
+    """Pre-norm ``x + f(norm(x))`` or post-norm ``norm(x + f(x))``, with dropout on f."""
+    drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    norm = _norm(cfg, name)
+    if cfg.norm_position == "pre":
+        return x + drop(sublayer(norm(x)), deterministic=deterministic)
+    return norm(x + drop(sublayer(x), deterministic=deterministic))
 
 
 class EncoderLayer(nn.Module):
     cfg: ModelConfig
+    scanned: bool = False  # nn.scan wants (carry, output)
 
     @nn.compact
-    def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
-        drop = nn.Dropout(self.cfg.dropout_rate, broadcast_dims=(-2,))
-        y = _norm(self.cfg, "pre_attention_norm")(x)
-        y = _attn(self.cfg, "attention")(y, y, bias, deterministic)
-        x = x + drop(y, deterministic=deterministic)
-        y = _norm(self.cfg, "pre_mlp_norm")(x)
-        y = _mlp(self.cfg)(y, deterministic)
-        return x + drop(y, deterministic=deterministic)
+    def __call__(self, x: Array, bias: Array, deterministic: bool):
+        cfg = self.cfg
+        x = _residual(cfg, "attention_norm", x,
+                      lambda y: _attn(cfg, "attention")(y, y, bias, deterministic), deterministic)
+        x = _residual(cfg, "mlp_norm", x, lambda y: _mlp(cfg)(y, deterministic), deterministic)
+        return (x, None) if self.scanned else x
 
 
 class DecoderLayer(nn.Module):
     cfg: ModelConfig
+    scanned: bool = False
 
     @nn.compact
     def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
-                 deterministic: bool, decode: bool) -> Array:
-        drop = nn.Dropout(self.cfg.dropout_rate, broadcast_dims=(-2,))
-        y = _norm(self.cfg, "pre_self_attention_norm")(x)
-        y = _attn(self.cfg, "self_attention")(y, y, self_bias, deterministic, decode=decode)
-        x = x + drop(y, deterministic=deterministic)
-        y = _norm(self.cfg, "pre_cross_attention_norm")(x)
-        y = _attn(self.cfg, "encoder_decoder_attention")(y, encoded, cross_bias, deterministic)
-        x = x + drop(y, deterministic=deterministic)
-        y = _norm(self.cfg, "pre_mlp_norm")(x)
-        y = _mlp(self.cfg)(y, deterministic)
-        return x + drop(y, deterministic=deterministic)
+                 deterministic: bool, decode: bool):
+        cfg = self.cfg
+        x = _residual(cfg, "self_attention_norm", x,
+                      lambda y: _attn(cfg, "self_attention")(y, y, self_bias, deterministic,
+                                                             decode=decode), deterministic)
+        x = _residual(cfg, "cross_attention_norm", x,
+                      lambda y: _attn(cfg, "cross_attention")(y, encoded, cross_bias,
+                                                              deterministic), deterministic)
+        x = _residual(cfg, "mlp_norm", x, lambda y: _mlp(cfg)(y, deterministic), deterministic)
+        return (x, None) if self.scanned else x
+
+
+def _run_layers(cfg: ModelConfig, layer_cls, num_layers: int, policy: str,
+                static_argnums: tuple[int, ...], x: Array, *args) -> Array:
+    """Applies ``num_layers`` layers, unrolled or scanned, rematerialised by ``policy``.
+
+    ``static_argnums`` index ``__call__``'s arguments with ``self`` as 0 (the Python
+    bools), which remat must not trace.
+    """
+    if policy != "none":
+        layer_cls = nn.remat(layer_cls, policy=remat_policy(policy), static_argnums=static_argnums,
+                             prevent_cse=not cfg.scan_layers)  # scan already blocks CSE
+    if not cfg.scan_layers:
+        for i in range(num_layers):
+            x = layer_cls(cfg, name=f"layers_{i}")(x, *args)
+        return x
+    stack = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast,) * len(args), length=num_layers,
+                    metadata_params={nn.PARTITION_NAME: axes.LAYERS})
+    x, _ = stack(cfg, scanned=True, name="layers")(x, *args)
+    return x
 
 
 def segment_mask(q_seg: Array, k_seg: Array) -> Array:
@@ -75,24 +147,43 @@ def segment_mask(q_seg: Array, k_seg: Array) -> Array:
     return m[:, None]
 
 
+def _embed(cfg: ModelConfig, embed: nn.Module, tokens: Array, positions: Array,
+           deterministic: bool) -> Array:
+    """Token embeddings (scaled for Marian) plus sinusoidal positions if configured."""
+    x = embed(tokens)  # [b, l, e]
+    if cfg.scale_embeddings:
+        x = x * math.sqrt(cfg.emb_dim)
+    if cfg.position_embedding == "sinusoidal":
+        x = x + sinusoidal_positions(positions, cfg.emb_dim).astype(x.dtype)  # [b, l, e]
+    x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+    return constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
+
+
+def _final(cfg: ModelConfig, x: Array, deterministic: bool) -> Array:
+    """Pre-norm stacks end with a norm; post-norm layers are already normalised."""
+    if cfg.norm_position == "pre":
+        x = _norm(cfg, "final_norm")(x)
+    return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
 class Encoder(nn.Module):
     cfg: ModelConfig
     embed: nn.Module
 
     @nn.compact
-    def __call__(self, tokens: Array, segment_ids: Array, deterministic: bool) -> Array:
+    def __call__(self, tokens: Array, segment_ids: Array, positions: Array,
+                 deterministic: bool) -> Array:
         cfg = self.cfg
-        x = self.embed(tokens)  # [b, s, e]
-        x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
-        pos = jnp.arange(tokens.shape[1])
-        relpos = RelativePositionBias(cfg.relpos_buckets, cfg.relpos_max_distance, cfg.num_heads,
-                                      bidirectional=True, param_dtype=cfg.param_dtype,
-                                      name="relpos_bias")(pos, pos)  # [1, h, s, s]
-        bias = relpos + mask_to_bias(segment_mask(segment_ids, segment_ids))  # [b, h, s, s]
-        for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias, deterministic)
-        x = _norm(cfg, "final_norm")(x)
-        x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+        x = _embed(cfg, self.embed, tokens, positions, deterministic)
+        bias = mask_to_bias(segment_mask(segment_ids, segment_ids))  # [b, 1, s, s]
+        if cfg.position_embedding == "relative":
+            pos = jnp.arange(tokens.shape[1])  # packing: cross-segment pairs are masked anyway
+            bias = bias + RelativePositionBias(
+                cfg.relpos_buckets, cfg.relpos_max_distance, cfg.num_heads, bidirectional=True,
+                param_dtype=cfg.param_dtype, name="relpos_bias")(pos, pos)  # [b, h, s, s]
+        x = _run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, cfg.encoder_remat, (3,),
+                        x, bias, deterministic)
+        x = _final(cfg, x, deterministic)
         return constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
 
@@ -102,41 +193,55 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, encoded: Array, decoder_segment_ids: Array,
-                 encoder_segment_ids: Array, deterministic: bool, decode: bool = False,
-                 decode_position: Array | None = None, max_decode_len: int | None = None
-                 ) -> Array:
+                 encoder_segment_ids: Array, positions: Array, deterministic: bool,
+                 decode: bool = False, max_decode_len: int | None = None) -> Array:
         """Returns float32 logits [b, t, vocab].
 
-        In decode mode ``tokens`` is [b, 1] at ``decode_position`` and the self-attention
-        bias spans the cache length ``max_decode_len``.
+        In decode mode ``tokens`` is [b, 1], ``positions`` is the step's position [b, 1]
+        and the self-attention bias spans the cache length ``max_decode_len``.
         """
         cfg = self.cfg
-        x = self.embed(tokens)  # [b, t, e]
-        x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
-        relpos = RelativePositionBias(cfg.relpos_buckets, cfg.relpos_max_distance, cfg.num_heads,
-                                      bidirectional=False, param_dtype=cfg.param_dtype,
-                                      name="relpos_bias")
-        enc_valid = encoder_segment_ids
-        if decode and decode_position is not None:
-            # One query at decode_position against the whole cache; the cache masks the future.
-            self_bias = relpos(decode_position[None], jnp.arange(max_decode_len))  # [1, h, 1, T]
-            cross_mask = (enc_valid > 0)[:, None, None, :]  # [b, 1, 1, s]
+        x = _embed(cfg, self.embed, tokens, positions, deterministic)
+        if decode:
+            max_decode_len = max_decode_len or tokens.shape[1]  # init sizes the cache
+            # One query at the current position against the whole cache, which masks
+            # the future itself.
+            self_bias = jnp.zeros((1, 1, 1, max_decode_len), jnp.float32)
+            cross_bias = mask_to_bias((encoder_segment_ids > 0)[:, None, None, :])  # [b, 1, 1, s]
+            q_pos, k_pos = positions[0], jnp.arange(max_decode_len)
         else:
             pos = jnp.arange(tokens.shape[1])
             causal = (pos[None, :] <= pos[:, None])[None, None]  # [1, 1, t, t]
             self_mask = segment_mask(decoder_segment_ids, decoder_segment_ids) & causal
-            self_bias = relpos(pos, pos) + mask_to_bias(self_mask)  # [b, h, t, t]
-            cross_mask = segment_mask(decoder_segment_ids, encoder_segment_ids)  # [b, 1, t, s]
-        cross_bias = mask_to_bias(cross_mask)
-        for i in range(cfg.num_decoder_layers):
-            x = DecoderLayer(cfg, name=f"layers_{i}")(x, encoded, self_bias, cross_bias,
-                                                      deterministic, decode)
-        x = _norm(cfg, "final_norm")(x)
-        x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
-        w = param(self, "logits_dense", normal(cfg.emb_dim ** -0.5), (cfg.emb_dim, cfg.vocab_size),
-                  (axes.EMBED, axes.VOCAB), dtype_of(cfg.param_dtype))
-        logits = mixed_einsum("bte,ev->btv", x, w, dtype_of(cfg.dtype))  # [b, t, v] float32
+            self_bias = mask_to_bias(self_mask)  # [b, 1, t, t]
+            cross_bias = mask_to_bias(segment_mask(decoder_segment_ids, encoder_segment_ids))
+            q_pos, k_pos = pos, pos
+        if cfg.position_embedding == "relative":
+            self_bias = self_bias + RelativePositionBias(
+                cfg.relpos_buckets, cfg.relpos_max_distance, cfg.num_heads, bidirectional=False,
+                param_dtype=cfg.param_dtype, name="relpos_bias")(q_pos, k_pos)  # [b, h, t, T]
+        x = _run_layers(cfg, DecoderLayer, cfg.num_decoder_layers, cfg.decoder_remat, (5, 6),
+                        x, encoded, self_bias, cross_bias, deterministic, decode)
+        x = _final(cfg, x, deterministic)
+        if cfg.rescale_logits:  # original T5 with tied embeddings
+            x = x * (cfg.emb_dim ** -0.5)
+        if cfg.tie_embeddings:
+            logits = self.embed.attend(x)  # [b, t, v] float32
+        else:
+            w = param(self, "logits_dense", normal(cfg.emb_dim ** -0.5),
+                      (cfg.emb_dim, cfg.vocab_size), (axes.EMBED, axes.VOCAB),
+                      dtype_of(cfg.param_dtype))
+            logits = mixed_einsum("bte,ev->btv", x, w, dtype_of(cfg.dtype))  # [b, t, v] float32
+        if cfg.final_logits_bias:
+            logits = logits + bias_param(self, "final_logits_bias", (cfg.vocab_size,),
+                                         (axes.VOCAB,), dtype_of(cfg.param_dtype))
         return constrain(logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
+
+
+def _positions(tokens: Array, positions: Array | None) -> Array:
+    if positions is None:
+        return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return positions
 
 
 class EncoderDecoder(nn.Module):
@@ -146,29 +251,65 @@ class EncoderDecoder(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.token_embed = Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.dtype,
+        # With tied embeddings the table is also the output layer: T5 and Marian
+        # initialise it at 1/sqrt(d) so initial logits are O(1).
+        std = cfg.emb_dim ** -0.5 if cfg.tie_embeddings and not cfg.rescale_logits else 1.0
+        self.token_embed = Embed(cfg.vocab_size, cfg.emb_dim, init_std=std, dtype=cfg.dtype,
                                  param_dtype=cfg.param_dtype)
         self.encoder = Encoder(cfg, self.token_embed)
         self.decoder = Decoder(cfg, self.token_embed)
 
     def encode(self, tokens: Array, segment_ids: Array | None = None,
-               deterministic: bool = True) -> Array:
+               positions: Array | None = None, deterministic: bool = True) -> Array:
         if segment_ids is None:
             segment_ids = (tokens > 0).astype(jnp.int32)
-        return self.encoder(tokens, segment_ids, deterministic)
+        return self.encoder(tokens, segment_ids, _positions(tokens, positions), deterministic)
 
     def decode(self, tokens: Array, encoded: Array, encoder_segment_ids: Array,
-               decoder_segment_ids: Array | None = None, deterministic: bool = True,
-               decode: bool = False, decode_position: Array | None = None,
+               decoder_segment_ids: Array | None = None, positions: Array | None = None,
+               deterministic: bool = True, decode: bool = False,
                max_decode_len: int | None = None) -> Array:
+        """Teacher-forced logits, or with ``decode=True`` one step at ``positions`` [b, 1]."""
         if decoder_segment_ids is None:
             decoder_segment_ids = jnp.ones(tokens.shape, jnp.int32)
         return self.decoder(tokens, encoded, decoder_segment_ids, encoder_segment_ids,
-                            deterministic, decode, decode_position, max_decode_len)
+                            _positions(tokens, positions), deterministic, decode, max_decode_len)
 
     def __call__(self, batch: dict[str, Array], deterministic: bool = True) -> Array:
         """Teacher-forced logits [b, t, vocab] for a (possibly packed) batch."""
         enc_seg = batch["encoder_segment_ids"]
-        encoded = self.encode(batch["encoder_input_tokens"], enc_seg, deterministic)
+        encoded = self.encode(batch["encoder_input_tokens"], enc_seg,
+                              batch.get("encoder_positions"), deterministic)
         return self.decode(batch["decoder_input_tokens"], encoded, enc_seg,
-                           batch["decoder_segment_ids"], deterministic)
+                           batch["decoder_segment_ids"], batch.get("decoder_positions"),
+                           deterministic)
+
+
+_LAYER = re.compile(r"layers_(\d+)$")
+
+
+def stack_layers(params: PyTree) -> PyTree:
+    """Unrolled parameters (``layers_0``, ``layers_1``...) -> the scanned layout, where
+    each stack's ``layers`` subtree has a leading layer dimension."""
+    if not isinstance(params, dict):
+        return params
+    numbered = {int(m.group(1)): k for k in params if (m := _LAYER.match(k))}
+    out = {k: stack_layers(v) for k, v in params.items() if not _LAYER.match(k)}
+    if numbered:
+        if sorted(numbered) != list(range(len(numbered))):
+            raise ValueError(f"layer indices are not 0..n-1: {sorted(numbered)}")
+        layers = [params[numbered[i]] for i in range(len(numbered))]
+        out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return out
+
+
+def unstack_layers(params: PyTree) -> PyTree:
+    """Inverse of :func:`stack_layers`."""
+    if not isinstance(params, dict):
+        return params
+    out = {k: unstack_layers(v) for k, v in params.items() if k != "layers"}
+    if "layers" in params:
+        n = jax.tree.leaves(params["layers"])[0].shape[0]
+        for i in range(n):
+            out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+    return out

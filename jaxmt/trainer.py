@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from jaxmt import config as cfglib
+from jaxmt import precision
 from jaxmt.checkpoint import Checkpointer, abstract_like
 from jaxmt.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
 from jaxmt.model import EncoderDecoderModel
@@ -32,9 +33,23 @@ PyTree = Any
 
 @flax.struct.dataclass
 class TrainState:
+    """Everything a train step reads and replaces.
+
+    Attributes:
+      step: batches consumed. It advances on every step, including one skipped for a
+        float16 overflow, so it keeps matching the loop, checkpoints and data position.
+        The optimizer's own count (inside ``opt_state``, which drives the learning-rate
+        schedule) does not advance on a skipped step.
+      params: the model parameters.
+      opt_state: the optimizer state.
+      loss_scale: the dynamic loss scale under the "fp16" policy, else None (no leaves,
+        so other policies compile the same step as without it).
+    """
+
     step: jax.Array
     params: PyTree
     opt_state: PyTree
+    loss_scale: precision.LossScaleState | None = None
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -83,21 +98,64 @@ class Trainer:
         partitioner.check_batch(train_cfg.batch_size)
         self._dummy = self.model.dummy_batch(1, src_len, tgt_len)
         with partitioner.activate():
-            boxed = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
+            boxed = jax.eval_shape(self._init_boxed, jax.ShapeDtypeStruct((2,), jnp.uint32))
         self.state_shardings = partitioner.logical_shardings(boxed)
+        if self.loss_scaling:
+            self.state_shardings = self.state_shardings.replace(loss_scale=jax.tree.map(
+                lambda _: partitioner.replicated, self.state_shardings.loss_scale))
         self.abstract_state = abstract_like(nn.unbox(boxed), self.state_shardings)
-        self._step_fn = None
+        self._init_fn = self._step_fn = self._scalars_fn = None
+
+    @property
+    def loss_scaling(self) -> bool:
+        """Dynamic loss scaling is on for float16 compute only."""
+        return self.model.cfg.precision == "fp16"
 
     def _init_boxed(self, rng: jax.Array) -> TrainState:
         params = self.model.init(rng, self._dummy)
         opt_state = _fix_unmatched_boxes(self.tx.init(params))
-        return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=opt_state)
+        ls = precision.init_loss_scale(self.cfg.loss_scale_init) if self.loss_scaling else None
+        return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=opt_state,
+                          loss_scale=ls)
+
+    def _scalars(self, step: int, scale: float | None, good_steps: int):
+        """``(step, loss_scale)`` placed as the step expects them (replicated)."""
+        if self._scalars_fn is None:
+            def make(step, scale, good_steps):
+                ls = precision.init_loss_scale(scale, good_steps) if self.loss_scaling else None
+                return step, ls
+            # jit with out_shardings places them on every device, on one host or many.
+            self._scalars_fn = jax.jit(make, out_shardings=(self.state_shardings.step,
+                                                            self.state_shardings.loss_scale))
+        scale = self.cfg.loss_scale_init if scale is None else scale
+        return self._scalars_fn(np.int32(step), np.float32(scale), np.int32(good_steps))
+
+    def loss_scale_state(self, scale: float | None = None, good_steps: int = 0
+                         ) -> precision.LossScaleState | None:
+        """A replicated loss-scale state (``TrainConfig.loss_scale_init`` by default);
+        None when the policy does not scale the loss."""
+        return self._scalars(0, scale, good_steps)[1]
+
+    def restore_state(self, ckpt: Checkpointer, step: int) -> tuple[TrainState, dict]:
+        """The train state saved at ``step`` (see :func:`checkpoint_meta`), and its meta.
+
+        A checkpoint without a loss scale (another policy, or older) starts from
+        ``TrainConfig.loss_scale_init``.
+        """
+        params, opt_state, meta = ckpt.restore(step, self.abstract_state.params,
+                                               self.abstract_state.opt_state)
+        saved = meta.get("loss_scale")
+        scale, good_steps = precision.from_json(saved) if saved else (None, 0)
+        step_arr, ls = self._scalars(step, scale, good_steps)
+        return TrainState(step=step_arr, params=params, opt_state=opt_state, loss_scale=ls), meta
 
     def init_state(self, seed: int) -> TrainState:
         """Parameters and optimizer state created directly in their shards."""
+        if self._init_fn is None:  # kept, so a second call does not compile again
+            self._init_fn = jax.jit(lambda r: nn.unbox(self._init_boxed(r)),
+                                    out_shardings=self.state_shardings)
         with self.partitioner.activate():
-            fn = jax.jit(lambda r: nn.unbox(self._init_boxed(r)), out_shardings=self.state_shardings)
-            return fn(jax.random.PRNGKey(seed))
+            return self._init_fn(jax.random.PRNGKey(seed))
 
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
@@ -108,22 +166,53 @@ class Trainer:
         loss_fn = lambda p: self.model.loss(p, batch, dropout_rng=dropout_rng,
                                             label_smoothing=self.cfg.label_smoothing,
                                             z_loss=self.cfg.z_loss)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if not self.loss_scaling:
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        else:
+            (loss, metrics), grads, finite = precision.scaled_value_and_grad(
+                loss_fn, state.params, state.loss_scale)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
                        learning_rate=self.schedule(state.step),
                        source_tokens=jnp.sum(batch["encoder_input_tokens"] > 0))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        loss_scale = None
+        if self.loss_scaling:
+            # An overflowed step keeps the old parameters and optimizer state: a leaf-wise
+            # select (Flax's DynamicScale recipe), so the step has no data-dependent
+            # control flow; the update is computed either way.
+            params = precision.select_tree(finite, params, state.params)
+            opt_state = precision.select_tree(finite, opt_state, state.opt_state)
+            loss_scale = precision.update_loss_scale(state.loss_scale, finite,
+                                                     self.cfg.loss_scale_growth_interval)
+            metrics = dict(metrics, loss_scale=loss_scale.scale,
+                           skipped=1 - finite.astype(jnp.int32))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                          loss_scale=loss_scale), metrics
+
+    def _jitted_step(self):
+        p = self.partitioner
+        return jax.jit(self._train_step,
+                       in_shardings=(self.state_shardings, p.batch_sharding, p.replicated),
+                       out_shardings=(self.state_shardings, p.replicated), donate_argnums=(0,))
+
+    def compile_step(self, src_len: int, tgt_len: int):
+        """The step compiled ahead of time for a global batch of ``TrainConfig.batch_size``
+        rows, without data or initialised state: ``.memory_analysis()`` and
+        ``.cost_analysis()`` tell what a configuration needs per device before a run."""
+        p = self.partitioner
+        batch = {k: jax.ShapeDtypeStruct((self.cfg.batch_size, src_len if k.startswith("encoder")
+                                          else tgt_len), jnp.int32, sharding=p.batch_sharding)
+                 for k in self._dummy}
+        rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=p.replicated)
+        with p.activate():
+            return self._jitted_step().lower(self.abstract_state, batch, rng).compile()
 
     def step_fn(self) -> Callable:
         """The jitted step with explicit in/out shardings; the old state is donated."""
         if self._step_fn is None:
             p = self.partitioner
-            jitted = jax.jit(self._train_step,
-                             in_shardings=(self.state_shardings, p.batch_sharding, p.replicated),
-                             out_shardings=(self.state_shardings, p.replicated),
-                             donate_argnums=(0,))
+            jitted = self._jitted_step()
 
             def run(state, batch, rng):
                 with p.activate():
@@ -159,6 +248,14 @@ class MetricWriter:
             self._writer.close()
 
 
+def checkpoint_meta(state: TrainState, meta: dict | None, step: int) -> dict:
+    """The JSON item of a checkpoint: ``meta``, the step, and the loss scale if any."""
+    out = dict(meta or {}, step=step)
+    if state.loss_scale is not None:
+        out["loss_scale"] = precision.to_json(state.loss_scale)
+    return out
+
+
 def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model_dir: str,
                ckpt: Checkpointer, state: TrainState, start_step: int,
                meta: dict | None = None, progress: bool = True) -> tuple[TrainState, dict]:
@@ -173,6 +270,7 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
                disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
     last = {}
     t0, tok_acc, steps_acc = time.perf_counter(), 0, 0
+    skipped_total = 0  # float16 overflow skips in this run
     pending = []
     for step in range(start_step, cfg.steps):
         batch = trainer.partitioner.shard_batch(next(batches), cfg.batch_size)
@@ -195,12 +293,19 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
                     "grad_norm": float(host[-1]["grad_norm"]),
                     "learning_rate": float(host[-1]["learning_rate"]),
                     "tokens_per_s": tok_acc / dt, "steps_per_s": steps_acc / dt}
+            postfix = dict(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                           lr=f"{last['learning_rate']:.2e}")
+            if trainer.loss_scaling:
+                skipped = sum(int(m["skipped"]) for m in host)
+                skipped_total += skipped
+                last["loss_scale"] = float(host[-1]["loss_scale"])
+                last["skipped_steps"] = skipped  # in this log interval
+                postfix.update(scale=f"{last['loss_scale']:g}", skipped=skipped_total)
             writer.scalars(done, last)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                            lr=f"{last['learning_rate']:.2e}")
+            bar.set_postfix(**postfix)
             t0, steps_acc = time.perf_counter(), 0
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            ckpt.save(done, state.params, state.opt_state, dict(meta or {}, step=done))
+            ckpt.save(done, state.params, state.opt_state, checkpoint_meta(state, meta, done))
     bar.close()
     ckpt.wait()
     writer.close()
@@ -242,9 +347,7 @@ def train(model_dir: str, progress: bool = True) -> dict:
     ckpt = Checkpointer(model_dir, keep=train_cfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
-        params, opt_state, meta = ckpt.restore(start, trainer.abstract_state.params,
-                                               trainer.abstract_state.opt_state)
-        state = TrainState(step=jnp.array(start, jnp.int32), params=params, opt_state=opt_state)
+        state, _ = trainer.restore_state(ckpt, start)
         print(f"resuming from step {start} in {ckpt.directory}", flush=True)
     else:
         state = trainer.init_state(train_cfg.seed)

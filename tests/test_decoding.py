@@ -10,7 +10,7 @@ from jaxmt.decoding import EOS_ID, greedy_decode, strip_eos
 from jaxmt.model import EncoderDecoderModel
 
 CFG = ModelConfig(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
-                  num_encoder_layers=2, num_decoder_layers=2, dtype="float32")
+                  num_encoder_layers=2, num_decoder_layers=2, precision="fp32")
 
 
 def _reference(model, params, enc, steps):

@@ -9,11 +9,12 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmt import axes
 from jaxmt.config import MeshConfig, ModelConfig, TrainConfig
+from jaxmt.model import EncoderDecoderModel
 from jaxmt.partitioning import Partitioner, resolve_mesh_shape
 from jaxmt.trainer import Trainer
 
 CFG = ModelConfig(vocab_size=256, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
-                  num_encoder_layers=1, num_decoder_layers=1, dtype="float32")
+                  num_encoder_layers=1, num_decoder_layers=1, precision="fp32")
 
 
 def test_eight_fake_devices():
@@ -66,14 +67,7 @@ def test_param_shardings_follow_rules():
 
 
 def _batch(b, length, seed=0):
-    rng = np.random.default_rng(seed)
-    t = rng.integers(3, 256, (b, length)).astype(np.int32)
-    seg = np.ones((b, length), np.int32)
-    pos = np.tile(np.arange(length, dtype=np.int32), (b, 1))
-    dec = np.concatenate([np.zeros((b, 1), np.int32), t[:, :-1]], 1)
-    return dict(encoder_input_tokens=t, encoder_segment_ids=seg, encoder_positions=pos,
-                decoder_input_tokens=dec, decoder_target_tokens=t, decoder_loss_weights=seg,
-                decoder_segment_ids=seg, decoder_positions=pos)
+    return EncoderDecoderModel(CFG).random_batch(b, length, length, seed)
 
 
 def test_same_step_on_one_and_eight_devices():

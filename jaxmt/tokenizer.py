@@ -1,0 +1,251 @@
+"""Text <-> ids for every kind of model directory, without TensorFlow.
+
+Three kinds, chosen by the ``tokenizer`` section of ``jaxmt_config.json``
+(:class:`TokenizerConfig`):
+
+* no section: a model trained by jaxmt. One shared SentencePiece model
+  (``spm.model``) and a target-language tag ``<2xx>`` before every source text.
+* ``kind="t5"``: an imported T5 / mT5 checkpoint with its own ``spiece.model``.
+  Its ids already follow jaxmt's convention (pad 0, EOS 1, UNK 2).
+* ``kind="marian"``: an imported MarianMT (opus-mt) checkpoint: ``source.spm`` and
+  ``target.spm`` split text into pieces, ``vocab.json`` numbers them. Marian numbers
+  ``</s>`` 0, ``<unk>`` 1 and ``<pad>`` last, so the importer reorders the
+  vocabulary (:func:`id_permutation`) and this tokenizer applies the same reordering.
+
+The imported kinds reproduce what the Hugging Face tokenizers do for translation:
+``decode`` stops at EOS and drops the special ids (pad, EOS, UNK, T5's sentinel ids
+past the SentencePiece model) as ``skip_special_tokens=True`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from jaxmt.data.corpora import tag_source
+from jaxmt.data.vocab import EOS_ID, PAD_ID, UNK_ID
+
+KINDS = ("t5", "marian")
+_BOUNDARY = "\u2581"  # SentencePiece's word-boundary mark
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """How an imported model turns text into ids and back (``jaxmt_config.json``).
+
+    Attributes:
+        kind: ``"t5"`` (one SentencePiece model whose ids are the model's ids) or
+            ``"marian"`` (source/target SentencePiece models plus ``vocab.json``).
+        vocab_files: File names in the model directory: ``("spiece.model",)`` or
+            ``("source.spm", "target.spm", "vocab.json")``.
+        input_prefix: Prepended to every source text. ``{src}`` and ``{tgt}`` are
+            replaced by the ``src_lang``/``tgt_lang`` arguments, e.g. ``">>{tgt}<< "``
+            for a multilingual Marian model or ``"translate English to German: "``.
+        target_langs: The values ``tgt_lang`` may take (a multilingual Marian model's
+            ``>>xx<<`` codes); empty means the prefix decides alone.
+        reordered_ids: Original ids that became jaxmt's pad 0, EOS 1 and UNK 2; the
+            other ids follow in their original order (:func:`id_permutation`).
+            Empty when the original ids already follow jaxmt's convention.
+        suppressed_ids: jaxmt ids the model must never generate (the checkpoint's
+            single-token ``bad_words_ids``, e.g. Marian's pad).
+    """
+
+    kind: str
+    vocab_files: tuple[str, ...]
+    input_prefix: str = ""
+    target_langs: tuple[str, ...] = ()
+    reordered_ids: tuple[int, ...] = ()
+    suppressed_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for f in ("vocab_files", "target_langs", "reordered_ids", "suppressed_ids"):
+            object.__setattr__(self, f, tuple(getattr(self, f)))
+        if self.kind not in KINDS:
+            raise ValueError(f"TokenizerConfig.kind: unknown value {self.kind!r}; "
+                             f"choose one of {KINDS}")
+        want = {"t5": 1, "marian": 3}[self.kind]
+        if len(self.vocab_files) != want:
+            raise ValueError(f"TokenizerConfig.vocab_files: kind {self.kind!r} needs {want} "
+                             f"file(s), got {self.vocab_files}")
+        if self.reordered_ids and len(self.reordered_ids) != 3:
+            raise ValueError("TokenizerConfig.reordered_ids: needs exactly the original "
+                             f"pad, EOS and UNK ids, got {self.reordered_ids}")
+
+
+def id_permutation(vocab_size: int, reordered_ids: Sequence[int]) -> np.ndarray:
+    """``perm[jaxmt_id] = original_id``: ``reordered_ids`` first, the rest in order.
+
+    For opus-mt (pad = V-1, ``</s>`` 0, ``<unk>`` 1) this is ``[V-1, 0, 1, 2, ..., V-2]``.
+    An embedding table converts with ``table[perm]``; ids map back with ``perm[ids]``.
+    """
+    first = [int(i) for i in reordered_ids]
+    if len(set(first)) != len(first) or any(not 0 <= i < vocab_size for i in first):
+        raise ValueError(f"reordered ids {first} must be distinct and below {vocab_size}")
+    rest = np.setdiff1d(np.arange(vocab_size), np.asarray(first, np.int64))
+    return np.concatenate([np.asarray(first, np.int64), rest])
+
+
+def _until_eos(ids) -> list[int]:
+    out = []
+    for t in ids:
+        t = int(t)
+        if t == EOS_ID:
+            break
+        out.append(t)
+    return out
+
+
+class Tokenizer:
+    """What :class:`~jaxmt.translator.Translator` needs: encode, decode, language checks."""
+
+    langs: tuple[str, ...] = ()
+
+    def check_langs(self, src_lang: str | None, tgt_lang: str | None) -> None:
+        """Raises ValueError when the languages cannot be expressed for this model."""
+
+    def encode(self, text: str, src_lang: str | None, tgt_lang: str | None) -> list[int]:
+        """Source ids without the final EOS (the caller truncates, then appends it)."""
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids, up to the first EOS."""
+        raise NotImplementedError
+
+
+class TaggedTokenizer(Tokenizer):
+    """jaxmt-trained models: ``"<2xx> text"`` through the shared ``spm.model``."""
+
+    def __init__(self, sp: spm.SentencePieceProcessor, langs: Sequence[str]):
+        self.sp = sp
+        self.langs = tuple(langs)
+
+    def check_langs(self, src_lang, tgt_lang):
+        for lang, field in ((src_lang, "src_lang"), (tgt_lang, "tgt_lang")):
+            if lang not in self.langs:
+                raise ValueError(f"{field}={lang!r} is not one of this model's languages "
+                                 f"{self.langs}")
+
+    def encode(self, text, src_lang, tgt_lang):
+        return self.sp.encode(tag_source(text, tgt_lang))
+
+    def decode(self, ids):
+        out = []
+        for t in _until_eos(ids):
+            if t == PAD_ID:  # greedy decoding pads finished rows; a PAD ends the text
+                break
+            out.append(t)
+        return self.sp.decode(out)
+
+
+class _Prefixed(Tokenizer):
+    """Shared by the imported kinds: the input prefix and its language checks."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        self.cfg = cfg
+        self.langs = cfg.target_langs
+
+    def check_langs(self, src_lang, tgt_lang):
+        for name, lang in (("src", src_lang), ("tgt", tgt_lang)):
+            if "{" + name + "}" in self.cfg.input_prefix and not lang:
+                raise ValueError(f"{name}_lang is required: this model's input prefix is "
+                                 f"{self.cfg.input_prefix!r}")
+        if self.langs and tgt_lang is not None and tgt_lang not in self.langs:
+            raise ValueError(f"tgt_lang={tgt_lang!r} is not one of this model's target "
+                             f"languages {self.langs}")
+
+    def prefix(self, src_lang, tgt_lang) -> str:
+        prefix = self.cfg.input_prefix.replace("{src}", src_lang or "")
+        return prefix.replace("{tgt}", tgt_lang or "")
+
+
+class T5Tokenizer(_Prefixed):
+    """T5 / mT5: ``spiece.model`` ids are the model's ids.
+
+    Ids at or past the SentencePiece model's size are T5's sentinel ids
+    (``<extra_id_N>``) or unused rows; like the special ids they decode to nothing.
+    """
+
+    def __init__(self, cfg: TokenizerConfig, sp: spm.SentencePieceProcessor):
+        super().__init__(cfg)
+        self.sp = sp
+
+    def encode(self, text, src_lang, tgt_lang):
+        return self.sp.encode(self.prefix(src_lang, tgt_lang) + text)
+
+    def decode(self, ids):
+        n = self.sp.get_piece_size()
+        keep = [t for t in _until_eos(ids)
+                if t < n and not (self.sp.is_control(t) or self.sp.is_unknown(t))]
+        return self.sp.decode(keep)
+
+
+class MarianTokenizer(_Prefixed):
+    """opus-mt: SentencePiece pieces numbered by ``vocab.json``, then reordered.
+
+    Encoding splits a leading ``>>xx<<`` language code off (it is one vocabulary
+    entry), encodes the rest with the source model and looks each piece up in
+    ``vocab.json`` (unknown pieces become ``<unk>``). Decoding reverses the lookup and
+    joins the pieces with the source model, as the reference tokenizer does for a
+    shared vocabulary.
+    """
+
+    def __init__(self, cfg: TokenizerConfig, source: spm.SentencePieceProcessor,
+                 target: spm.SentencePieceProcessor, vocab: dict[str, int], vocab_size: int):
+        super().__init__(cfg)
+        self.source, self.target = source, target
+        perm = id_permutation(vocab_size, cfg.reordered_ids)  # jaxmt -> original
+        self.to_original = perm
+        self.from_original = np.argsort(perm)  # original -> jaxmt
+        bad = {p: i for p, i in vocab.items() if not 0 <= i < vocab_size}
+        if bad:
+            raise ValueError(f"{cfg.vocab_files[2]}: ids outside the model's vocabulary "
+                             f"(size {vocab_size}): {dict(list(bad.items())[:5])}")
+        self.vocab = vocab
+        self.pieces = {i: p for p, i in vocab.items()}
+        self.unk = int(self.from_original[vocab["<unk>"]])
+
+    def _lookup(self, piece: str) -> int:
+        i = self.vocab.get(piece)
+        return self.unk if i is None else int(self.from_original[i])
+
+    def encode(self, text, src_lang, tgt_lang):
+        text = self.prefix(src_lang, tgt_lang) + text
+        ids = []
+        if text.startswith(">>") and (end := text.find("<<")) != -1:
+            ids.append(self._lookup(text[:end + 2]))
+            text = text[end + 2:]
+        return ids + [self._lookup(p) for p in self.source.encode(text, out_type=str)]
+
+    def decode(self, ids):
+        pieces = []
+        for t in _until_eos(ids):
+            if t in (PAD_ID, EOS_ID, UNK_ID):
+                continue
+            orig = int(self.to_original[t])
+            pieces.append(self.pieces.get(orig) or self.source.id_to_piece(orig))
+        return self.source.decode_pieces(pieces).replace(_BOUNDARY, " ").strip()
+
+
+def _processor(path: str) -> spm.SentencePieceProcessor:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: SentencePiece model missing")
+    return spm.SentencePieceProcessor(model_file=path)
+
+
+def load_tokenizer(directory: str, cfg: TokenizerConfig, vocab_size: int) -> Tokenizer:
+    """The tokenizer of an imported model whose vocabulary files are in ``directory``."""
+    files = [os.path.join(directory, f) for f in cfg.vocab_files]
+    if cfg.kind == "t5":
+        return T5Tokenizer(cfg, _processor(files[0]))
+    if not os.path.exists(files[2]):
+        raise FileNotFoundError(f"{files[2]}: Marian vocabulary missing")
+    with open(files[2], encoding="utf-8") as f:
+        vocab = json.load(f)
+    if "<unk>" not in vocab:
+        raise ValueError(f"{files[2]}: no '<unk>' entry")
+    return MarianTokenizer(cfg, _processor(files[0]), _processor(files[1]), vocab, vocab_size)
