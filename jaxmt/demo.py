@@ -22,6 +22,8 @@ SAMPLES = {
 
 
 def main(argv=None) -> int:
+    from jaxmt.hostmem import keep_freed_memory
+    keep_freed_memory()  # as the jaxmt command does; see jaxmt/hostmem.py
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", default="runs/demo")
