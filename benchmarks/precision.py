@@ -31,7 +31,7 @@ import jax
 
 from jaxmt.cli import parse_gin
 from jaxmt.config import PRECISIONS, MeshConfig, ModelConfig, TrainConfig
-from jaxmt.partitioning import Partitioner
+from jaxmt.partitioning import Partitioner, topology_devices
 from jaxmt.trainer import Trainer
 
 
@@ -43,12 +43,10 @@ def gin_model(name: str) -> ModelConfig:
 
 
 def chip_memory(cfg: ModelConfig, target: str, batch: int, src: int, tgt: int) -> dict:
-    from jax.experimental import topologies
     try:
-        chip = topologies.get_topology_desc(topology_name=target, platform="tpu").devices[0]
-    except Exception as e:
-        raise SystemExit(f"error: --target {target}: cannot compile for it ({e}); install the "
-                         f"TPU compiler with `pip install -e '.[tpu_aot]'`.")
+        chip = topology_devices(target)[0]
+    except ValueError as e:
+        raise SystemExit(f"error: --target {target}: {e}")
     trainer = Trainer(cfg, TrainConfig(batch_size=batch, optimizer="adamw"),
                       Partitioner(MeshConfig(data=1), devices=[chip]), src, tgt)
     mem = trainer.compile_step(src, tgt).memory_analysis()

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jaxmt.cli import parse_gin
 from jaxmt.config import REMAT_POLICIES, ModelConfig
 from jaxmt.model import EncoderDecoderModel
+from jaxmt.partitioning import topology_devices
 
 
 def target_sharding(target: str) -> jax.sharding.Sharding:
@@ -45,12 +46,9 @@ def target_sharding(target: str) -> jax.sharding.Sharding:
     if target == "cpu":
         return jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     try:
-        from jax.experimental import topologies
-        devices = topologies.get_topology_desc(topology_name=target, platform="tpu").devices
-    except Exception as e:  # no libtpu, or an unknown topology name
-        raise SystemExit(f"error: --target {target}: cannot compile for it ({e}). Install the "
-                         f"TPU compiler with `pip install -e '.[tpu_aot]'`, or use --target cpu.")
-    return jax.sharding.SingleDeviceSharding(devices[0])
+        return jax.sharding.SingleDeviceSharding(topology_devices(target)[0])
+    except ValueError as e:
+        raise SystemExit(f"error: --target {target}: {e}, or use --target cpu.")
 
 
 def measure(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int,

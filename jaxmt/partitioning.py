@@ -38,6 +38,21 @@ def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int
     return tuple(sizes)
 
 
+def topology_devices(name: str) -> list[jax.Device]:
+    """The devices of a TPU topology (e.g. ``"v5p:2x2x1"``), for ahead-of-time compiles
+    from any machine: pass them to :class:`Partitioner` or a sharding, lower and compile.
+
+    Raises:
+        ValueError: libtpu (the ``tpu_aot`` extra) is missing or ``name`` is unknown.
+    """
+    try:
+        from jax.experimental import topologies
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    except Exception as e:  # no libtpu, or an unknown topology name
+        raise ValueError(f"cannot compile for TPU topology {name!r} ({e}); install the TPU "
+                         f"compiler with `pip install -e '.[tpu_aot]'`") from e
+
+
 class Partitioner:
     """Builds the ``(data, fsdp, tensor)`` mesh and maps logical names onto it."""
 

@@ -18,6 +18,7 @@ from jaxmt.config import ModelConfig
 from jaxmt.decoding import greedy_decode
 from jaxmt.model import EncoderDecoderModel
 from jaxmt.network import stack_layers, unstack_layers
+from jaxmt.partitioning import topology_devices
 
 BASE = dict(vocab_size=96, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
             num_encoder_layers=2, num_decoder_layers=2, precision="fp32")
@@ -152,9 +153,7 @@ def test_remat_cuts_memory_of_unrolled_stack_on_tpu():
     """Compiled ahead of time for a TPU chip (libtpu, the `tpu_aot` extra), full remat of
     an unrolled stack keeps several times fewer bytes than no remat."""
     pytest.importorskip("libtpu", reason="needs the tpu_aot extra (pip install -e '.[tpu_aot]')")
-    from jax.experimental import topologies
-    chip = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices[0]
-    sharding = jax.sharding.SingleDeviceSharding(chip)
+    sharding = jax.sharding.SingleDeviceSharding(topology_devices("v5p:2x2x1")[0])
     batch = {k: jnp.asarray(v) for k, v in _batch(b=8, s=64, t=64).items()}
     cfg = dataclasses.replace(T5_1_1, num_encoder_layers=4, num_decoder_layers=4, emb_dim=64,
                               mlp_dim=256)
