@@ -5,6 +5,10 @@
     jaxmt translate --model_dir=runs/x --src_lang=en --tgt_lang=de < in.txt > out.txt
     jaxmt convert --from_hf=opus-mt-en-de --out=runs/opus-en-de  # T5, mT5 or MarianMT
     jaxmt translate --model_dir=runs/opus-en-de < in.txt > out.txt
+
+Multi-host training runs the same `jaxmt train` on every host, with the same
+--model_dir (a shared filesystem) and --coordinator_address=HOST0:PORT
+--num_processes=N --process_id=I (or JAX_* variables; SLURM and Cloud TPU are detected).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin_configs"
+# jaxmt.multihost.CLUSTER_DETECTION, kept here so `--help` does not import jax.
+CLUSTER_DETECTION = ("auto", "off", "slurm", "ompi", "mpi4py", "gcetpu", "gketpu")
 
 
 def _resolve_gin_file(name: str) -> str:
@@ -62,6 +68,15 @@ class _DropMessage(logging.Filter):
 
 
 def cmd_train(args, gin_overrides) -> int:
+    from jaxmt import multihost
+
+    # Before gin (whose imports may build configs) and before anything touches devices.
+    try:
+        where = multihost.initialize(args.coordinator_address, args.num_processes,
+                                     args.process_id, args.cluster_detection)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"jax.distributed: {where}", flush=True)
     parse_gin(args.gin_file or [], gin_overrides)
     from jaxmt.trainer import train
 
@@ -120,6 +135,22 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "multi-process", "Run the same command once per process (host). Unset flags fall back "
+        "to JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; with none of them "
+        "set, SLURM job steps (srun) and multi-host Cloud TPUs are detected, else the run is "
+        "a single process. See jaxmt/multihost.py.")
+    g.add_argument("--coordinator_address", default=None,
+                   help="host:port of process 0, the same on every process")
+    g.add_argument("--num_processes", type=int, default=None, help="processes in the run")
+    g.add_argument("--process_id", type=int, default=None,
+                   help="this process's index, 0 .. num_processes-1")
+    g.add_argument("--cluster_detection", default=None, choices=CLUSTER_DETECTION,
+                   help="'off': never start jax.distributed; 'auto': let JAX detect the "
+                        "cluster (e.g. a GCE TPU VM); or force one JAX detection method")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxmt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train (or resume) a model")
     t.add_argument("--gin_file", action="append", help="gin file; repeatable")
     t.add_argument("--model_dir", required=True)
+    _add_distributed_flags(t)
     e = sub.add_parser("eval", help="BLEU/chrF per direction on a split")
     e.add_argument("--model_dir", required=True)
     e.add_argument("--split", default="test", choices=("train", "validation", "test"))

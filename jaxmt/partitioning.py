@@ -6,8 +6,11 @@ batches into global arrays, goes through one object, as in T5X.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import dataclasses
 import math
+from pathlib import Path
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -16,26 +19,98 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmt import axes
-from jaxmt.config import MeshConfig
+from jaxmt.config import MeshConfig, ModelConfig
 
 PyTree = Any
 
 
-def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    """Fills a -1 axis and checks that the product equals the device count."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
+    """Fills a -1 axis and checks that the product equals the device count.
+
+    Returns:
+      ``(replica, data, fsdp, tensor)``.
+    """
+    sizes = list(cfg.sizes)
+    named = lambda: ", ".join(f"{a}={s}" for a, s in zip(axes.MESH_AXES, sizes))
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
             raise ValueError(
-                f"MeshConfig {dict(zip(axes.MESH_AXES, sizes))}: {num_devices} devices are not "
-                f"divisible by the fixed axes' product {known}; change the fixed sizes.")
+                f"MeshConfig({named()}): the fixed axes' product {known} does not divide the "
+                f"{num_devices} devices; make it a divisor of {num_devices} or set every "
+                f"axis explicitly.")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ValueError(
-            f"MeshConfig {dict(zip(axes.MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
-            f"{num_devices} are available; set one axis to -1 or make the product {num_devices}.")
+            f"MeshConfig({named()}) needs {math.prod(sizes)} devices but {num_devices} are "
+            f"available; set one axis to -1 or make the product {num_devices}.")
     return tuple(sizes)
+
+
+MESH_PRESET_DIR = Path(__file__).resolve().parent.parent / "gin_configs" / "mesh"
+MESH_PRESETS = ("dp", "zero1", "fsdp", "tp", "fsdp_tp")
+
+
+def mesh_preset(name: str, **overrides) -> MeshConfig:
+    """The MeshConfig of ``gin_configs/mesh/<name>.gin``, read without touching the
+    global gin config (for notebooks, benchmarks and tests; runs include the file).
+
+    Args:
+      name: a preset name (:data:`MESH_PRESETS`) or a path to such a file.
+      **overrides: MeshConfig fields to set after the file's, e.g. ``tensor=4``.
+
+    Raises:
+      ValueError: the file has a line other than ``MeshConfig.<field> = <literal>``.
+    """
+    path = Path(name) if name.endswith(".gin") else MESH_PRESET_DIR / f"{name}.gin"
+    if not path.is_file():
+        raise ValueError(f"no mesh preset {name!r}: {path} does not exist; presets are "
+                         f"{', '.join(MESH_PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(MeshConfig)}
+    values = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        cls, _, field = key.strip().partition(".")
+        if not sep or cls != "MeshConfig" or field not in fields:
+            raise ValueError(f"{path}:{i}: expected `MeshConfig.<field> = <value>` with a field "
+                             f"in {sorted(fields)}, got {line!r}")
+        values[field] = ast.literal_eval(value.strip())
+    return MeshConfig(**{**values, **overrides})
+
+
+def resolve_rules(rules, sizes: dict[str, int], drop: Sequence[str] = ()) -> tuple:
+    """The rule table for one mesh: mesh axes of size 1 (and those in ``drop``) removed,
+    so specs name only axes that split something. A rule left with no mesh axis maps
+    its name to None (replicated) and still takes precedence over later rules."""
+    out = []
+    for name, mesh_axes in rules:
+        if mesh_axes is not None:
+            kept = tuple(a for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes)
+                         if sizes[a] > 1 and a not in drop)
+            mesh_axes = None if not kept else kept[0] if len(kept) == 1 else kept
+        out.append((name, mesh_axes))
+    return tuple(out)
+
+
+def _device_grid(devices: list[jax.Device], shape: tuple[int, ...]) -> np.ndarray:
+    """Devices arranged as the mesh: TPU devices by physical topology (across slices,
+    ``replica`` goes over DCN), others in id order, which keeps each process's devices
+    together, as ``make_array_from_process_local_data`` needs."""
+    if devices[0].platform != "tpu":
+        return np.asarray(devices).reshape(shape)
+    from jax.experimental import mesh_utils
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if len(slices) > 1:
+        if shape[0] != len(slices):
+            raise ValueError(f"MeshConfig.replica={shape[0]} but the devices span "
+                             f"{len(slices)} slices; set replica to the number of slices.")
+        return mesh_utils.create_hybrid_device_mesh(
+            (1,) + shape[1:], (shape[0],) + (1,) * (len(shape) - 1), devices,
+            allow_split_physical_axes=True)
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
 
 
 def topology_devices(name: str) -> list[jax.Device]:
@@ -54,16 +129,38 @@ def topology_devices(name: str) -> list[jax.Device]:
 
 
 class Partitioner:
-    """Builds the ``(data, fsdp, tensor)`` mesh and maps logical names onto it."""
+    """Builds the ``(replica, data, fsdp, tensor)`` mesh and maps logical names onto it.
+
+    Attributes:
+      shape: the resolved mesh shape.
+      rules: the rule table for this mesh (size-1 axes dropped); activations and the
+        optimizer state use it.
+      param_rules: the same, without ``fsdp`` when ``MeshConfig.shard_params`` is False
+        (ZeRO-1 keeps parameters whole).
+    """
 
     def __init__(self, cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None,
                  rules=axes.RULES):
         devices = list(devices if devices is not None else jax.devices())
+        self.cfg = cfg
         self.shape = resolve_mesh_shape(cfg, len(devices))
         # Auto axes: Flax's logical constraints are asserts under Explicit axes.
-        self.mesh = Mesh(np.asarray(devices).reshape(self.shape), axes.MESH_AXES,
+        self.mesh = Mesh(_device_grid(devices, self.shape), axes.MESH_AXES,
                          axis_types=(AxisType.Auto,) * len(axes.MESH_AXES))
-        self.rules = tuple(rules)
+        self.sizes = dict(zip(axes.MESH_AXES, self.shape))
+        self._table = tuple(rules)
+        self.rules = resolve_rules(rules, self.sizes)
+        self.param_rules = resolve_rules(rules, self.sizes,
+                                         drop=() if cfg.shard_params else ("fsdp",))
+
+    def rules_without(self, mesh_axes: Sequence[str]) -> tuple:
+        """:attr:`rules` with ``mesh_axes`` also dropped (for code that vmaps over them)."""
+        return resolve_rules(self._table, self.sizes, drop=tuple(mesh_axes))
+
+    def __repr__(self) -> str:
+        mesh = ", ".join(f"{a}={n}" for a, n in self.sizes.items())
+        zero = "" if self.cfg.shard_params or self.sizes["fsdp"] == 1 else ", params replicated"
+        return f"Partitioner({mesh}{zero})"
 
     @contextlib.contextmanager
     def activate(self):
@@ -73,7 +170,8 @@ class Partitioner:
 
     @property
     def data_parallel_size(self) -> int:
-        return self.shape[0] * self.shape[1]
+        """How many ways the batch is split: replica x data x fsdp."""
+        return math.prod(self.sizes[a] for a in axes.BATCH_MESH_AXES)
 
     def sharding(self, spec: P) -> NamedSharding:
         return NamedSharding(self.mesh, spec)
@@ -83,20 +181,49 @@ class Partitioner:
         return self.sharding(P())
 
     @property
+    def batch_spec(self) -> P:
+        """Batch rows over the data-like axes, the same mapping ``act_batch`` gets."""
+        return nn.logical_to_mesh_axes((axes.ACT_BATCH, axes.ACT_LENGTH), self.rules)
+
+    @property
     def batch_sharding(self) -> NamedSharding:
-        """Batch rows over data x fsdp, the same mapping ``act_batch`` gets."""
-        return self.sharding(nn.logical_to_mesh_axes((axes.ACT_BATCH, axes.ACT_LENGTH), self.rules))
+        return self.sharding(self.batch_spec)
 
-    def logical_shardings(self, boxed_tree: PyTree) -> PyTree:
-        """NamedShardings for a tree whose leaves may be ``nn.LogicallyPartitioned``."""
+    def logical_shardings(self, boxed_tree: PyTree, params: bool = False) -> PyTree:
+        """NamedShardings for a tree whose leaves may be ``nn.LogicallyPartitioned``.
+
+        Args:
+          boxed_tree: the tree; unannotated leaves are replicated.
+          params: use :attr:`param_rules` (the model parameters) instead of :attr:`rules`.
+        """
         specs = nn.get_partition_spec(boxed_tree)
-        return nn.logical_to_mesh_sharding(specs, self.mesh, self.rules)
+        return nn.logical_to_mesh_sharding(specs, self.mesh,
+                                           self.param_rules if params else self.rules)
 
-    def check_batch(self, global_batch: int) -> None:
-        if global_batch % self.data_parallel_size:
+    def check_model(self, cfg: ModelConfig) -> None:
+        """Dimensions the mesh splits must divide evenly; raises before any compile."""
+        t, f = self.sizes["tensor"], self.sizes["fsdp"]
+        need = [("num_heads", cfg.num_heads, t, "tensor"), ("mlp_dim", cfg.mlp_dim, t, "tensor"),
+                ("vocab_size", cfg.vocab_size, t, "tensor"), ("emb_dim", cfg.emb_dim, f, "fsdp")]
+        for field, value, n, axis in need:
+            if value % n:
+                lower = max(d for d in range(1, n + 1) if value % d == 0 and n % d == 0)
+                raise ValueError(
+                    f"ModelConfig.{field}={value} is not divisible by the `{axis}` mesh axis "
+                    f"(MeshConfig.{axis}={n}); make {field} a multiple of {n}, or set "
+                    f"MeshConfig.{axis}={lower} and give the other devices to `data`.")
+
+    def check_batch(self, global_batch: int, num_microbatches: int = 1) -> None:
+        """The batch (each microbatch) must split evenly over replica x data x fsdp."""
+        n = self.data_parallel_size * num_microbatches
+        if global_batch % n:
+            what = (f"replica x data x fsdp = {self.data_parallel_size}" if num_microbatches == 1
+                    else f"replica x data x fsdp x num_microbatches = "
+                         f"{self.data_parallel_size} x {num_microbatches}")
             raise ValueError(
-                f"TrainConfig.batch_size={global_batch} is not divisible by data x fsdp = "
-                f"{self.data_parallel_size}; pick a multiple of {self.data_parallel_size}.")
+                f"TrainConfig.batch_size={global_batch} is not divisible by {what}; pick a "
+                f"multiple of {n}" + ("." if num_microbatches == 1 else
+                                      " or change TrainConfig.num_microbatches."))
 
     def host_local_batch_size(self, global_batch: int) -> int:
         self.check_batch(global_batch)

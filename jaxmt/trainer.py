@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -20,7 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 
+from jaxmt import axes
 from jaxmt import config as cfglib
 from jaxmt import precision
 from jaxmt.checkpoint import Checkpointer, abstract_like
@@ -95,11 +99,16 @@ class Trainer:
         self.partitioner = partitioner
         self.tx = make_optimizer(train_cfg)
         self.schedule = learning_rate_schedule(train_cfg)
-        partitioner.check_batch(train_cfg.batch_size)
+        partitioner.check_model(model_cfg)
+        partitioner.check_batch(train_cfg.batch_size, train_cfg.num_microbatches)
         self._dummy = self.model.dummy_batch(1, src_len, tgt_len)
         with partitioner.activate():
             boxed = jax.eval_shape(self._init_boxed, jax.ShapeDtypeStruct((2,), jnp.uint32))
-        self.state_shardings = partitioner.logical_shardings(boxed)
+        self.state_shardings = partitioner.logical_shardings(boxed).replace(
+            params=partitioner.logical_shardings(boxed.params, params=True))
+        # Gradients are laid out like the optimizer state (which follows the parameters'
+        # names under the full rules): under ZeRO-1 this reduce-scatters them.
+        self.grad_shardings = partitioner.logical_shardings(boxed.params)
         if self.loss_scaling:
             self.state_shardings = self.state_shardings.replace(loss_scale=jax.tree.map(
                 lambda _: partitioner.replicated, self.state_shardings.loss_scale))
@@ -160,17 +169,99 @@ class Trainer:
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
 
-    def _train_step(self, state: TrainState, batch: dict, rng: jax.Array):
+    def _microbatches(self, batch: dict) -> dict:
+        """``[B, L]`` arrays as ``[n, B / n, L]``: microbatch i takes rows i, i + n, ...,
+        so every device keeps the same rows and the split moves no data."""
+        n = self.cfg.num_microbatches
+        spec = P(None, *self.partitioner.batch_spec)
+        return {k: jax.lax.with_sharding_constraint(
+                    v.reshape(v.shape[0] // n, n, *v.shape[1:]).swapaxes(0, 1),
+                    self.partitioner.sharding(spec)) for k, v in batch.items()}
+
+    def loss_and_grads(self, state: TrainState, batch: dict, rng: jax.Array
+                       ) -> tuple[jax.Array, dict, PyTree]:
+        """Mean token loss of the whole batch, summed metrics, and its gradients.
+
+        With ``TrainConfig.num_microbatches`` = n > 1 the batch runs as n microbatches in
+        a ``lax.scan`` whose carry holds float32 gradient sums, so activations are those
+        of one microbatch. Each data-parallel shard sums its own gradients and the shards
+        are reduced once at the end, so the step all-reduces as much as without
+        accumulation (over ``fsdp`` the sums stay sharded like the optimizer state). Each microbatch's
+        summed loss is divided by the whole batch's token count, so the sum of their
+        gradients is the gradient of the full batch's mean loss.
+        Under the "fp16" policy the gradients are unscaled, and may be non-finite.
+        """
+        cfg = self.cfg
         dropout_rng = (jax.random.fold_in(rng, state.step)
                        if self.model.cfg.dropout_rate > 0 else None)
-        loss_fn = lambda p: self.model.loss(p, batch, dropout_rng=dropout_rng,
-                                            label_smoothing=self.cfg.label_smoothing,
-                                            z_loss=self.cfg.z_loss)
-        if not self.loss_scaling:
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        else:
-            (loss, metrics), grads, finite = precision.scaled_value_and_grad(
+        ntok = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
+
+        def grads_of(mb, rng_mb):
+            loss_fn = lambda p: self.model.loss(p, mb, dropout_rng=rng_mb,
+                                                label_smoothing=cfg.label_smoothing,
+                                                z_loss=cfg.z_loss, normalizer=ntok)
+            if not self.loss_scaling:
+                return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            (loss, metrics), grads, _ = precision.scaled_value_and_grad(
                 loss_fn, state.params, state.loss_scale)
+            return (loss, metrics), grads
+
+        n = cfg.num_microbatches
+        if n == 1:
+            (loss, metrics), grads = grads_of(batch, dropout_rng)
+            return loss, metrics, grads
+        part = self.partitioner
+        # Mesh axes over which parameters are replicated and only the batch is split.
+        # Summing gradients over them inside the loop would all-reduce every microbatch;
+        # instead each shard keeps its own sum (a leading [d] axis laid on these mesh
+        # axes, computed by vmap) and they are added once, after the loop.
+        local = tuple(a for a in ("replica", "data") if part.sizes[a] > 1)
+        d = math.prod(part.sizes[a] for a in local)
+        acc_shardings = jax.tree.map(lambda s: part.sharding(P(local or None, *s.spec)),
+                                     self.grad_shardings)
+        inner_rules = part.rules_without(local)
+        inner_batch = nn.logical_to_mesh_axes((axes.ACT_BATCH, axes.ACT_LENGTH), inner_rules)
+
+        def shard_grads(mb, rng_mb):
+            mb = {k: jax.lax.with_sharding_constraint(
+                      v.reshape(d, v.shape[0] // d, *v.shape[1:]),  # [d, rows / d, len]
+                      part.sharding(P(local or None, *inner_batch))) for k, v in mb.items()}
+            rngs = None if rng_mb is None else jax.random.split(rng_mb, d)
+            with nn.logical_axis_rules(inner_rules):  # `local` axes belong to the vmap
+                (loss, metrics), grads = jax.vmap(
+                    grads_of, in_axes=(0, None if rngs is None else 0),
+                    spmd_axis_name=local or None)(mb, rngs)
+            sum0 = lambda tree: jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
+            return (jnp.sum(loss), sum0(metrics)), grads  # grads [d, ...]
+
+        def body(carry, xs):
+            loss_acc, metrics_acc, grads_acc = carry
+            mb, i = xs
+            rng_i = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+            (loss, metrics), grads = shard_grads(mb, rng_i)
+            grads_acc = jax.lax.with_sharding_constraint(jax.tree.map(
+                lambda a, g: a + g.astype(jnp.float32), grads_acc, grads), acc_shardings)
+            return (loss_acc + loss, jax.tree.map(jnp.add, metrics_acc, metrics), grads_acc), None
+
+        micro = self._microbatches(batch)
+        first = jax.tree.map(lambda x: x[0], micro)
+        metric_shapes = jax.eval_shape(lambda: shard_grads(first, dropout_rng)[0][1])
+        init = (jnp.zeros((), jnp.float32),
+                jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), metric_shapes),
+                jax.lax.with_sharding_constraint(jax.tree.map(
+                    lambda x: jnp.zeros((d,) + x.shape, jnp.float32), state.params),
+                    acc_shardings))
+        (loss, metrics, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(n)))
+        # One reduction over the shards; back to each parameter's dtype, so the
+        # optimizer state keeps its dtypes.
+        grads = jax.tree.map(lambda g, p: jnp.sum(g, axis=0).astype(p.dtype), grads, state.params)
+        return loss, metrics, grads
+
+    def _train_step(self, state: TrainState, batch: dict, rng: jax.Array):
+        loss, metrics, grads = self.loss_and_grads(state, batch, rng)
+        grads = jax.lax.with_sharding_constraint(grads, self.grad_shardings)
+        if self.loss_scaling:
+            finite = precision.all_finite(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
@@ -323,16 +414,20 @@ def train(model_dir: str, progress: bool = True) -> dict:
 
     model_cfg, mesh_cfg, data_cfg, train_cfg = ModelConfig(), MeshConfig(), DataConfig(), TrainConfig()
     os.makedirs(model_dir, exist_ok=True)
-    _write_text_atomic(os.path.join(model_dir, cfglib.CONFIG_FILE),
-                       cfglib.to_json(model=model_cfg, mesh=mesh_cfg, data=data_cfg, train=train_cfg))
-    _write_text_atomic(os.path.join(model_dir, "config.gin"), gin.operative_config_str())
-
+    # Files in the model directory come from process 0 only; the others wait for them.
+    lead = jax.process_index() == 0
     spm_path = os.path.join(model_dir, cfglib.VOCAB_FILE)
-    if not os.path.exists(spm_path):
-        print(f"training SentencePiece vocabulary ({data_cfg.vocab_size} pieces) -> {spm_path}",
-              flush=True)
-        vocab.train_vocab(spm_path, data_cfg.langs, data_cfg.vocab_size,
-                          data_cfg.vocab_sample_per_lang, seed=train_cfg.seed)
+    if lead:
+        _write_text_atomic(os.path.join(model_dir, cfglib.CONFIG_FILE), cfglib.to_json(
+            model=model_cfg, mesh=mesh_cfg, data=data_cfg, train=train_cfg))
+        _write_text_atomic(os.path.join(model_dir, "config.gin"), gin.operative_config_str())
+        if not os.path.exists(spm_path):
+            print(f"training SentencePiece vocabulary ({data_cfg.vocab_size} pieces) -> "
+                  f"{spm_path}", flush=True)
+            vocab.train_vocab(spm_path, data_cfg.langs, data_cfg.vocab_size,
+                              data_cfg.vocab_sample_per_lang, seed=train_cfg.seed)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxmt:vocabulary")
     n_pieces = vocab.load_processor(spm_path).get_piece_size()
     if n_pieces > model_cfg.vocab_size:
         raise ValueError(f"{spm_path}: {n_pieces} pieces exceed ModelConfig.vocab_size="
@@ -351,9 +446,9 @@ def train(model_dir: str, progress: bool = True) -> dict:
         print(f"resuming from step {start} in {ckpt.directory}", flush=True)
     else:
         state = trainer.init_state(train_cfg.seed)
-    print(f"model: {trainer.num_params() / 1e6:.2f}M parameters; mesh "
-          f"{dict(zip(('data', 'fsdp', 'tensor'), partitioner.shape))} over "
-          f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
+    print(f"model: {trainer.num_params() / 1e6:.2f}M parameters; {partitioner} over "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s) in "
+          f"{jax.process_count()} process(es)", flush=True)
     if start >= train_cfg.steps:
         ckpt.close()
         print(f"already trained to step {start} (TrainConfig.steps={train_cfg.steps})")
@@ -366,8 +461,9 @@ def train(model_dir: str, progress: bool = True) -> dict:
     _, last = train_loop(trainer, batches, model_dir, ckpt, state, start,
                          meta={"data_seed": train_cfg.seed + start}, progress=progress)
     ckpt.close()
-    # Rewrite after the run: gin's operative config lists every binding actually used.
-    _write_text_atomic(os.path.join(model_dir, "config.gin"), gin.operative_config_str())
-    with open(os.path.join(model_dir, "train_summary.json"), "w") as f:
-        json.dump(dict(last, steps=train_cfg.steps), f, indent=2)
+    if lead:
+        # Rewrite after the run: gin's operative config lists every binding actually used.
+        _write_text_atomic(os.path.join(model_dir, "config.gin"), gin.operative_config_str())
+        _write_text_atomic(os.path.join(model_dir, "train_summary.json"),
+                           json.dumps(dict(last, steps=train_cfg.steps), indent=2))
     return last
