@@ -13,6 +13,7 @@ from typing import Any
 
 import gin
 
+from jaxmt.data import mixture, sources  # pure Python: no TensorFlow
 from jaxmt.tokenizer import TokenizerConfig
 
 
@@ -147,8 +148,26 @@ class DataConfig:
     tgt_len: int = 64
     pack: bool = True
     max_eval_len: int = 128
+    # Your own parallel corpora (jaxmt/data/sources.py): CorpusSources or dicts of their
+    # fields, e.g. ({"path": "data/en-de.tsv.gz", "src_lang": "en", "tgt_lang": "de"},).
+    # When set they replace the embedded Bible, and their language pairs give the
+    # directions (`langs` and `pivot` then only choose nothing).
+    corpora: tuple = ()
+    clean: sources.CleanConfig = sources.CleanConfig()  # bad-input limits, strict mode
+    # Language-balanced mixture (jaxmt/data/mixture.py; `jaxmt data mixture` prints the
+    # resulting rate table). Rates are computed from min(train pairs, cap) ** (1 / temperature):
+    # mixture_cap caps every direction (0 = none); mixture_caps caps by direction "en-de" or
+    # by language "de" (every direction with it on either side; the smallest cap wins).
+    # mixture_weights gives directions a fixed share, e.g. {"en-de": 0.4}: the others share
+    # the rest by temperature (if every direction is named, the weights are relative).
+    mixture_cap: int = 0
+    mixture_caps: dict = dataclasses.field(default_factory=dict)
+    mixture_weights: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        object.__setattr__(self, "corpora", sources.as_sources(self.corpora))
+        if isinstance(self.clean, dict):  # from gin or jaxmt_config.json
+            object.__setattr__(self, "clean", sources.CleanConfig(**self.clean))
         object.__setattr__(self, "langs", tuple(self.langs))
         _check(self.pivot in self.langs, "DataConfig", "pivot",
                f"{self.pivot!r} is not in langs {self.langs}")
@@ -156,10 +175,25 @@ class DataConfig:
         _check(self.temperature > 0, "DataConfig", "temperature", "must be positive")
         _check(self.src_len > 0 and self.tgt_len > 0, "DataConfig", "src_len/tgt_len",
                "must be positive")
+        object.__setattr__(self, "mixture_caps", dict(self.mixture_caps))
+        object.__setattr__(self, "mixture_weights", dict(self.mixture_weights))
+        mixture.resolve(self.directions, self.mixture_cap, self.mixture_caps,
+                        self.mixture_weights, owner="DataConfig")
 
     @property
     def directions(self) -> list[tuple[str, str]]:
+        if self.corpora:
+            pairs = [(c.src_lang, c.tgt_lang) for c in self.corpora]
+            pairs += [(c.tgt_lang, c.src_lang) for c in self.corpora if c.both_directions]
+            return list(dict.fromkeys(pairs))
         return directions(self.langs, self.pivot)
+
+    @property
+    def corpus_langs(self) -> tuple[str, ...]:
+        """The languages trained on: the corpora's, else ``langs``."""
+        if not self.corpora:
+            return self.langs
+        return tuple(dict.fromkeys(lang for d in self.directions for lang in d))
 
 
 def directions(langs, pivot: str) -> list[tuple[str, str]]:

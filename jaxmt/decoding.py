@@ -29,9 +29,9 @@ def init_cache(module: EncoderDecoder, batch: int, max_decode_len: int, encoded:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def greedy_decode(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
-                  max_decode_len: int) -> jax.Array:
+                  max_decode_len: int, num_ids: int | None = None) -> jax.Array:
     """Greedy translation of a batch.
 
     Args:
@@ -39,6 +39,8 @@ def greedy_decode(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
         params: its parameters.
         enc_tokens: [b, s] source ids, 0-padded, each row ending in EOS.
         max_decode_len: cache length and the most tokens generated (static).
+        num_ids: only ids below this are generated (static): a vocabulary with fewer
+            pieces than ``ModelConfig.vocab_size`` leaves the rest of the logits unused.
 
     Returns:
         [b, max_decode_len] generated ids; EOS then 0s after each row's end.
@@ -58,7 +60,10 @@ def greedy_decode(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
             {"params": params, "cache": cache}, token, encoded, enc_seg, decode=True,
             positions=jnp.full((b, 1), i), max_decode_len=max_decode_len, mutable=["cache"],
             method=EncoderDecoder.decode)  # [b, 1, v]
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)  # [b]
+        last = logits[:, -1]  # [b, v]
+        if num_ids is not None and num_ids < last.shape[-1]:
+            last = jnp.where(jnp.arange(last.shape[-1]) < num_ids, last, -jnp.inf)
+        nxt = jnp.argmax(last, axis=-1).astype(jnp.int32)  # [b]
         nxt = jnp.where(finished, PAD_ID, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
         return i + 1, nxt[:, None], out, upd["cache"], finished | (nxt == EOS_ID)

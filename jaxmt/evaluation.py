@@ -12,6 +12,7 @@ import numpy as np
 import sacrebleu
 
 from jaxmt.data.corpora import parallel_pairs
+from jaxmt.data.sources import CleanConfig, CorpusSource, direction_pairs
 from jaxmt.translator import Translator
 
 
@@ -37,11 +38,20 @@ def signature() -> str:
 
 
 def evaluate(translator: Translator, directions: Sequence[tuple[str, str]], split: str = "test",
-             max_examples: int | None = None, progress=None) -> dict:
-    """Scores every direction; returns the ``jaxmt eval --json`` object."""
+             max_examples: int | None = None, progress=None,
+             corpus: Sequence[CorpusSource] = (), limits: CleanConfig | None = None) -> dict:
+    """Scores every direction; returns the ``jaxmt eval --json`` object.
+
+    Args:
+      corpus: the run's own corpora (``DataConfig.corpora``), read with the training
+        checks (``limits``); empty means the embedded corpus.
+    """
     result = {}
     for src, tgt in directions:
-        pairs, report = parallel_pairs(src, tgt, split)
+        if corpus:
+            pairs, report = direction_pairs(corpus, src, tgt, split, limits)
+        else:
+            pairs, report = parallel_pairs(src, tgt, split)
         pairs = [pairs[i] for i in pick(len(pairs), max_examples)]
         sources, refs = [p[0] for p in pairs], [p[1] for p in pairs]
         hyps = translator.translate(sources, src_lang=src, tgt_lang=tgt)

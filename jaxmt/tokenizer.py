@@ -104,6 +104,7 @@ class Tokenizer:
     """What :class:`~jaxmt.translator.Translator` needs: encode, decode, language checks."""
 
     langs: tuple[str, ...] = ()
+    num_ids: int | None = None  # ids the vocabulary can decode; None: every model id
 
     def check_langs(self, src_lang: str | None, tgt_lang: str | None) -> None:
         """Raises ValueError when the languages cannot be expressed for this model."""
@@ -123,6 +124,7 @@ class TaggedTokenizer(Tokenizer):
     def __init__(self, sp: spm.SentencePieceProcessor, langs: Sequence[str]):
         self.sp = sp
         self.langs = tuple(langs)
+        self.num_ids = sp.get_piece_size()
 
     def check_langs(self, src_lang, tgt_lang):
         for lang, field in ((src_lang, "src_lang"), (tgt_lang, "tgt_lang")):

@@ -349,8 +349,15 @@ def checkpoint_meta(state: TrainState, meta: dict | None, step: int) -> dict:
 
 def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model_dir: str,
                ckpt: Checkpointer, state: TrainState, start_step: int,
-               meta: dict | None = None, progress: bool = True) -> tuple[TrainState, dict]:
-    """Runs from ``start_step`` to ``trainer.cfg.steps``; returns final state and metrics."""
+               meta: dict | None = None, progress: bool = True,
+               data_position: dict | None = None) -> tuple[TrainState, dict]:
+    """Runs from ``start_step`` to ``trainer.cfg.steps``; returns final state and metrics.
+
+    ``data_position`` is the position of ``batches`` at ``start_step`` (a
+    :func:`jaxmt.data.pipeline.position_record`). Every checkpoint then stores it as
+    ``meta["data"]``, advanced by the batches taken since (one per step), so a resumed
+    run restarts the stream where this one stopped.
+    """
     from tqdm import tqdm
 
     cfg = trainer.cfg
@@ -396,7 +403,11 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
             bar.set_postfix(**postfix)
             t0, steps_acc = time.perf_counter(), 0
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            ckpt.save(done, state.params, state.opt_state, checkpoint_meta(state, meta, done))
+            step_meta = meta
+            if data_position is not None:
+                step_meta = dict(meta or {}, data=dict(
+                    data_position, batches=data_position["batches"] + done - start_step))
+            ckpt.save(done, state.params, state.opt_state, checkpoint_meta(state, step_meta, done))
     bar.close()
     ckpt.wait()
     writer.close()
@@ -424,28 +435,46 @@ def train(model_dir: str, progress: bool = True) -> dict:
         if not os.path.exists(spm_path):
             print(f"training SentencePiece vocabulary ({data_cfg.vocab_size} pieces) -> "
                   f"{spm_path}", flush=True)
-            vocab.train_vocab(spm_path, data_cfg.langs, data_cfg.vocab_size,
-                              data_cfg.vocab_sample_per_lang, seed=train_cfg.seed)
+            vocab.train_vocab(spm_path, data_cfg.corpus_langs, data_cfg.vocab_size,
+                              data_cfg.vocab_sample_per_lang, seed=train_cfg.seed,
+                              corpus=data_cfg.corpora, limits=data_cfg.clean)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxmt:vocabulary")
     n_pieces = vocab.load_processor(spm_path).get_piece_size()
     if n_pieces > model_cfg.vocab_size:
         raise ValueError(f"{spm_path}: {n_pieces} pieces exceed ModelConfig.vocab_size="
                          f"{model_cfg.vocab_size}; raise it or lower DataConfig.vocab_size.")
-    mixture = tasks.register(spm_path, data_cfg.langs, pivot=data_cfg.pivot,
-                             temperature=data_cfg.temperature)
-    for reports in tasks.SKIP_REPORTS.values():  # nothing is dropped without a count
-        print(f"data {reports['train'].summary()}", flush=True)
+    if data_cfg.corpora:  # the user's files, checked once here (jaxmt/data/sources.py)
+        mixture = tasks.register_corpus(data_cfg.corpora, spm_path,
+                                        temperature=data_cfg.temperature, limits=data_cfg.clean,
+                                        report_dir=model_dir if lead else None,
+                                        mixture_cap=data_cfg.mixture_cap,
+                                        mixture_caps=data_cfg.mixture_caps,
+                                        mixture_weights=data_cfg.mixture_weights)
+    else:
+        mixture = tasks.register(spm_path, data_cfg.langs, pivot=data_cfg.pivot,
+                                 temperature=data_cfg.temperature,
+                                 mixture_cap=data_cfg.mixture_cap,
+                                 mixture_caps=data_cfg.mixture_caps,
+                                 mixture_weights=data_cfg.mixture_weights)
+    # Nothing is dropped without a count; the two directions of a pair share a report.
+    train_reports = [r["train"] for r in tasks.SKIP_REPORTS.values() if "train" in r]
+    for report in {id(r): r for r in train_reports}.values():
+        print(f"data {report.summary()}", flush=True)
 
     partitioner = Partitioner(mesh_cfg)
     trainer = Trainer(model_cfg, train_cfg, partitioner, data_cfg.src_len, data_cfg.tgt_len)
     ckpt = Checkpointer(model_dir, keep=train_cfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
-        state, _ = trainer.restore_state(ckpt, start)
+        state, saved_meta = trainer.restore_state(ckpt, start)
         print(f"resuming from step {start} in {ckpt.directory}", flush=True)
+        # The saved data position (or, for an older checkpoint, a warning and a reseed).
+        position = pipeline.resume_position(saved_meta, seed=train_cfg.seed, step=start,
+                                            process_count=jax.process_count())
     else:
         state = trainer.init_state(train_cfg.seed)
+        position = pipeline.position_record(train_cfg.seed, 0, jax.process_count())
     print(f"model: {trainer.num_params() / 1e6:.2f}M parameters; {partitioner} over "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s) in "
           f"{jax.process_count()} process(es)", flush=True)
@@ -453,14 +482,21 @@ def train(model_dir: str, progress: bool = True) -> dict:
         ckpt.close()
         print(f"already trained to step {start} (TrainConfig.steps={train_cfg.steps})")
         return {}
-    # A resumed run reseeds the shuffle so it does not replay the batches it already saw.
+    # The stream depends only on (seed, process index, process count); a resumed run
+    # skips the batches it had consumed, so it sees what an uninterrupted run would.
+    if position["batches"]:
+        print(f"data: skipping {position['batches']} batches to the saved position",
+              flush=True)
     batches = pipeline.train_batches(
         mixture, data_cfg.src_len, data_cfg.tgt_len,
-        partitioner.host_local_batch_size(train_cfg.batch_size), seed=train_cfg.seed + start,
-        shard_index=jax.process_index(), num_shards=jax.process_count(), pack=data_cfg.pack)
-    _, last = train_loop(trainer, batches, model_dir, ckpt, state, start,
-                         meta={"data_seed": train_cfg.seed + start}, progress=progress)
-    ckpt.close()
+        partitioner.host_local_batch_size(train_cfg.batch_size), seed=position["seed"],
+        shard_index=jax.process_index(), num_shards=jax.process_count(), pack=data_cfg.pack,
+        start_batch=position["batches"])
+    try:
+        _, last = train_loop(trainer, batches, model_dir, ckpt, state, start,
+                             progress=progress, data_position=position)
+    finally:  # on a crash or Ctrl-C too: let an in-flight async save finish
+        ckpt.close()
     if lead:
         # Rewrite after the run: gin's operative config lists every binding actually used.
         _write_text_atomic(os.path.join(model_dir, "config.gin"), gin.operative_config_str())

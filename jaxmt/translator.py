@@ -136,7 +136,7 @@ class Translator:
         sp = spm.SentencePieceProcessor(model_file=os.path.join(model_dir, cfglib.VOCAB_FILE))
         kwargs.setdefault("max_src_len", data_cfg.max_eval_len)
         kwargs.setdefault("max_decode_len", data_cfg.max_eval_len)
-        return cls(model_cfg, params, TaggedTokenizer(sp, data_cfg.langs), **kwargs)
+        return cls(model_cfg, params, TaggedTokenizer(sp, data_cfg.corpus_langs), **kwargs)
 
     @classmethod
     def _imported(cls, vocab_dir: str, model_cfg: ModelConfig, tok_cfg, params: PyTree,
@@ -175,7 +175,8 @@ class Translator:
             arr = np.zeros((bs, src_len), np.int32)
             for r, (_, ids) in enumerate(chunk):
                 arr[r, : len(ids)] = ids
-            gen = np.asarray(greedy_decode(self.model.module, self.params, arr, dec_len))
+            gen = np.asarray(greedy_decode(self.model.module, self.params, arr, dec_len,
+                                           self.tokenizer.num_ids))
             for r, (i, _) in enumerate(chunk):
                 out[i] = clean_text(self.tokenizer.decode(gen[r]))
         return out

@@ -5,7 +5,6 @@ import importlib.util
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -64,15 +63,17 @@ def test_shipped_text_is_clean():
         assert all(any(c.isalpha() for c in t) for t in col if t), lang
 
 
-def test_parse_is_fast_and_cached():
+def test_parse_is_cached():
+    """The table is parsed once per process; later splits reuse it (no timing asserts:
+    speed belongs in benchmarks)."""
     corpora._table.cache_clear()
     corpora._split_indices.cache_clear()
-    start = time.perf_counter()
     corpora.load_split("train", corpora.EMBEDDED_LANGS)
-    assert time.perf_counter() - start < 2.0
-    start = time.perf_counter()
+    assert corpora._table.cache_info().misses == 1
     corpora.load_split("test", ["en"])
-    assert time.perf_counter() - start < 0.2
+    corpora.load_split("validation", ["de"])
+    info = corpora._table.cache_info()
+    assert info.misses == 1 and info.hits >= 2
 
 
 @pytest.mark.parametrize("src,tgt", [("en", "pt"), ("pt", "en"), ("en", "de"), ("en", "fr")])
@@ -106,8 +107,10 @@ def test_unknown_split_or_language_is_a_clear_error():
         corpora.parallel_pairs("en", "zz", "test")
     with pytest.raises(ValueError, match="both"):
         corpora.parallel_pairs("en", "en", "test")
-    with pytest.raises(ValueError, match="'xx'"):
-        corpora.tag_source("hello", "xx")
+    # A tag needs a well-formed code, not an embedded language: 'xx' and 'pt-BR' are fine.
+    with pytest.raises(ValueError, match="invalid language code 'english'"):
+        corpora.tag_source("hello", "english")
+    assert corpora.tag_source("hello", "pt-BR") == "<2pt-BR> hello"
 
 
 def test_tag_is_one_definition():

@@ -27,6 +27,8 @@ import gzip
 from pathlib import Path
 from typing import Sequence
 
+from jaxmt.data import sources  # pure Python too: language codes
+
 EMBEDDED_LANGS: tuple[str, ...] = ("en", "de", "fr", "es", "pt", "it", "ru", "ar")
 EMBEDDED_PATH = Path(__file__).resolve().parent / "embedded" / "bible8.tsv.gz"
 NUM_BOOKS = 66
@@ -65,8 +67,16 @@ class SkipReport:
 
 
 def lang_tag(lang: str) -> str:
-    """The target-language tag, e.g. ``"<2de>"``; one vocabulary piece per language."""
-    _check_langs([lang])
+    """The target-language tag, e.g. ``"<2de>"`` or ``"<2pt-BR>"``.
+
+    Any code valid for :func:`jaxmt.data.sources.check_lang_code` has a tag (not only
+    the embedded languages): the user's corpora may name any language. Whether a
+    vocabulary holds the tag as one piece is :func:`jaxmt.data.vocab.tag_id`'s check.
+
+    Raises:
+        ValueError: A malformed code (e.g. ``"english"`` or ``"pt_br"``).
+    """
+    sources.check_lang_code(lang)
     return f"<2{lang}>"
 
 
@@ -80,6 +90,7 @@ def tag_source(text: str, tgt_lang: str) -> str:
 
 
 def _check_langs(langs: Sequence[str]) -> None:
+    """Only for functions that read the embedded corpus: it has these 8 languages."""
     for lang in langs:
         if lang not in EMBEDDED_LANGS:
             raise ValueError(f"unknown language {lang!r}; the embedded corpus has "

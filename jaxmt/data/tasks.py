@@ -14,10 +14,14 @@ seqio notes that shaped this module:
   order forever, so :mod:`jaxmt.data.pipeline` passes ``try_in_mem_cache=False``.
 * Registries are process-global and refuse duplicate names, so :func:`register`
   removes its own names first; calling it again (tests, notebooks) is safe.
+
+:func:`register_corpus` does the same for the user's own files
+(:class:`jaxmt.data.sources.CorpusSource`), for any language pairs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import zlib
@@ -30,13 +34,15 @@ import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from jaxmt.config import directions  # noqa: E402
-from jaxmt.data import corpora, vocab  # noqa: E402
+from jaxmt.data import corpora, sources, vocab  # noqa: E402
+from jaxmt.data import mixture as mixlib  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 SPLITS = corpora.SPLITS
-# Skip reports of the last registration, per task name and split.
-SKIP_REPORTS: dict[str, dict[str, corpora.SkipReport]] = {}
+# Skip reports of the last registration, per task name and split: corpora.SkipReport
+# for the embedded corpus, sources.Report (same total/kept/skipped/summary()) for files.
+SKIP_REPORTS: dict[str, dict[str, corpora.SkipReport | sources.Report]] = {}
 
 
 def _hide_accelerators_from_tf() -> None:
@@ -64,26 +70,63 @@ class _UncachedSourceWarning(logging.Filter):
 logging.getLogger("absl").addFilter(_UncachedSourceWarning())
 
 
-def mixture_rates(sizes: Mapping[str, int], temperature: float) -> dict[str, float]:
-    """Temperature sampling rates: ``rate_i ∝ n_i ** (1 / temperature)``, summing to 1.
+def mixture_rates(sizes: Mapping[str, int], temperature: float,
+                  caps: Mapping[str, int | None] | None = None,
+                  weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Mixture rates summing to 1: ``rate_i ∝ min(n_i, cap_i) ** (1 / temperature)``.
 
     ``temperature=1`` samples in proportion to size; larger values move towards
-    uniform, which up-samples the smaller directions.
+    uniform, which up-samples the smaller directions. ``caps`` limit the size a key
+    counts as; ``weights`` give keys a fixed share of the mixture, the other keys
+    sharing the rest by temperature (relative weights if every key has one). See
+    :func:`jaxmt.data.mixture.mixture_rates`.
 
     Raises:
-        ValueError: Non-positive temperature, no sizes, a negative size, or all zero.
+        ValueError: Non-positive temperature, no sizes, a negative size, all zero,
+            or a bad cap or weight.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if not sizes:
-        raise ValueError("mixture_rates needs at least one size")
-    if any(n < 0 for n in sizes.values()):
-        raise ValueError(f"sizes must be non-negative, got {dict(sizes)}")
-    weights = {k: float(n) ** (1.0 / temperature) for k, n in sizes.items()}
-    total = sum(weights.values())
-    if total <= 0:
-        raise ValueError(f"all sizes are zero: {dict(sizes)}")
-    return {k: w / total for k, w in weights.items()}
+    return mixlib.mixture_rates(sizes, temperature, caps, weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureInfo:
+    """How a registered Mixture's rates came about (``jaxmt data mixture`` reads it).
+
+    Attributes:
+        directions: Task name -> ``(src, tgt)``.
+        counted: Task name -> the train size its rate counted (after caps).
+        explicit: Task names whose rate is an explicit weight.
+        temperature: The mixture temperature.
+    """
+
+    directions: dict[str, tuple[str, str]]
+    counted: dict[str, int]
+    explicit: frozenset[str]
+    temperature: float
+
+
+# The last registration of each Mixture name.
+MIXTURES: dict[str, MixtureInfo] = {}
+
+
+def _rates(mixture: str, names: Mapping[tuple[str, str], str], train_sizes: Mapping[str, int],
+           temperature: float, mixture_cap: int, mixture_caps, mixture_weights,
+           ) -> dict[str, float]:
+    """Rates of a Mixture's tasks from the DataConfig mixture fields; records MIXTURES."""
+    caps, weights = mixlib.resolve(list(names), mixture_cap, mixture_caps, mixture_weights,
+                                   owner="")
+    missing = [mixlib.direction_key(*d) for d in weights if names[d] not in train_sizes]
+    if missing:
+        raise ValueError(f"mixture_weights: {missing} have no train pairs")
+    by_task = {names[d]: d for d in names if names[d] in train_sizes}
+    task_caps = {t: caps[d] for t, d in by_task.items()}
+    task_weights = {names[d]: w for d, w in weights.items()}
+    rates = mixture_rates(train_sizes, temperature, task_caps, task_weights)
+    MIXTURES[mixture] = MixtureInfo(
+        directions=by_task,
+        counted={t: min(n, task_caps[t] or n) for t, n in train_sizes.items()},
+        explicit=frozenset(task_weights), temperature=temperature)
+    return rates
 
 
 def task_name(prefix: str, src: str, tgt: str) -> str:
@@ -125,7 +168,9 @@ def _validate(langs: Sequence[str], pivot: str, temperature: float) -> None:
 
 
 def register(vocab_path: str | Path, langs: Sequence[str], pivot: str = "en",
-             temperature: float = 5.0, prefix: str = "jaxmt_bible") -> str:
+             temperature: float = 5.0, prefix: str = "jaxmt_bible", *,
+             mixture_cap: int = 0, mixture_caps: Mapping[str, int] | None = None,
+             mixture_weights: Mapping[str, float] | None = None) -> str:
     """Registers one Task per direction and a Mixture over them.
 
     Tasks are named ``f"{prefix}_{src}_{tgt}"`` and have splits train, validation and
@@ -144,11 +189,15 @@ def register(vocab_path: str | Path, langs: Sequence[str], pivot: str = "en",
         pivot: The language every direction starts or ends in.
         temperature: Mixture temperature (1 = proportional to size).
         prefix: Name prefix for the Tasks and the Mixture.
+        mixture_cap, mixture_caps, mixture_weights: The DataConfig fields of the same
+            names (caps and explicit weights; see :mod:`jaxmt.data.mixture`).
 
     Returns:
         The Mixture's name.
     """
     _validate(langs, pivot, temperature)
+    mixlib.resolve(directions(langs, pivot), mixture_cap, mixture_caps, mixture_weights,
+                   owner="")  # bad caps or weights fail before the registry changes
     if not os.path.exists(vocab_path):
         raise FileNotFoundError(f"{vocab_path}: no SentencePiece model there")
     mixture = f"{prefix}_mix"
@@ -180,7 +229,8 @@ def register(vocab_path: str | Path, langs: Sequence[str], pivot: str = "en",
             output_features=features,
             metric_fns=[],
         )
-    rates = mixture_rates(train_sizes, temperature)
+    rates = _rates(mixture, {d: task_name(prefix, *d) for d in directions(langs, pivot)},
+                   train_sizes, temperature, mixture_cap, mixture_caps, mixture_weights)
     seqio.MixtureRegistry.add(mixture, sorted(rates.items()))
     reports = [r for n in train_sizes for r in SKIP_REPORTS[n].values()]
     log.info("registered %s: %d tasks, train pairs %s, rates %s, %d pairs skipped (%s)",
@@ -190,3 +240,221 @@ def register(vocab_path: str | Path, langs: Sequence[str], pivot: str = "en",
              sum(sum(r.skipped.values()) for r in reports),
              "; ".join(r.summary() for r in reports if r.kept < r.total) or "none")
     return mixture
+
+
+# ---------------------------------------------------------------- user corpora
+
+# Task names each register_corpus prefix made last time, so a new call replaces them.
+_CORPUS_TASKS: dict[str, list[str]] = {}
+
+
+def corpus_task_name(prefix: str, src: str, tgt: str) -> str:
+    """``f"{prefix}_{src}_{tgt}"`` with ``-`` as ``_`` (seqio names allow no ``-``).
+
+    ``en``, ``pt-BR`` -> ``prefix_en_pt_BR``: unambiguous, since a valid code's
+    subtags after the first are never lowercase two-letter words.
+    """
+    return task_name(prefix, src.replace("-", "_"), tgt.replace("-", "_"))
+
+
+def _examples_dataset(inputs: list[str], targets: list[str], key: str,
+                      shuffle: bool, seed: int | None) -> tf.data.Dataset:
+    """In-memory string examples, reshuffled every epoch (as in :func:`_dataset_fn`)."""
+    ds = tf.data.Dataset.from_tensor_slices({"inputs": tf.constant(inputs, tf.string),
+                                             "targets": tf.constant(targets, tf.string)})
+    if shuffle:
+        if seed is not None:  # a seed per direction; see _dataset_fn
+            seed = (seed * 1_000_003 + zlib.crc32(key.encode())) % 2**31
+        ds = ds.shuffle(max(1, len(inputs)), seed=seed, reshuffle_each_iteration=True)
+    return ds
+
+
+def _corpus_dataset_fn(src: str, tgt: str, parts: Mapping[str, list[tuple[list, bool]]]):
+    """The FunctionDataSource callback of one direction of user corpora.
+
+    ``parts[split]`` lists ``(pairs, swapped)``: pairs as read from one file, and
+    whether this direction reads them target-to-source.
+    """
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        inputs, targets = [], []
+        for pairs, swapped in parts[split]:
+            for a, b in pairs:
+                s, t = (b, a) if swapped else (a, b)
+                inputs.append(corpora.tag_source(s, tgt))
+                targets.append(t)
+        return _examples_dataset(inputs, targets, f"{src}-{tgt}", shuffle_files, seed)
+
+    return dataset_fn
+
+
+def register_corpus(corpus: Sequence[sources.CorpusSource | Mapping],
+                    vocab_path: str | Path, *, temperature: float = 5.0,
+                    prefix: str = "jaxmt_corpus",
+                    limits: sources.CleanConfig | Mapping | None = None,
+                    report_dir: str | Path | None = None, mixture_cap: int = 0,
+                    mixture_caps: Mapping[str, int] | None = None,
+                    mixture_weights: Mapping[str, float] | None = None) -> str:
+    """Registers user parallel corpora as one seqio Task per direction, plus a Mixture.
+
+    Every file is read and checked once, here, by :func:`jaxmt.data.sources.read_pairs`
+    (the checks of ``jaxmt data validate``), and its clean pairs are kept in memory:
+    a bad record is a counted skip now (or, with ``limits.strict``, an error now),
+    never a failure mid-run. A source gives ``src -> tgt`` and, with
+    ``both_directions``, ``tgt -> src``; files of the same language pair and split
+    are concatenated and deduplicated together. Tasks are named by
+    :func:`corpus_task_name`, have the splits their sources name, and the features
+    of :func:`register`'s Tasks (source tagged by :func:`corpora.tag_source`). The
+    Mixture ``f"{prefix}_mix"`` samples the train splits at :func:`mixture_rates`.
+
+    Skip reports (one per language pair and split, shared by its two directions) go
+    to :data:`SKIP_REPORTS`, the log and, with ``report_dir``, to
+    ``data_report.json`` / ``.txt`` there. Calling again with the same prefix
+    replaces this prefix's previous Tasks.
+
+    Args:
+        corpus: :class:`~jaxmt.data.sources.CorpusSource` objects, or dicts of their
+            fields (as a gin or JSON config gives them).
+        vocab_path: SentencePiece model with a tag piece for every target language.
+        temperature: Mixture temperature (1 = proportional to size).
+        prefix: Name prefix for the Tasks and the Mixture.
+        limits: A :class:`~jaxmt.data.sources.CleanConfig` or a dict of its fields.
+        report_dir: Where to write the skip reports (the model directory).
+        mixture_cap, mixture_caps, mixture_weights: As in :func:`register`.
+
+    Returns:
+        The Mixture's name.
+
+    Raises:
+        ValueError: Invalid sources or limits, a target language without a tag in
+            the vocabulary, no train pairs at all, or (strict) a bad record.
+        FileNotFoundError: A missing corpus file or vocabulary.
+    """
+    corpus = sources.as_sources(corpus)
+    if not corpus:
+        raise ValueError("register_corpus needs at least one CorpusSource")
+    if isinstance(limits, Mapping):
+        limits = sources.CleanConfig(**limits)
+    limits = limits or sources.CleanConfig()
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not os.path.exists(vocab_path):
+        raise FileNotFoundError(f"{vocab_path}: no SentencePiece model there")
+    directions_of = {s: [(s.src_lang, s.tgt_lang, False)] + (
+        [(s.tgt_lang, s.src_lang, True)] if s.both_directions else []) for s in corpus}
+    mixlib.resolve(list(dict.fromkeys((a, b) for dirs in directions_of.values()
+                                      for a, b, _ in dirs)),
+                   mixture_cap, mixture_caps, mixture_weights, owner="")  # before reading
+    processor = vocab.load_processor(vocab_path)
+    for tgt in sorted({t for dirs in directions_of.values() for _, t, _ in dirs}):
+        try:
+            vocab.tag_id(processor, tgt)
+        except ValueError as e:
+            raise ValueError(f"{vocab_path}: no target-language tag for {tgt!r} ({e})") from None
+
+    # Read every file once: one report and one dedup set per language pair and split.
+    groups: dict[tuple[str, str, str], tuple[sources.Report, set]] = {}
+    parts: dict[tuple[str, str], dict[str, list]] = {}
+    for s in corpus:
+        a, b = sorted((s.src_lang, s.tgt_lang))
+        report, seen = groups.setdefault(
+            (a, b, s.split),
+            (sources.Report(f"{a}-{b}/{s.split}", max_examples=limits.max_examples), set()))
+        pairs = list(sources.read_pairs(s, limits, report, seen))
+        for src, tgt, swapped in directions_of[s]:
+            parts.setdefault((src, tgt), {}).setdefault(s.split, []).append((pairs, swapped))
+
+    reports = [r for r, _ in groups.values()]
+    if report_dir is not None:
+        sources.write_reports(report_dir, reports)
+    for r in reports:
+        log.info("data %s", r.summary())
+    sizes = {d: {split: sum(len(p) for p, _ in ps) for split, ps in by_split.items()}
+             for d, by_split in parts.items()}
+    train_sizes = {corpus_task_name(prefix, *d): n["train"] for d, n in sizes.items()
+                   if n.get("train")}
+    if not train_sizes:
+        raise ValueError(f"no train pairs in {[s.name for s in corpus]}: every corpus is "
+                         "another split, or every line was skipped (see the report)")
+
+    mixture = f"{prefix}_mix"
+    rates = _rates(mixture, {d: corpus_task_name(prefix, *d) for d in parts}, train_sizes,
+                   temperature, mixture_cap, mixture_caps, mixture_weights)
+    seqio.MixtureRegistry.remove(mixture)
+    for name in _CORPUS_TASKS.pop(prefix, []):
+        seqio.TaskRegistry.remove(name)
+        SKIP_REPORTS.pop(name, None)
+    spm_vocab = vocab.seqio_vocabulary(vocab_path)
+    features = {k: seqio.Feature(vocabulary=spm_vocab, add_eos=True, required=True)
+                for k in ("inputs", "targets")}
+    for (src, tgt), by_split in parts.items():
+        name = corpus_task_name(prefix, src, tgt)
+        a, b = sorted((src, tgt))
+        SKIP_REPORTS[name] = {split: groups[(a, b, split)][0] for split in by_split}
+        _CORPUS_TASKS.setdefault(prefix, []).append(name)
+        seqio.TaskRegistry.add(
+            name,
+            source=seqio.FunctionDataSource(_corpus_dataset_fn(src, tgt, by_split),
+                                            splits=tuple(by_split),
+                                            num_input_examples=sizes[(src, tgt)]),
+            preprocessors=[
+                seqio.preprocessors.tokenize,
+                seqio.CacheDatasetPlaceholder(),
+                seqio.preprocessors.append_eos_after_trim,
+            ],
+            output_features=features,
+            metric_fns=[],
+        )
+    seqio.MixtureRegistry.add(mixture, sorted(rates.items()))
+    log.info("registered %s: %d tasks, train pairs %s, rates %s", mixture, len(parts),
+             {n.removeprefix(prefix + "_"): k for n, k in train_sizes.items()},
+             {n.removeprefix(prefix + "_"): round(r, 4) for n, r in rates.items()})
+    return mixture
+
+
+# ---------------------------------------------------------------- the rate table
+
+def mixture_stats(mixture: str, vocab_path: str | Path,
+                  token_sample: int = 0) -> list[dict]:
+    """Per direction of a registered Mixture: sizes, rate and SentencePiece tokens.
+
+    The input to :func:`jaxmt.data.mixture.rate_table`. Tokens are those the model
+    is fed: the tagged source and the target, each with its EOS, before trimming to
+    ``src_len``/``tgt_len``.
+
+    Args:
+        mixture: A Mixture made by :func:`register` or :func:`register_corpus`.
+        vocab_path: Its SentencePiece model.
+        token_sample: Tokenise only every k-th train pair, k = ceil(pairs /
+            token_sample), and scale the counts up (0: tokenise every pair).
+
+    Returns:
+        One dict per direction, in the Mixture's order: ``src``, ``tgt``, ``task``,
+        ``examples``, ``counted``, ``explicit``, ``rate``, ``src_tokens``,
+        ``tgt_tokens``, ``tokens_sampled`` (pairs actually tokenised).
+    """
+    if mixture not in MIXTURES:
+        raise KeyError(f"{mixture!r} was not registered by jaxmt.data.tasks in this process")
+    info = MIXTURES[mixture]
+    mix = seqio.get_mixture_or_task(mixture)
+    sp = vocab.load_processor(vocab_path)
+    out = []
+    for task_name_, (src, tgt) in info.directions.items():
+        task = seqio.get_mixture_or_task(task_name_)
+        n = task.num_input_examples("train")
+        ds = task.source.get_dataset(split="train", shuffle=False)
+        stride = max(1, -(-n // token_sample)) if token_sample else 1
+        if stride > 1:
+            ds = ds.shard(stride, 0)
+        src_tok = tgt_tok = seen = 0
+        for batch in ds.batch(8192).as_numpy_iterator():
+            src_tok += sum(map(len, sp.encode([x.decode() for x in batch["inputs"]])))
+            tgt_tok += sum(map(len, sp.encode([x.decode() for x in batch["targets"]])))
+            seen += len(batch["inputs"])
+        scale = n / seen if seen else 0.0
+        out.append({"src": src, "tgt": tgt, "task": task_name_, "examples": n,
+                    "counted": info.counted[task_name_],
+                    "explicit": task_name_ in info.explicit, "rate": mix.get_rate(task),
+                    "src_tokens": round((src_tok + seen) * scale),  # + EOS per example
+                    "tgt_tokens": round((tgt_tok + seen) * scale), "tokens_sampled": seen})
+    return out
