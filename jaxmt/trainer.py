@@ -372,6 +372,9 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
     pending = []
     for step in range(start_step, cfg.steps):
         batch = trainer.partitioner.shard_batch(next(batches), cfg.batch_size)
+        # Token slots per step (global batch shape), for the non-padding share (fill).
+        src_slots = int(np.prod(batch["encoder_input_tokens"].shape))
+        tgt_slots = int(np.prod(batch["decoder_target_tokens"].shape))
         state, metrics = step_fn(state, batch, rng)
         if pending:  # keep one step in flight, so the bar's steps/s and ETA are real
             jax.block_until_ready(pending[-1]["loss"])
@@ -390,9 +393,14 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
                     "accuracy": sum(float(m["correct"]) for m in host) / max(ntok, 1.0),
                     "grad_norm": float(host[-1]["grad_norm"]),
                     "learning_rate": float(host[-1]["learning_rate"]),
-                    "tokens_per_s": tok_acc / dt, "steps_per_s": steps_acc / dt}
+                    "tokens_per_s": tok_acc / dt, "steps_per_s": steps_acc / dt,
+                    # Share of non-padding tokens: source tokens, loss-weighted targets.
+                    "src_fill": sum(float(m["source_tokens"]) for m in host)
+                    / max(len(host) * src_slots, 1),
+                    "tgt_fill": ntok / max(len(host) * tgt_slots, 1)}
             postfix = dict(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                           lr=f"{last['learning_rate']:.2e}")
+                           lr=f"{last['learning_rate']:.2e}",
+                           fill=f"{last['src_fill']:.2f}/{last['tgt_fill']:.2f}")
             if trainer.loss_scaling:
                 skipped = sum(int(m["skipped"]) for m in host)
                 skipped_total += skipped
