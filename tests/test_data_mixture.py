@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from jaxmt.config import DataConfig
-from jaxmt.data import corpora, mixture, vocab
+from jaxmt.data import corpora, mixture
 
 seqio = pytest.importorskip("seqio")
 from jaxmt.data import tasks  # noqa: E402  (after the seqio check)
@@ -16,12 +16,6 @@ LANGS = ("en", "de", "ru")
 TEMPERATURE = 2.0
 CAPS = {"ru": 1000}  # ru's two directions count as 1000 examples each
 WEIGHTS = {"en-de": 0.4}  # en-de gets 40% of the examples
-
-
-@pytest.fixture(scope="module")
-def spm_path(tmp_path_factory):
-    return vocab.train_vocab(tmp_path_factory.mktemp("vocab") / "spm.model", LANGS,
-                             vocab_size=2000, sample_per_lang=2000)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from jaxmt.data import packing, vocab
+from jaxmt.data import packing
 from jaxmt.model import BATCH_KEYS
 
 seqio = pytest.importorskip("seqio")
@@ -130,12 +130,6 @@ def test_packer_throughput():
 
 
 # ------------------------------------------------------------------ embedded corpus
-
-
-@pytest.fixture(scope="module")
-def spm_path(tmp_path_factory):
-    return vocab.train_vocab(tmp_path_factory.mktemp("vocab") / "spm.model", LANGS,
-                             vocab_size=2000, sample_per_lang=2000)
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,6 @@ BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def spm_path(tmp_path_factory):
-    return vocab.train_vocab(tmp_path_factory.mktemp("vocab") / "spm.model", LANGS,
-                             vocab_size=2000, sample_per_lang=2000)
-
-
-@pytest.fixture(scope="module")
 def mixture(spm_path):
     return tasks.register(spm_path, LANGS, pivot="en", temperature=5.0, prefix="t_bible")
 
