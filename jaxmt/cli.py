@@ -25,11 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+from jaxmt.multihost import CLUSTER_DETECTION  # imports jax only when initialising
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin_configs"
-# jaxmt.multihost.CLUSTER_DETECTION, kept here so `--help` does not import jax.
-CLUSTER_DETECTION = ("auto", "off", "slurm", "ompi", "mpi4py", "gcetpu", "gketpu")
 
 
 def _resolve_gin_file(name: str) -> str:
@@ -39,12 +39,19 @@ def _resolve_gin_file(name: str) -> str:
     raise SystemExit(f"error: --gin_file={name}: no such file (also looked in {GIN_DIR})")
 
 
-def parse_gin(gin_files: list[str], overrides: list[str]) -> None:
-    """Loads gin files then ``--gin.NAME=VALUE`` overrides, in that order."""
+def parse_gin(gin_files: list[str], overrides: list[str], configs_only: bool = False) -> None:
+    """Loads gin files then ``--gin.NAME=VALUE`` overrides, in that order.
+
+    Args:
+      configs_only: register only :mod:`jaxmt.config` (no JAX, no TF: for the data and
+        vocabulary commands) and skip bindings of other configurables (e.g. ``train.*``
+        of :mod:`jaxmt.trainer`), so a run's gin files load as they are.
+    """
     import gin
 
     import jaxmt.config  # noqa: F401  (registers the configurables)
-    import jaxmt.trainer  # noqa: F401
+    if not configs_only:
+        import jaxmt.trainer  # noqa: F401
 
     gin.add_config_file_search_path(str(GIN_DIR))
     bindings = []
@@ -57,7 +64,8 @@ def parse_gin(gin_files: list[str], overrides: list[str]) -> None:
     quiet = _DropMessage("Path not found")
     logging.getLogger().addFilter(quiet)
     try:
-        gin.parse_config_files_and_bindings([_resolve_gin_file(f) for f in gin_files], bindings)
+        gin.parse_config_files_and_bindings([_resolve_gin_file(f) for f in gin_files], bindings,
+                                            skip_unknown=configs_only)
     finally:
         logging.getLogger().removeFilter(quiet)
 
@@ -330,32 +338,6 @@ def _add_data_parser(sub) -> None:
 
 # ---------------------------------------------------------------- jaxmt vocab
 
-def _parse_gin_configs_only(gin_files: list[str], overrides: list[str]) -> None:
-    """:func:`parse_gin` for commands that need only :mod:`jaxmt.config` (no JAX, no TF).
-
-    Bindings of other configurables (e.g. ``train.*`` of :mod:`jaxmt.trainer`) are
-    skipped, so a run's gin files load as they are.
-    """
-    import gin
-
-    import jaxmt.config  # noqa: F401  (registers the configurables)
-
-    gin.add_config_file_search_path(str(GIN_DIR))
-    bindings = []
-    for o in overrides:
-        key, sep, value = o[len("--gin."):].partition("=")
-        if not sep:
-            raise SystemExit(f"error: {o}: expected --gin.NAME=VALUE")
-        bindings.append(f"{key} = {value}")
-    quiet = _DropMessage("Path not found")
-    logging.getLogger().addFilter(quiet)
-    try:
-        gin.parse_config_files_and_bindings([_resolve_gin_file(f) for f in gin_files],
-                                            bindings, skip_unknown=True)
-    finally:
-        logging.getLogger().removeFilter(quiet)
-
-
 def _vocab_settings(args, gin_overrides) -> dict:
     """Languages, corpora and sizes for `jaxmt vocab`: the run's config, then the flags.
 
@@ -379,7 +361,7 @@ def _vocab_settings(args, gin_overrides) -> dict:
             data, configured = cfgs["data"], True
         else:
             if args.gin_file or gin_overrides:
-                _parse_gin_configs_only(args.gin_file or [], gin_overrides)
+                parse_gin(args.gin_file or [], gin_overrides, configs_only=True)
             data, seed = cfglib.DataConfig(), cfglib.TrainConfig().seed
             configured = bool(args.gin_file or gin_overrides)
         corpus = data.corpora

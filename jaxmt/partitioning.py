@@ -149,9 +149,8 @@ class Partitioner:
                          axis_types=(AxisType.Auto,) * len(axes.MESH_AXES))
         self.sizes = dict(zip(axes.MESH_AXES, self.shape))
         self._table = tuple(rules)
-        self.rules = resolve_rules(rules, self.sizes)
-        self.param_rules = resolve_rules(rules, self.sizes,
-                                         drop=() if cfg.shard_params else ("fsdp",))
+        self.rules = self.rules_without(())
+        self.param_rules = self.rules_without(() if cfg.shard_params else ("fsdp",))
 
     def rules_without(self, mesh_axes: Sequence[str]) -> tuple:
         """:attr:`rules` with ``mesh_axes`` also dropped (for code that vmaps over them)."""

@@ -186,9 +186,9 @@ class Trainer:
         a ``lax.scan`` whose carry holds float32 gradient sums, so activations are those
         of one microbatch. Each data-parallel shard sums its own gradients and the shards
         are reduced once at the end, so the step all-reduces as much as without
-        accumulation (over ``fsdp`` the sums stay sharded like the optimizer state). Each microbatch's
-        summed loss is divided by the whole batch's token count, so the sum of their
-        gradients is the gradient of the full batch's mean loss.
+        accumulation (over ``fsdp`` the sums stay sharded like the optimizer state).
+        Each microbatch's summed loss is divided by the whole batch's token count, so the
+        sum of their gradients is the gradient of the full batch's mean loss.
         Under the "fp16" policy the gradients are unscaled, and may be non-finite.
         """
         cfg = self.cfg

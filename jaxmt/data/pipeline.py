@@ -38,6 +38,7 @@ POSITION_VERSION = 1
 # definition: changing them changes the batches a resumed run skips to.
 PACKING = {"max_open_rows": 512, "close_at": 0.97}
 
+
 def _unpacked_segments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Segment ids and positions for unpacked rows: one segment per row, 0 on padding.
 

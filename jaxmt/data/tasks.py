@@ -138,19 +138,8 @@ def _dataset_fn(src: str, tgt: str):
 
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         pairs, _ = corpora.parallel_pairs(src, tgt, split)
-        ds = tf.data.Dataset.from_tensor_slices({
-            "inputs": tf.constant([corpora.tag_source(s, tgt) for s, _ in pairs], tf.string),
-            "targets": tf.constant([t for _, t in pairs], tf.string),
-        })
-        if shuffle_files:
-            # A full shuffle of the strings is cheap here, and reshuffles every epoch.
-            # seqio hands every task of a mixture the same seed; mixing in the direction
-            # keeps en->de and en->fr from walking the verses in the same order (which
-            # would fill a batch with one verse in several languages).
-            if seed is not None:
-                seed = (seed * 1_000_003 + zlib.crc32(f"{src}-{tgt}".encode())) % 2**31
-            ds = ds.shuffle(max(1, len(pairs)), seed=seed, reshuffle_each_iteration=True)
-        return ds
+        return _examples_dataset([corpora.tag_source(s, tgt) for s, _ in pairs],
+                                 [t for _, t in pairs], f"{src}-{tgt}", shuffle_files, seed)
 
     return dataset_fn
 
@@ -259,11 +248,15 @@ def corpus_task_name(prefix: str, src: str, tgt: str) -> str:
 
 def _examples_dataset(inputs: list[str], targets: list[str], key: str,
                       shuffle: bool, seed: int | None) -> tf.data.Dataset:
-    """In-memory string examples, reshuffled every epoch (as in :func:`_dataset_fn`)."""
+    """In-memory string examples of one direction (``key``), reshuffled every epoch."""
     ds = tf.data.Dataset.from_tensor_slices({"inputs": tf.constant(inputs, tf.string),
                                              "targets": tf.constant(targets, tf.string)})
     if shuffle:
-        if seed is not None:  # a seed per direction; see _dataset_fn
+        # A full shuffle of the strings is cheap here. seqio hands every task of a
+        # mixture the same seed; mixing in the direction keeps en->de and en->fr from
+        # walking the verses in the same order (which would fill a batch with one verse
+        # in several languages).
+        if seed is not None:
             seed = (seed * 1_000_003 + zlib.crc32(key.encode())) % 2**31
         ds = ds.shuffle(max(1, len(inputs)), seed=seed, reshuffle_each_iteration=True)
     return ds
