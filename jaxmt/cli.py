@@ -192,25 +192,46 @@ def _packed_examples_per_row(mixture: str, data_cfg, seed: int, rows: int) -> fl
     from jaxmt.data import pipeline
 
     it = pipeline.train_batches(mixture, data_cfg.src_len, data_cfg.tgt_len, min(rows, 32),
-                                seed=seed, pack=True)
+                                seed=seed, batching="pack")
     counts: list[int] = []
     while len(counts) < rows:
         counts += [int(r.max()) for r in next(it)["decoder_segment_ids"]]
     return sum(counts[:rows]) / rows
 
 
+def _bucketed_examples_per_row(mixture: str, data_cfg, train_cfg) -> float:
+    """Examples per step of the bucket schedule the trainer would use, per batch row
+    (one example per row; the short buckets have more rows). Ignores the mesh's rounding."""
+    from jaxmt.data import bucketing, pipeline
+
+    max_len = max(data_cfg.src_len, data_cfg.tgt_len)
+    shapes = bucketing.bucket_shapes(data_cfg.bucket_lengths, train_cfg.batch_size, max_len)
+    lengths = pipeline.sample_lengths(mixture, data_cfg.src_len, data_cfg.tgt_len,
+                                      train_cfg.seed)
+    weights = bucketing.schedule_weights(lengths, shapes, margin=pipeline.BUCKETING["margin"],
+                                         min_share=pipeline.BUCKETING["min_share"])
+    return bucketing.expected_rows(shapes, weights) / train_cfg.batch_size
+
+
+def _data_configs(args, gin_overrides):
+    """The run's DataConfig and TrainConfig from --gin_file/--gin.*; a bad one exits."""
+    parse_gin(args.gin_file or [], gin_overrides)
+    from jaxmt import config as cfglib
+
+    try:
+        return cfglib.DataConfig(), cfglib.TrainConfig()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def cmd_data_mixture(args, gin_overrides) -> int:
     import tempfile
 
-    parse_gin(args.gin_file or [], gin_overrides)
+    data_cfg, train_cfg = _data_configs(args, gin_overrides)
     from jaxmt import config as cfglib
     from jaxmt.data import mixture as mixlib
     from jaxmt.data import tasks, vocab
 
-    try:
-        data_cfg, train_cfg = cfglib.DataConfig(), cfglib.TrainConfig()
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     steps = args.steps if args.steps is not None else train_cfg.steps
     batch_size = args.batch_size if args.batch_size is not None else train_cfg.batch_size
     if steps <= 0 or batch_size <= 0 or args.pack_rows <= 0:
@@ -225,29 +246,21 @@ def cmd_data_mixture(args, gin_overrides) -> int:
             print(f"training a {data_cfg.vocab_size}-piece SentencePiece vocabulary as "
                   "`jaxmt train` would (pass --vocab or --model_dir to reuse one)",
                   file=sys.stderr, flush=True)
-            extra = ({"corpus": data_cfg.corpora, "limits": data_cfg.clean}
-                     if data_cfg.corpora else {})
-            vocab.train_vocab(spm_path, data_cfg.corpus_langs, data_cfg.vocab_size,
-                              data_cfg.vocab_sample_per_lang, seed=train_cfg.seed, **extra)
+            vocab.train_for_config(spm_path, data_cfg, train_cfg.seed)
         if not os.path.exists(spm_path):
             raise SystemExit(f"error: {spm_path}: no SentencePiece model there")
-        mix_kw = dict(temperature=data_cfg.temperature, mixture_cap=data_cfg.mixture_cap,
-                      mixture_caps=data_cfg.mixture_caps,
-                      mixture_weights=data_cfg.mixture_weights)
         try:
-            if data_cfg.corpora:
-                mixture = tasks.register_corpus(data_cfg.corpora, spm_path,
-                                                limits=data_cfg.clean, **mix_kw)
-            else:
-                mixture = tasks.register(spm_path, data_cfg.langs, pivot=data_cfg.pivot,
-                                         **mix_kw)
+            mixture = tasks.register_from_config(data_cfg, spm_path)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: {e}") from None
         stats = tasks.mixture_stats(mixture, spm_path, token_sample=args.token_sample)
         if args.examples_per_row is not None:
             per_row, how = args.examples_per_row, "--examples_per_row"
-        elif not data_cfg.pack:
-            per_row, how = 1.0, "unpacked: DataConfig.pack=False"
+        elif data_cfg.batching == "pad":
+            per_row, how = 1.0, "unpacked: DataConfig.batching='pad'"
+        elif data_cfg.batching == "bucket":
+            per_row = _bucketed_examples_per_row(mixture, data_cfg, train_cfg)
+            how = "bucketed: mean rows per step of the bucket schedule / batch_size"
         else:
             per_row = _packed_examples_per_row(mixture, data_cfg, train_cfg.seed, args.pack_rows)
             how = f"mean of {args.pack_rows} packed rows of the training pipeline"
@@ -275,6 +288,51 @@ def cmd_data_mixture(args, gin_overrides) -> int:
           "sampled sentences (two per example)")
     print()
     print(mixlib.format_table(table), flush=True)
+    return 0
+
+
+def cmd_data_cache(args, gin_overrides) -> int:
+    """`jaxmt data cache`: tokenise the run's train mixture once (jaxmt/data/cache.py)."""
+    data_cfg, train_cfg = _data_configs(args, gin_overrides)
+    from jaxmt import config as cfglib
+    from jaxmt.data import cache, tasks, vocab
+
+    if args.num_shards <= 0:
+        raise SystemExit("error: --num_shards must be positive")
+    cache_dir = args.cache_dir or data_cfg.cache_dir or (
+        args.model_dir and os.path.join(args.model_dir, cfglib.CACHE_DIR))
+    if not cache_dir:
+        raise SystemExit("error: where should the cache go? Pass --model_dir (the cache goes "
+                         "to MODEL_DIR/data_cache, where `jaxmt train` looks), --cache_dir, or "
+                         "set DataConfig.cache_dir")
+    spm_path = args.vocab or (args.model_dir and os.path.join(args.model_dir, cfglib.VOCAB_FILE))
+    if not spm_path:
+        raise SystemExit("error: pass --model_dir (its spm.model, trained there as `jaxmt "
+                         "train` would if missing) or --vocab")
+    if not os.path.exists(spm_path):
+        if args.vocab:
+            raise SystemExit(f"error: {spm_path}: no SentencePiece model there")
+        print(f"training a {data_cfg.vocab_size}-piece SentencePiece vocabulary as `jaxmt "
+              f"train` would -> {spm_path}", file=sys.stderr, flush=True)
+        os.makedirs(args.model_dir, exist_ok=True)
+        vocab.train_for_config(spm_path, data_cfg, train_cfg.seed)
+    try:
+        mixture = tasks.register_from_config(data_cfg, spm_path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    t0 = time.time()
+    rows = cache.build(cache_dir, mixture, spm_path, num_shards=args.num_shards,
+                       seed=train_cfg.seed, overwrite=args.overwrite, progress=not args.json)
+    seconds = time.time() - t0
+    if args.json:
+        print(json.dumps({"cache_dir": cache_dir, "mixture": mixture, "seconds": seconds,
+                          "tasks": rows}), flush=True)
+        return 0
+    print(cache.summary(rows))
+    print(f"{sum(r['examples'] for r in rows):,} examples in {len(rows)} tasks, "
+          f"{args.num_shards} files each, in {cache_dir} ({seconds:.1f}s); `jaxmt train` "
+          f"with the same config{' and --model_dir' if args.model_dir else ''} reads it",
+          flush=True)
     return 0
 
 
@@ -334,6 +392,24 @@ def _add_data_parser(sub) -> None:
     m.add_argument("--token_sample", type=int, default=0, help="tokenise about this many "
                    "pairs per direction (every k-th) and scale up; 0 = all (default)")
     m.add_argument("--json", action="store_true", help="print one JSON object (the last line)")
+    c = dsub.add_parser(
+        "cache", help="tokenise the run's train data once, into sharded files",
+        description="Tokenises every direction of the run's mixture once and writes it in "
+        "seqio's cache format (TFRecord shards). `jaxmt train` reads it when it is fresh "
+        "(same vocabulary and examples); a stale cache is an error. Accepts "
+        "--gin.NAME=VALUE overrides.")
+    c.add_argument("--gin_file", action="append", help="gin file; repeatable")
+    c.add_argument("--model_dir", default=None, help="the run's model directory: its "
+                   "spm.model (trained there if missing) and MODEL_DIR/data_cache")
+    c.add_argument("--vocab", default=None, help="SentencePiece model (instead of "
+                   "MODEL_DIR/spm.model)")
+    c.add_argument("--cache_dir", default=None, help="where to write (default: "
+                   "DataConfig.cache_dir, else MODEL_DIR/data_cache)")
+    c.add_argument("--num_shards", type=int, default=16, help="files per direction; a "
+                   "multi-host run gives each host its own files when this is at least the "
+                   "number of hosts (default %(default)s)")
+    c.add_argument("--overwrite", action="store_true", help="rebuild fresh caches too")
+    c.add_argument("--json", action="store_true", help="print one JSON object (the last line)")
 
 
 # ---------------------------------------------------------------- jaxmt vocab
@@ -585,9 +661,9 @@ def main(argv: list[str] | None = None) -> int:
     rest = [a for a in argv if not a.startswith("--gin.")]
     args = build_parser().parse_args(rest)
     if gin_overrides and args.command not in ("train", "vocab") and not (
-            args.command == "data" and args.data_command == "mixture"):
-        raise SystemExit("error: --gin.NAME=VALUE applies to `jaxmt train`, `jaxmt vocab` "
-                         "and `jaxmt data mixture` only")
+            args.command == "data" and args.data_command in ("mixture", "cache")):
+        raise SystemExit("error: --gin.NAME=VALUE applies to `jaxmt train`, `jaxmt vocab`, "
+                         "`jaxmt data mixture` and `jaxmt data cache` only")
     if args.command == "train":
         return cmd_train(args, gin_overrides)
     if args.command == "eval":
@@ -600,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_vocab_report(args, gin_overrides)
     if args.command == "data" and args.data_command == "mixture":
         return cmd_data_mixture(args, gin_overrides)
+    if args.command == "data" and args.data_command == "cache":
+        return cmd_data_cache(args, gin_overrides)
     if args.command == "data":
         return cmd_data_validate(args)
     return cmd_translate(args)

@@ -13,7 +13,7 @@ from typing import Any
 
 import gin
 
-from jaxmt.data import mixture, sources  # pure Python: no TensorFlow
+from jaxmt.data import bucketing, mixture, sources  # pure Python: no TensorFlow
 from jaxmt.tokenizer import TokenizerConfig
 
 
@@ -146,7 +146,15 @@ class DataConfig:
     vocab_sample_per_lang: int = 20000  # sentences per language for SentencePiece training
     src_len: int = 64
     tgt_len: int = 64
-    pack: bool = True
+    # How examples become rows: "pack" (several per row, jaxmt/data/packing.py), "bucket"
+    # (one per row, in batches of a few lengths with the same token budget,
+    # jaxmt/data/bucketing.py: one compilation per length) or "pad" (one per row, padded
+    # to src_len/tgt_len).
+    batching: str = "pack"
+    # "bucket" only: the row lengths, increasing, the last = max(src_len, tgt_len). A
+    # bucket of length L gets batch_size * max(src_len, tgt_len) / L rows (rounded down
+    # to what the mesh divides).
+    bucket_lengths: tuple = (16, 32, 64)
     max_eval_len: int = 128
     # Your own parallel corpora (jaxmt/data/sources.py): CorpusSources or dicts of their
     # fields, e.g. ({"path": "data/en-de.tsv.gz", "src_lang": "en", "tgt_lang": "de"},).
@@ -163,6 +171,9 @@ class DataConfig:
     mixture_cap: int = 0
     mixture_caps: dict = dataclasses.field(default_factory=dict)
     mixture_weights: dict = dataclasses.field(default_factory=dict)
+    # Pre-tokenised cache written by `jaxmt data cache` (jaxmt/data/cache.py); training reads
+    # it when every direction has a fresh one there. "" = MODEL_DIR/data_cache.
+    cache_dir: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "corpora", sources.as_sources(self.corpora))
@@ -175,6 +186,12 @@ class DataConfig:
         _check(self.temperature > 0, "DataConfig", "temperature", "must be positive")
         _check(self.src_len > 0 and self.tgt_len > 0, "DataConfig", "src_len/tgt_len",
                "must be positive")
+        _check(self.batching in bucketing.BATCHINGS, "DataConfig", "batching",
+               f"unknown value {self.batching!r}; choose one of {bucketing.BATCHINGS}")
+        object.__setattr__(self, "bucket_lengths", tuple(self.bucket_lengths))
+        if self.batching == "bucket":
+            err = bucketing.lengths_error(self.bucket_lengths, max(self.src_len, self.tgt_len))
+            _check(err is None, "DataConfig", "bucket_lengths", str(err))
         object.__setattr__(self, "mixture_caps", dict(self.mixture_caps))
         object.__setattr__(self, "mixture_weights", dict(self.mixture_weights))
         mixture.resolve(self.directions, self.mixture_cap, self.mixture_caps,
@@ -208,7 +225,7 @@ class TrainConfig:
     """Optimisation, schedule and bookkeeping."""
 
     steps: int = 1000
-    batch_size: int = 32  # global, in packed rows
+    batch_size: int = 32  # global, in packed rows (bucketing: rows of the longest bucket)
     # Gradient accumulation: the batch is cut into this many microbatches, run one after
     # another in a lax.scan, with their gradients summed in float32. Same update, less
     # activation memory; batch_size must divide by (replica x data x fsdp) x this.
@@ -255,6 +272,7 @@ class TrainConfig:
 
 
 CONFIG_FILE = "jaxmt_config.json"  # in every model directory, beside VOCAB_FILE
+CACHE_DIR = "data_cache"  # DataConfig.cache_dir's default, inside the model directory
 VOCAB_FILE = "spm.model"
 # "tokenizer" appears only in directories made by `jaxmt convert` (imported checkpoints).
 _TYPES = {"model": ModelConfig, "mesh": MeshConfig, "data": DataConfig, "train": TrainConfig,
@@ -277,6 +295,9 @@ def from_json(text: str) -> dict[str, Any]:
             v = dict(v)
             pair = (v.pop("dtype"), v.pop("param_dtype", "float32"))
             v["precision"] = {p: k for k, p in PRECISIONS.items()}.get(pair, "bf16")
+        if k == "data" and "pack" in v:  # written before DataConfig.batching existed
+            v = dict(v)
+            v["batching"] = "pack" if v.pop("pack") else "pad"
         out[k] = _TYPES[k](**v)
     return out
 

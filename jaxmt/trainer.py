@@ -113,7 +113,7 @@ class Trainer:
             self.state_shardings = self.state_shardings.replace(loss_scale=jax.tree.map(
                 lambda _: partitioner.replicated, self.state_shardings.loss_scale))
         self.abstract_state = abstract_like(nn.unbox(boxed), self.state_shardings)
-        self._init_fn = self._step_fn = self._scalars_fn = None
+        self._init_fn = self._step_fn = self._scalars_fn = self._jitted = None
 
     @property
     def loss_scaling(self) -> bool:
@@ -303,13 +303,18 @@ class Trainer:
         """The jitted step with explicit in/out shardings; the old state is donated."""
         if self._step_fn is None:
             p = self.partitioner
-            jitted = self._jitted_step()
+            self._jitted = jitted = self._jitted_step()  # kept: compiled_shapes() asks it
 
             def run(state, batch, rng):
                 with p.activate():
                     return jitted(state, batch, rng)
             self._step_fn = run
         return self._step_fn
+
+    def compiled_shapes(self) -> int:
+        """How many times :meth:`step_fn`'s step has been compiled: one per batch shape
+        it has seen (bucketed batching has several), 0 before the first step."""
+        return 0 if self._jitted is None else int(self._jitted._cache_size())
 
 
 def _write_text_atomic(path: str, text: str) -> None:
@@ -368,13 +373,18 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
                disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
     last = {}
     t0, tok_acc, steps_acc = time.perf_counter(), 0, 0
+    src_slots = tgt_slots = 0  # token slots of the steps since the last log (for fill)
     skipped_total = 0  # float16 overflow skips in this run
     pending = []
     for step in range(start_step, cfg.steps):
-        batch = trainer.partitioner.shard_batch(next(batches), cfg.batch_size)
-        # Token slots per step (global batch shape), for the non-padding share (fill).
-        src_slots = int(np.prod(batch["encoder_input_tokens"].shape))
-        tgt_slots = int(np.prod(batch["decoder_target_tokens"].shape))
+        local = next(batches)
+        # Bucketed batches change shape from step to step: the global rows are this
+        # host's times the process count (every host gets the same shape each step).
+        rows = local["encoder_input_tokens"].shape[0] * jax.process_count()
+        batch = trainer.partitioner.shard_batch(local, rows)
+        # Token slots of each step's global batch, for the non-padding share (fill).
+        src_slots += int(np.prod(batch["encoder_input_tokens"].shape))
+        tgt_slots += int(np.prod(batch["decoder_target_tokens"].shape))
         state, metrics = step_fn(state, batch, rng)
         if pending:  # keep one step in flight, so the bar's steps/s and ETA are real
             jax.block_until_ready(pending[-1]["loss"])
@@ -396,8 +406,11 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
                     "tokens_per_s": tok_acc / dt, "steps_per_s": steps_acc / dt,
                     # Share of non-padding tokens: source tokens, loss-weighted targets.
                     "src_fill": sum(float(m["source_tokens"]) for m in host)
-                    / max(len(host) * src_slots, 1),
-                    "tgt_fill": ntok / max(len(host) * tgt_slots, 1)}
+                    / max(src_slots, 1),
+                    "tgt_fill": ntok / max(tgt_slots, 1),
+                    # Batch shapes compiled so far (one with packing; <= buckets).
+                    "compiled_shapes": trainer.compiled_shapes()}
+            src_slots = tgt_slots = 0
             postfix = dict(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
                            lr=f"{last['learning_rate']:.2e}",
                            fill=f"{last['src_fill']:.2f}/{last['tgt_fill']:.2f}")
@@ -429,7 +442,7 @@ def train(model_dir: str, progress: bool = True) -> dict:
     Rerunning on the same ``model_dir`` resumes from the latest checkpoint.
     Returns the last logged metrics.
     """
-    from jaxmt.data import pipeline, tasks, vocab  # seqio/TF only from here on
+    from jaxmt.data import cache, pipeline, tasks, vocab  # seqio/TF only from here on
 
     model_cfg, mesh_cfg, data_cfg, train_cfg = ModelConfig(), MeshConfig(), DataConfig(), TrainConfig()
     os.makedirs(model_dir, exist_ok=True)
@@ -443,28 +456,20 @@ def train(model_dir: str, progress: bool = True) -> dict:
         if not os.path.exists(spm_path):
             print(f"training SentencePiece vocabulary ({data_cfg.vocab_size} pieces) -> "
                   f"{spm_path}", flush=True)
-            vocab.train_vocab(spm_path, data_cfg.corpus_langs, data_cfg.vocab_size,
-                              data_cfg.vocab_sample_per_lang, seed=train_cfg.seed,
-                              corpus=data_cfg.corpora, limits=data_cfg.clean)
+            vocab.train_for_config(spm_path, data_cfg, train_cfg.seed)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxmt:vocabulary")
     n_pieces = vocab.load_processor(spm_path).get_piece_size()
     if n_pieces > model_cfg.vocab_size:
         raise ValueError(f"{spm_path}: {n_pieces} pieces exceed ModelConfig.vocab_size="
                          f"{model_cfg.vocab_size}; raise it or lower DataConfig.vocab_size.")
-    if data_cfg.corpora:  # the user's files, checked once here (jaxmt/data/sources.py)
-        mixture = tasks.register_corpus(data_cfg.corpora, spm_path,
-                                        temperature=data_cfg.temperature, limits=data_cfg.clean,
-                                        report_dir=model_dir if lead else None,
-                                        mixture_cap=data_cfg.mixture_cap,
-                                        mixture_caps=data_cfg.mixture_caps,
-                                        mixture_weights=data_cfg.mixture_weights)
-    else:
-        mixture = tasks.register(spm_path, data_cfg.langs, pivot=data_cfg.pivot,
-                                 temperature=data_cfg.temperature,
-                                 mixture_cap=data_cfg.mixture_cap,
-                                 mixture_caps=data_cfg.mixture_caps,
-                                 mixture_weights=data_cfg.mixture_weights)
+    # The user's files are read and checked once, here (jaxmt/data/sources.py).
+    mixture = tasks.register_from_config(data_cfg, spm_path, report_dir=model_dir if lead else None)
+    cache_dir = data_cfg.cache_dir or os.path.join(model_dir, cfglib.CACHE_DIR)
+    use_cache = cache.activate(cache_dir, mixture, spm_path)  # stale -> error, absent -> False
+    print(f"data: reading the pre-tokenised cache in {cache_dir}" if use_cache else
+          f"data: tokenising on the fly (`jaxmt data cache` writes a cache to {cache_dir})",
+          flush=True)
     # Nothing is dropped without a count; the two directions of a pair share a report.
     train_reports = [r["train"] for r in tasks.SKIP_REPORTS.values() if "train" in r]
     for report in {id(r): r for r in train_reports}.values():
@@ -472,6 +477,22 @@ def train(model_dir: str, progress: bool = True) -> dict:
 
     partitioner = Partitioner(mesh_cfg)
     trainer = Trainer(model_cfg, train_cfg, partitioner, data_cfg.src_len, data_cfg.tgt_len)
+    local_shapes, bucket_stats = (), None
+    if data_cfg.batching == "bucket":
+        from jaxmt.data import bucketing
+        # Every shape's rows split over the batch mesh axes and microbatches, and over
+        # the processes (each feeds rows // process_count of every batch).
+        multiple = math.lcm(partitioner.data_parallel_size * train_cfg.num_microbatches,
+                            jax.process_count())
+        shapes = bucketing.bucket_shapes(data_cfg.bucket_lengths, train_cfg.batch_size,
+                                         max(data_cfg.src_len, data_cfg.tgt_len), multiple)
+        for rows, _ in shapes:
+            partitioner.check_batch(rows, train_cfg.num_microbatches)
+        local_shapes = [(rows // jax.process_count(), n) for rows, n in shapes]
+        bucket_stats = bucketing.BucketStats()
+        print(f"bucketing: {len(shapes)} shapes (rows x length): "
+              f"{', '.join(f'{r}x{n}' for r, n in shapes)}; at most {len(shapes)} "
+              f"compilations", flush=True)
     ckpt = Checkpointer(model_dir, keep=train_cfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
@@ -479,10 +500,11 @@ def train(model_dir: str, progress: bool = True) -> dict:
         print(f"resuming from step {start} in {ckpt.directory}", flush=True)
         # The saved data position (or, for an older checkpoint, a warning and a reseed).
         position = pipeline.resume_position(saved_meta, seed=train_cfg.seed, step=start,
-                                            process_count=jax.process_count())
+                                            process_count=jax.process_count(),
+                                            cached=use_cache)
     else:
         state = trainer.init_state(train_cfg.seed)
-        position = pipeline.position_record(train_cfg.seed, 0, jax.process_count())
+        position = pipeline.position_record(train_cfg.seed, 0, jax.process_count(), use_cache)
     print(f"model: {trainer.num_params() / 1e6:.2f}M parameters; {partitioner} over "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s) in "
           f"{jax.process_count()} process(es)", flush=True)
@@ -498,13 +520,20 @@ def train(model_dir: str, progress: bool = True) -> dict:
     batches = pipeline.train_batches(
         mixture, data_cfg.src_len, data_cfg.tgt_len,
         partitioner.host_local_batch_size(train_cfg.batch_size), seed=position["seed"],
-        shard_index=jax.process_index(), num_shards=jax.process_count(), pack=data_cfg.pack,
-        start_batch=position["batches"])
+        shard_index=jax.process_index(), num_shards=jax.process_count(),
+        batching=data_cfg.batching, buckets=local_shapes, bucket_stats=bucket_stats,
+        start_batch=position["batches"], cache_dir=cache_dir if use_cache else None)
     try:
         _, last = train_loop(trainer, batches, model_dir, ckpt, state, start,
                              progress=progress, data_position=position)
     finally:  # on a crash or Ctrl-C too: let an in-flight async save finish
         ckpt.close()
+    if bucket_stats is not None:
+        print(f"bucketing: compiled {trainer.compiled_shapes()} train-step shape(s) (at most "
+              f"{len(local_shapes)}); batches per bucket {bucket_stats.steps}; at most "
+              f"{bucket_stats.peak_queued} examples queued on this host", flush=True)
+    else:
+        print(f"compiled {trainer.compiled_shapes()} train-step shape(s)", flush=True)
     if lead:
         # Rewrite after the run: gin's operative config lists every binding actually used.
         _write_text_atomic(os.path.join(model_dir, "config.gin"), gin.operative_config_str())

@@ -147,7 +147,7 @@ def test_packed_batches_fill_rows(mixture, length, floor):
     for b in batches[:3]:
         _check_rows(b, length, length)
     src, tgt = np.mean([packing.fill(b) for b in batches], axis=0)
-    unpacked = pipeline.train_batches(mixture, length, length, 24, seed=0, pack=False)
+    unpacked = pipeline.train_batches(mixture, length, length, 24, seed=0, batching="pad")
     u_src, u_tgt = np.mean([packing.fill(next(unpacked)) for _ in range(5)], axis=0)
     print(f"length {length}: packed fill src {src:.3f} tgt {tgt:.3f}; "
           f"unpacked src {u_src:.3f} tgt {u_tgt:.3f}")

@@ -57,12 +57,12 @@ def mixture(spm_path):
 # ------------------------------------------------------------------ the pipeline
 
 
-@pytest.mark.parametrize("pack, shards", [(True, ((0, 1), (0, 2), (1, 2))),
-                                          (False, ((0, 1), (1, 2)))])
-def test_start_batch_continues_the_same_stream(mixture, pack, shards):
+@pytest.mark.parametrize("batching, shards", [("pack", ((0, 1), (0, 2), (1, 2))),
+                                              ("pad", ((0, 1), (1, 2)))])
+def test_start_batch_continues_the_same_stream(mixture, batching, shards):
     k, n = 5, 4
     for shard_index, num_shards in shards:
-        kw = dict(seed=7, shard_index=shard_index, num_shards=num_shards, pack=pack)
+        kw = dict(seed=7, shard_index=shard_index, num_shards=num_shards, batching=batching)
         full = pipeline.train_batches(mixture, 32, 32, 4, **kw)
         want = [_digest(next(full)) for _ in range(k + n)]
         assert len(set(want)) == k + n  # the stream moves on
@@ -78,7 +78,7 @@ def test_start_batch_continues_the_same_stream(mixture, pack, shards):
 
 def test_resume_position_records(caplog):
     rec = pipeline.position_record(3, 12, 1)
-    assert rec == {"seed": 3, "batches": 12, "process_count": 1, "version": 1}
+    assert rec == {"seed": 3, "batches": 12, "process_count": 1, "cached": False, "version": 1}
     with caplog.at_level(logging.WARNING, logger=pipeline.log.name):
         # The saved stream and position win over the run's seed.
         assert pipeline.resume_position({"data": rec}, seed=0, step=12, process_count=1) == rec
@@ -92,6 +92,12 @@ def test_resume_position_records(caplog):
         moved = pipeline.resume_position({"data": rec}, seed=0, step=12, process_count=2)
         assert moved == pipeline.position_record(3, 12, 2)
         assert "saved by 1 process(es), this run has 2" in caplog.text
+        caplog.clear()
+        # Switching to the pre-tokenised cache is another stream: same position, a warning.
+        cached = pipeline.resume_position({"data": rec}, seed=0, step=12, process_count=1,
+                                          cached=True)
+        assert cached == pipeline.position_record(3, 12, 1, cached=True)
+        assert "this run reads the pre-tokenised cache" in caplog.text
     with pytest.raises(ValueError, match="unknown data position"):
         pipeline.resume_position({"data": dict(rec, version=99)}, seed=0, step=12,
                                  process_count=1)

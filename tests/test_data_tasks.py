@@ -125,7 +125,7 @@ def test_every_segment_starts_with_a_tag_and_targets_end_in_eos(batches, spm_pat
 
 
 def test_unpacked_batches_have_the_same_keys(mixture):
-    b = next(pipeline.train_batches(mixture, 32, 32, BATCH, seed=1, pack=False))
+    b = next(pipeline.train_batches(mixture, 32, 32, BATCH, seed=1, batching="pad"))
     assert tuple(b) == pipeline.BATCH_KEYS
     assert all(v.shape == (BATCH, 32) and v.dtype == np.int32 for v in b.values())
     mask = b["decoder_target_tokens"] != 0

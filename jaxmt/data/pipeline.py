@@ -1,7 +1,8 @@
 """Training batches from a registered seqio Mixture, as numpy dicts for the JAX trainer.
 
-Every batch has the same static shapes and keys whether or not examples are
-packed, so the trainer compiles one step function.
+Every batch has the same keys however it is made. Packed and padded batches also
+have the same static shapes, so the trainer compiles one step function; bucketed
+batches (``batching="bucket"``) take one of a few shapes, one compilation each.
 
 Deterministic, shardable, resumable: the stream of batches is a function of
 ``(seed, shard_index, num_shards)`` and the batch shape alone. The direction
@@ -15,9 +16,10 @@ the checkpoint's ``meta`` item, next to the parameters.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -25,7 +27,7 @@ import numpy as np  # noqa: E402
 import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from jaxmt.data import packing  # noqa: E402
+from jaxmt.data import bucketing, packing  # noqa: E402
 from jaxmt.data import tasks  # noqa: E402,F401  (hides accelerators from TF on import)
 from jaxmt.model import BATCH_KEYS  # noqa: E402
 
@@ -37,6 +39,10 @@ POSITION_VERSION = 1
 # Arguments of jaxmt.data.packing.pack_rows for packed batches. Part of the stream's
 # definition: changing them changes the batches a resumed run skips to.
 PACKING = {"max_open_rows": 512, "close_at": 0.97}
+# Bucketed batches: the schedule's weights come from the lengths of the first `sample`
+# examples of the unsharded stream (jaxmt.data.bucketing.schedule_weights' other
+# arguments). Part of the stream's definition too.
+BUCKETING = {"sample": 2048, "margin": 1.2, "min_share": 0.05}
 
 
 def _unpacked_segments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -65,8 +71,11 @@ def _options(threads: int) -> tf.data.Options:
 
 
 def train_batches(mixture_name: str, src_len: int, tgt_len: int, batch_size: int, seed: int,
-                  shard_index: int = 0, num_shards: int = 1, pack: bool = True, *,
-                  start_batch: int = 0, threads: int | None = None
+                  shard_index: int = 0, num_shards: int = 1, batching: str = "pack", *,
+                  buckets: Sequence[tuple[int, int]] = (),
+                  bucket_stats: bucketing.BucketStats | None = None,
+                  start_batch: int = 0, threads: int | None = None,
+                  cache_dir: str | None = None
                   ) -> Iterator[dict[str, np.ndarray]]:
     """An infinite iterator over this host's training batches.
 
@@ -83,11 +92,27 @@ def train_batches(mixture_name: str, src_len: int, tgt_len: int, batch_size: int
         shard_index: This host's index (``jax.process_index()``).
         num_shards: Number of hosts (``jax.process_count()``); each sees a disjoint
             slice of every direction's examples.
-        pack: Pack several examples per row with the best-fit packer of
-            :mod:`jaxmt.data.packing` (``PACKING`` sets its pool), which gives the
-            features ``EncDecFeatureConverter(pack=True)`` would, with fuller rows
-            (>= 90% non-padding on the embedded corpus at 64 and 128 tokens).
-            ``False``: one example per row, through seqio's converter.
+        batching: How examples become rows (``DataConfig.batching``):
+
+            * ``"pack"``: several examples per row, by the best-fit packer of
+              :mod:`jaxmt.data.packing` (``PACKING`` sets its pool), which gives the
+              features ``EncDecFeatureConverter(pack=True)`` would, with fuller rows
+              (>= 90% non-padding on the embedded corpus at 64 and 128 tokens).
+            * ``"bucket"``: one example per row, in batches of the ``buckets`` shapes
+              (token-budget bucketing, :mod:`jaxmt.data.bucketing`): each example in
+              the shortest bucket it fits, each step's shape from a seeded schedule
+              that is the same on every host. The schedule's weights come from the
+              lengths of the first ``BUCKETING["sample"]`` examples of the *unsharded*
+              stream (shard 0 of 1, same seed), so every host computes the same ones
+              (:func:`sample_lengths`; it costs about a second at start-up).
+            * ``"pad"``: one example per row, padded to ``src_len`` / ``tgt_len``
+              (seqio's unpacked converter).
+        buckets: ``"bucket"`` only: this host's ``(rows, length)`` of each bucket
+            (:func:`jaxmt.data.bucketing.bucket_shapes`, rows divided by
+            ``num_shards``), lengths increasing, the last ``max(src_len, tgt_len)``.
+            Both sides of a batch are ``length`` long. ``batch_size`` is then unused.
+        bucket_stats: ``"bucket"`` only: updated with the queue sizes as batches are
+            made (:class:`jaxmt.data.bucketing.BucketStats`).
         start_batch: Start at this batch of the stream: the iterator yields exactly
             what an iterator made with ``start_batch=0`` yields after its first
             ``start_batch`` batches. This is how a resumed run continues. Cost: the
@@ -99,17 +124,23 @@ def train_batches(mixture_name: str, src_len: int, tgt_len: int, batch_size: int
             (measured with seqio's packer; the numpy packer runs at ~60k examples/s,
             so tokenising still dominates).
             A pre-tokenised cache takes the tokenising out of it.
-        threads: tf.data worker threads (default: min(2, CPU count)).
+        threads: tf.data worker threads (default: :func:`default_threads`).
+        cache_dir: Read token ids from this pre-tokenised cache (``jaxmt data
+            cache``; the caller checks it is fresh with
+            :func:`jaxmt.data.cache.activate`) instead of tokenising the text. A
+            different stream from the on-the-fly one, equally determined by the
+            arguments, and several times faster (``benchmarks/data_pipeline.py``).
 
     Returns:
         An endless iterator of dicts of int32 arrays of shape [batch_size, src_len] (``encoder_*``) or
         [batch_size, tgt_len] (``decoder_*``) with exactly the keys in
-        :data:`BATCH_KEYS`. Segment ids number the examples in a row from 1 and are 0
-        on padding; positions restart at 0 in each example.
+        :data:`BATCH_KEYS` (bucketed: [rows, length] of the step's bucket, both
+        sides). Segment ids number the examples in a row from 1 and are 0 on padding;
+        positions restart at 0 in each example.
 
     Raises:
-        ValueError: Non-positive sizes, a shard index out of range or a negative
-            ``start_batch``.
+        ValueError: Non-positive sizes, a shard index out of range, a negative
+            ``start_batch``, an unknown ``batching`` or invalid ``buckets``.
     """
     if min(src_len, tgt_len, batch_size, num_shards) <= 0:
         raise ValueError(f"src_len, tgt_len, batch_size and num_shards must be positive, got "
@@ -118,7 +149,27 @@ def train_batches(mixture_name: str, src_len: int, tgt_len: int, batch_size: int
         raise ValueError(f"shard_index {shard_index} is not in [0, {num_shards})")
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-    threads = threads or max(1, min(2, os.cpu_count() or 1))
+    if batching not in bucketing.BATCHINGS:
+        raise ValueError(f"unknown batching {batching!r}; choose one of {bucketing.BATCHINGS}")
+    if batching == "bucket":
+        buckets = [(int(r), int(n)) for r, n in buckets]
+        err = bucketing.lengths_error([n for _, n in buckets], max(src_len, tgt_len))
+        if err or any(r <= 0 for r, _ in buckets):
+            raise ValueError(f"buckets {buckets}: {err or 'rows must be positive'}")
+    threads = threads or default_threads()
+    if cache_dir:
+        # Token ids from `jaxmt data cache`, read in blocks and mixed in numpy
+        # (jaxmt.data.cache.cached_examples): no tokenising, no per-example tf.data.
+        from jaxmt.data import cache
+        examples = cache.cached_examples(
+            mixture_name, cache_dir, seed=seed, src_len=src_len, tgt_len=tgt_len,
+            shard_index=shard_index, num_shards=num_shards, threads=threads)
+        if batching == "bucket":
+            return _bucketed_batches(examples, mixture_name, src_len, tgt_len, seed, buckets,
+                                     start_batch, bucket_stats, threads, cache_dir)
+        if batching == "pack":
+            return _packed_batches(examples, src_len, tgt_len, batch_size, start_batch)
+        return _padded_batches(examples, src_len, tgt_len, batch_size, start_batch)
     lengths = {"inputs": src_len, "targets": tgt_len}
     provider = seqio.get_mixture_or_task(mixture_name)
     # Not seqio.get_dataset(): it cannot pass try_in_mem_cache=False, and seqio's
@@ -127,13 +178,17 @@ def train_batches(mixture_name: str, src_len: int, tgt_len: int, batch_size: int
         lengths, split="train", use_cached=False, shuffle=True, seed=seed,
         shard_info=seqio.ShardInfo(shard_index, num_shards), num_epochs=None,
         try_in_mem_cache=False)
-    if pack:
+    if batching in ("pack", "bucket"):
         # The Task's preprocessors already tokenised, trimmed to `lengths` and appended
-        # EOS; the numpy packer (jaxmt.data.packing) does the rest in this process.
+        # EOS; the numpy packer (jaxmt.data.packing) or bucketer does the rest here.
         ds = ds.map(lambda ex: {"inputs": ex["inputs"], "targets": ex["targets"]},
                     num_parallel_calls=None)
         ds = ds.prefetch(256).with_options(_options(threads))
-        return _packed_batches(ds, src_len, tgt_len, batch_size, start_batch)
+        examples = ((ex["inputs"], ex["targets"]) for ex in ds.as_numpy_iterator())
+        if batching == "bucket":
+            return _bucketed_batches(examples, mixture_name, src_len, tgt_len, seed, buckets,
+                                     start_batch, bucket_stats, threads, None)
+        return _packed_batches(examples, src_len, tgt_len, batch_size, start_batch)
     ds = seqio.EncDecFeatureConverter(pack=False)(ds, task_feature_lengths=lengths)
     ds = ds.batch(batch_size, drop_remainder=True)
     if start_batch:
@@ -144,14 +199,73 @@ def train_batches(mixture_name: str, src_len: int, tgt_len: int, batch_size: int
     return _numpy_batches(ds)
 
 
-def _packed_batches(ds: tf.data.Dataset, src_len: int, tgt_len: int, batch_size: int,
-                    start_batch: int) -> Iterator[dict[str, np.ndarray]]:
+def default_threads() -> int:
+    """tf.data threads: half the host's cores, at least 2 (or 1 on a 1-core host).
+
+    Half leaves the other cores to the trainer's host work (dispatch, checkpoints);
+    on a 2-core machine that is 2, since the input pipeline is then the scarce part.
+    """
+    cores = os.cpu_count() or 1
+    return max(min(2, cores), cores // 2)
+
+
+def _packed_batches(examples: Iterator[tuple[np.ndarray, np.ndarray]], src_len: int,
+                    tgt_len: int, batch_size: int, start_batch: int
+                    ) -> Iterator[dict[str, np.ndarray]]:
     # The packer is a pure function of the (deterministic) example stream, so skipping
     # its first `start_batch` batches gives exactly an uninterrupted run's position.
-    examples = ((ex["inputs"], ex["targets"]) for ex in ds.as_numpy_iterator())
     for i, batch in enumerate(packing.packed_batches(examples, src_len, tgt_len, batch_size,
                                                      **PACKING)):
         if i >= start_batch:
+            yield {k: batch[k] for k in BATCH_KEYS}
+
+
+def sample_lengths(mixture_name: str, src_len: int, tgt_len: int, seed: int,
+                   threads: int | None = None, cache_dir: str | None = None) -> np.ndarray:
+    """``max(len(inputs), len(targets))`` (trimmed) of the first ``BUCKETING["sample"]``
+    examples of the unsharded stream: the same on every host, whatever its shard.
+    Bucketing's schedule weights come from them (see :func:`train_batches`)."""
+    n = BUCKETING["sample"]
+    threads = threads or default_threads()
+    if cache_dir:
+        from jaxmt.data import cache
+        examples = cache.cached_examples(mixture_name, cache_dir, seed=seed, src_len=src_len,
+                                         tgt_len=tgt_len, shard_index=0, num_shards=1,
+                                         threads=threads)
+        return np.array([max(len(s), len(t)) for s, t in itertools.islice(examples, n)])
+    ds = seqio.get_mixture_or_task(mixture_name).get_dataset(
+        {"inputs": src_len, "targets": tgt_len}, split="train", use_cached=False,
+        shuffle=True, seed=seed, shard_info=seqio.ShardInfo(0, 1), num_epochs=None,
+        try_in_mem_cache=False)
+    ds = ds.map(lambda ex: tf.maximum(tf.size(ex["inputs"]), tf.size(ex["targets"])))
+    return np.fromiter(ds.take(n).with_options(_options(threads)).as_numpy_iterator(), np.int64)
+
+
+def _bucketed_batches(examples: Iterator[tuple[np.ndarray, np.ndarray]], mixture_name: str,
+                      src_len: int, tgt_len: int, seed: int,
+                      buckets: Sequence[tuple[int, int]], start_batch: int,
+                      stats: bucketing.BucketStats | None, threads: int,
+                      cache_dir: str | None) -> Iterator[dict[str, np.ndarray]]:
+    # Like packing, a pure function of the example stream (and of the schedule, which
+    # depends on the seed and the unsharded sample only): replaying and skipping the
+    # first `start_batch` batches reaches an uninterrupted run's position.
+    weights = bucketing.schedule_weights(
+        sample_lengths(mixture_name, src_len, tgt_len, seed, threads, cache_dir), buckets,
+        margin=BUCKETING["margin"], min_share=BUCKETING["min_share"])
+    for i, batch in enumerate(bucketing.bucketed_batches(examples, buckets, weights, seed,
+                                                         src_len, tgt_len, stats=stats)):
+        if i >= start_batch:
+            yield {k: batch[k] for k in BATCH_KEYS}
+
+
+def _padded_batches(examples: Iterator[tuple[np.ndarray, np.ndarray]], src_len: int,
+                    tgt_len: int, batch_size: int, start_batch: int
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    # One example per row: a packed row of one segment has exactly the unpacked features.
+    for i in itertools.count():
+        rows = [([s], [t]) for s, t in itertools.islice(examples, batch_size)]
+        if i >= start_batch:
+            batch = packing.row_features(rows, src_len, tgt_len)
             yield {k: batch[k] for k in BATCH_KEYS}
 
 
@@ -162,20 +276,22 @@ def _numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
         yield {k: np.asarray(batch[k], dtype=np.int32) for k in BATCH_KEYS}
 
 
-def position_record(seed: int, batches: int, process_count: int) -> dict:
+def position_record(seed: int, batches: int, process_count: int, cached: bool = False) -> dict:
     """The data position a checkpoint stores (JSON): the stream and how far it got.
 
     ``seed`` names the stream, ``batches`` counts the batches every process has taken
     from it, and ``process_count`` is the number of shards it was cut into. One
     record serves every process: each process's stream is fixed by the seed, its
     ``jax.process_index()`` and the process count, and all processes take one batch
-    per step, so they are always at the same position.
+    per step, so they are always at the same position. ``cached`` says whether the
+    stream was read from the pre-tokenised cache (a different stream from the text's).
     """
     return {"seed": int(seed), "batches": int(batches), "process_count": int(process_count),
-            "version": POSITION_VERSION}
+            "cached": bool(cached), "version": POSITION_VERSION}
 
 
-def resume_position(meta: Mapping, *, seed: int, step: int, process_count: int) -> dict:
+def resume_position(meta: Mapping, *, seed: int, step: int, process_count: int,
+                    cached: bool = False) -> dict:
     """Where a run resuming at checkpoint ``step`` continues its data stream.
 
     Args:
@@ -183,6 +299,7 @@ def resume_position(meta: Mapping, *, seed: int, step: int, process_count: int) 
         seed: ``TrainConfig.seed`` of the resuming run (used only for an old checkpoint).
         step: The checkpoint's step.
         process_count: ``jax.process_count()`` of the resuming run.
+        cached: Whether the resuming run reads the pre-tokenised cache.
 
     Returns:
         A :func:`position_record`: pass its ``seed`` and ``batches`` (as
@@ -200,6 +317,9 @@ def resume_position(meta: Mapping, *, seed: int, step: int, process_count: int) 
           change, so the resumed batches are not an uninterrupted run's. Each
           process still skips the saved number of batches of its new stream, so the
           run goes on about as far into each epoch as it had come.
+        * A switch between the text and the pre-tokenised cache is likewise a
+          warning: the two are different streams (records older than the cache
+          count as text).
 
     Raises:
         ValueError: A record of an unknown version, or with a negative position.
@@ -210,7 +330,7 @@ def resume_position(meta: Mapping, *, seed: int, step: int, process_count: int) 
             "checkpoint step %d has no data position (saved by an older jaxmt): reseeding "
             "the shuffle with seed %d + %d; the batches after this resume differ from an "
             "uninterrupted run's", step, seed, step)
-        return position_record(seed + step, 0, process_count)
+        return position_record(seed + step, 0, process_count, cached)
     if rec.get("version") != POSITION_VERSION or int(rec.get("batches", -1)) < 0:
         raise ValueError(f"checkpoint step {step}: unknown data position record {dict(rec)} "
                          f"(this jaxmt reads version {POSITION_VERSION})")
@@ -220,4 +340,11 @@ def resume_position(meta: Mapping, *, seed: int, step: int, process_count: int) 
             "now reads a different shard of every direction, so the batches after this "
             "resume are not an uninterrupted run's (each process skips %d batches of its "
             "new stream)", step, rec["process_count"], process_count, rec["batches"])
-    return position_record(rec["seed"], rec["batches"], process_count)
+    if bool(rec.get("cached", False)) != cached:
+        how = {True: "the pre-tokenised cache", False: "the text, tokenised on the fly"}
+        log.warning(
+            "checkpoint step %d read %s, this run reads %s: a different stream, so the "
+            "batches after this resume are not an uninterrupted run's (skipping %d batches "
+            "of the new stream)", step, how[bool(rec.get("cached", False))], how[cached],
+            rec["batches"])
+    return position_record(rec["seed"], rec["batches"], process_count, cached)

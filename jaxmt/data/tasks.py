@@ -405,6 +405,22 @@ def register_corpus(corpus: Sequence[sources.CorpusSource | Mapping],
     return mixture
 
 
+def register_from_config(data_cfg, vocab_path: str | Path,
+                         report_dir: str | Path | None = None) -> str:
+    """Registers what a :class:`jaxmt.config.DataConfig` trains on; returns the Mixture.
+
+    Its ``corpora`` through :func:`register_corpus` (skip reports to ``report_dir``),
+    else the embedded corpus's ``langs`` through :func:`register`; the mixture
+    temperature, caps and weights come from the config.
+    """
+    mix_kw = dict(temperature=data_cfg.temperature, mixture_cap=data_cfg.mixture_cap,
+                  mixture_caps=data_cfg.mixture_caps, mixture_weights=data_cfg.mixture_weights)
+    if data_cfg.corpora:
+        return register_corpus(data_cfg.corpora, vocab_path, limits=data_cfg.clean,
+                               report_dir=report_dir, **mix_kw)
+    return register(vocab_path, data_cfg.langs, pivot=data_cfg.pivot, **mix_kw)
+
+
 # ---------------------------------------------------------------- the rate table
 
 def mixture_stats(mixture: str, vocab_path: str | Path,

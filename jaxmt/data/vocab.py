@@ -229,6 +229,13 @@ def train_vocab(out_path: str | Path, langs: Sequence[str], vocab_size: int,
     return out_path
 
 
+
+def train_for_config(out_path: str | Path, data_cfg, seed: int) -> Path:
+    """The vocabulary ``jaxmt train`` trains for a :class:`jaxmt.config.DataConfig`."""
+    return train_vocab(out_path, data_cfg.corpus_langs, data_cfg.vocab_size,
+                       data_cfg.vocab_sample_per_lang, seed=seed, corpus=data_cfg.corpora,
+                       limits=data_cfg.clean)
+
 def load_processor(path: str | Path) -> spm.SentencePieceProcessor:
     """Loads a model written by :func:`train_vocab`."""
     if not os.path.exists(path):
