@@ -1,0 +1,1 @@
+"""Attention kernels: pure-JAX blockwise reference logic (Pallas kernels build on it)."""
