@@ -45,21 +45,6 @@ PACKING = {"max_open_rows": 512, "close_at": 0.97}
 BUCKETING = {"sample": 2048, "margin": 1.2, "min_share": 0.05}
 
 
-def _unpacked_segments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Segment ids and positions for unpacked rows: one segment per row, 0 on padding.
-
-    The decoder's mask comes from its targets: ``decoder_input_tokens`` starts with
-    id 0 (the shifted-in start token), which is not padding.
-    """
-    out = dict(batch)
-    for side, tokens in (("encoder", batch["encoder_input_tokens"]),
-                         ("decoder", batch["decoder_target_tokens"])):
-        seg = (tokens != 0).astype(np.int32)
-        out[f"{side}_segment_ids"] = seg
-        out[f"{side}_positions"] = (np.arange(tokens.shape[1], dtype=np.int32)[None, :] * seg)
-    return out
-
-
 def _options(threads: int) -> tf.data.Options:
     options = tf.data.Options()
     # A private pool keeps tf.data from spreading over every core the trainer needs.
@@ -106,7 +91,9 @@ def train_batches(mixture_name: str, src_len: int, tgt_len: int, batch_size: int
               stream (shard 0 of 1, same seed), so every host computes the same ones
               (:func:`sample_lengths`; it costs about a second at start-up).
             * ``"pad"``: one example per row, padded to ``src_len`` / ``tgt_len``
-              (seqio's unpacked converter).
+              (a packed row of one segment: seqio's unpacked features, except that
+              ``decoder_input_tokens`` is 0 rather than EOS at the first padding
+              position, which is masked).
         buckets: ``"bucket"`` only: this host's ``(rows, length)`` of each bucket
             (:func:`jaxmt.data.bucketing.bucket_shapes`, rows divided by
             ``num_shards``), lengths increasing, the last ``max(src_len, tgt_len)``.
@@ -117,13 +104,10 @@ def train_batches(mixture_name: str, src_len: int, tgt_len: int, batch_size: int
             what an iterator made with ``start_batch=0`` yields after its first
             ``start_batch`` batches. This is how a resumed run continues. Cost: the
             skipped batches are still produced (read, tokenised, sampled, packed) and
-            discarded before the first batch arrives. Measured on the embedded corpus
-            on the 2-core dev CPU: about 4 ms per skipped batch of 16 packed rows x
-            (128 + 128) tokens and 18 ms at 64 rows (~0.3 ms per packed row), so
-            resuming at step 1000 of a 64-row run waits ~18 s, at step 100k ~30 min
-            (measured with seqio's packer; the numpy packer runs at ~60k examples/s,
-            so tokenising still dominates).
-            A pre-tokenised cache takes the tokenising out of it.
+            discarded before the first batch arrives. Measured by
+            ``benchmarks/data_pipeline.py`` on the 2-core dev CPU: 12 ms per packed
+            batch of 24 x (128 + 128) tokens tokenising on the fly, 1.7 ms from the
+            pre-tokenised cache (``cache_dir``).
         threads: tf.data worker threads (default: :func:`default_threads`).
         cache_dir: Read token ids from this pre-tokenised cache (``jaxmt data
             cache``; the caller checks it is fresh with
@@ -157,46 +141,39 @@ def train_batches(mixture_name: str, src_len: int, tgt_len: int, batch_size: int
         if err or any(r <= 0 for r, _ in buckets):
             raise ValueError(f"buckets {buckets}: {err or 'rows must be positive'}")
     threads = threads or default_threads()
+    examples = _examples(mixture_name, src_len, tgt_len, seed, shard_index, num_shards,
+                         threads, cache_dir)
+    if batching == "bucket":
+        return _bucketed_batches(examples, mixture_name, src_len, tgt_len, seed, buckets,
+                                 start_batch, bucket_stats, threads, cache_dir)
+    if batching == "pack":
+        return _packed_batches(examples, src_len, tgt_len, batch_size, start_batch)
+    return _padded_batches(examples, src_len, tgt_len, batch_size, start_batch)
+
+
+def _examples(mixture_name: str, src_len: int, tgt_len: int, seed: int, shard_index: int,
+              num_shards: int, threads: int, cache_dir: str | None
+              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """This host's endless stream of (inputs, targets) ids: tokenised, trimmed to
+    ``src_len``/``tgt_len`` with EOS appended, in the Mixture's sampled order."""
     if cache_dir:
         # Token ids from `jaxmt data cache`, read in blocks and mixed in numpy
         # (jaxmt.data.cache.cached_examples): no tokenising, no per-example tf.data.
         from jaxmt.data import cache
-        examples = cache.cached_examples(
+        return cache.cached_examples(
             mixture_name, cache_dir, seed=seed, src_len=src_len, tgt_len=tgt_len,
             shard_index=shard_index, num_shards=num_shards, threads=threads)
-        if batching == "bucket":
-            return _bucketed_batches(examples, mixture_name, src_len, tgt_len, seed, buckets,
-                                     start_batch, bucket_stats, threads, cache_dir)
-        if batching == "pack":
-            return _packed_batches(examples, src_len, tgt_len, batch_size, start_batch)
-        return _padded_batches(examples, src_len, tgt_len, batch_size, start_batch)
-    lengths = {"inputs": src_len, "targets": tgt_len}
-    provider = seqio.get_mixture_or_task(mixture_name)
     # Not seqio.get_dataset(): it cannot pass try_in_mem_cache=False, and seqio's
     # in-memory cache would freeze the source's first shuffled epoch (see tasks.py).
-    ds = provider.get_dataset(
-        lengths, split="train", use_cached=False, shuffle=True, seed=seed,
-        shard_info=seqio.ShardInfo(shard_index, num_shards), num_epochs=None,
-        try_in_mem_cache=False)
-    if batching in ("pack", "bucket"):
-        # The Task's preprocessors already tokenised, trimmed to `lengths` and appended
-        # EOS; the numpy packer (jaxmt.data.packing) or bucketer does the rest here.
-        ds = ds.map(lambda ex: {"inputs": ex["inputs"], "targets": ex["targets"]},
-                    num_parallel_calls=None)
-        ds = ds.prefetch(256).with_options(_options(threads))
-        examples = ((ex["inputs"], ex["targets"]) for ex in ds.as_numpy_iterator())
-        if batching == "bucket":
-            return _bucketed_batches(examples, mixture_name, src_len, tgt_len, seed, buckets,
-                                     start_batch, bucket_stats, threads, None)
-        return _packed_batches(examples, src_len, tgt_len, batch_size, start_batch)
-    ds = seqio.EncDecFeatureConverter(pack=False)(ds, task_feature_lengths=lengths)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    if start_batch:
-        # Deterministic: every random op above is seeded and options.deterministic holds
-        # the order fixed, so the skipped prefix is the one an uninterrupted run consumed.
-        ds = ds.skip(start_batch)
-    ds = ds.prefetch(2).with_options(_options(threads))
-    return _numpy_batches(ds)
+    ds = seqio.get_mixture_or_task(mixture_name).get_dataset(
+        {"inputs": src_len, "targets": tgt_len}, split="train", use_cached=False,
+        shuffle=True, seed=seed, shard_info=seqio.ShardInfo(shard_index, num_shards),
+        num_epochs=None, try_in_mem_cache=False)
+    # The Task's preprocessors tokenise, trim and append EOS; batching is numpy, here.
+    ds = ds.map(lambda ex: {"inputs": ex["inputs"], "targets": ex["targets"]},
+                num_parallel_calls=None)
+    ds = ds.prefetch(256).with_options(_options(threads))
+    return ((ex["inputs"], ex["targets"]) for ex in ds.as_numpy_iterator())
 
 
 def default_threads() -> int:
@@ -225,20 +202,10 @@ def sample_lengths(mixture_name: str, src_len: int, tgt_len: int, seed: int,
     """``max(len(inputs), len(targets))`` (trimmed) of the first ``BUCKETING["sample"]``
     examples of the unsharded stream: the same on every host, whatever its shard.
     Bucketing's schedule weights come from them (see :func:`train_batches`)."""
-    n = BUCKETING["sample"]
-    threads = threads or default_threads()
-    if cache_dir:
-        from jaxmt.data import cache
-        examples = cache.cached_examples(mixture_name, cache_dir, seed=seed, src_len=src_len,
-                                         tgt_len=tgt_len, shard_index=0, num_shards=1,
-                                         threads=threads)
-        return np.array([max(len(s), len(t)) for s, t in itertools.islice(examples, n)])
-    ds = seqio.get_mixture_or_task(mixture_name).get_dataset(
-        {"inputs": src_len, "targets": tgt_len}, split="train", use_cached=False,
-        shuffle=True, seed=seed, shard_info=seqio.ShardInfo(0, 1), num_epochs=None,
-        try_in_mem_cache=False)
-    ds = ds.map(lambda ex: tf.maximum(tf.size(ex["inputs"]), tf.size(ex["targets"])))
-    return np.fromiter(ds.take(n).with_options(_options(threads)).as_numpy_iterator(), np.int64)
+    examples = _examples(mixture_name, src_len, tgt_len, seed, 0, 1,
+                         threads or default_threads(), cache_dir)
+    return np.array([max(len(s), len(t))
+                     for s, t in itertools.islice(examples, BUCKETING["sample"])])
 
 
 def _bucketed_batches(examples: Iterator[tuple[np.ndarray, np.ndarray]], mixture_name: str,
@@ -267,13 +234,6 @@ def _padded_batches(examples: Iterator[tuple[np.ndarray, np.ndarray]], src_len: 
         if i >= start_batch:
             batch = packing.row_features(rows, src_len, tgt_len)
             yield {k: batch[k] for k in BATCH_KEYS}
-
-
-def _numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
-    # A separate generator so train_batches() checks its arguments when called.
-    for batch in ds.as_numpy_iterator():
-        batch = _unpacked_segments(batch)
-        yield {k: np.asarray(batch[k], dtype=np.int32) for k in BATCH_KEYS}
 
 
 def position_record(seed: int, batches: int, process_count: int, cached: bool = False) -> dict:
