@@ -57,7 +57,7 @@ class RelPos(NamedTuple):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _defaults(q, k, q_segment_ids, kv_segment_ids, q_positions, kv_positions):
+def fill_defaults(q, k, q_segment_ids, kv_segment_ids, q_positions=None, kv_positions=None):
     """Fills segment ids (all ones) and positions (arange) when absent."""
     b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
     ones = lambda n: jnp.ones((b, n), jnp.int32)  # noqa: E731
@@ -68,8 +68,9 @@ def _defaults(q, k, q_segment_ids, kv_segment_ids, q_positions, kv_positions):
             arange(lk) if kv_positions is None else kv_positions.astype(jnp.int32))
 
 
-def _validate(q, k, v, bias_table, relpos, q_segment_ids, kv_segment_ids,
-              q_positions, kv_positions):
+def validate(q, k, v, bias_table, relpos, q_segment_ids, kv_segment_ids,
+             q_positions=None, kv_positions=None):
+    """Checks the shared kernel contract; raises ValueError naming the bad argument."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [b, len, h, d]; got q{q.shape} k{k.shape} v{v.shape}")
     if k.shape != v.shape:
@@ -127,16 +128,23 @@ def reference_attention(q: Array, k: Array, v: Array, *, bias_table: Array | Non
                         relpos: RelPos | None = None, q_segment_ids: Array | None = None,
                         kv_segment_ids: Array | None = None, q_positions: Array | None = None,
                         kv_positions: Array | None = None, causal: bool = False,
-                        scale: float = 1.0) -> Array:
-    """Materialising attention (the XLA oracle); same contract as ``blockwise_attention``."""
-    _validate(q, k, v, bias_table, relpos, q_segment_ids, kv_segment_ids, q_positions,
+                        scale: float = 1.0, mask: Array | None = None) -> Array:
+    """Materialising attention (the XLA oracle); same contract as ``blockwise_attention``.
+
+    ``mask`` (boolean, [q, k] or [b, q, k]) further restricts which keys each query
+    sees; the sparse variants (local, BigBird) use it as their exact masked reference.
+    """
+    validate(q, k, v, bias_table, relpos, q_segment_ids, kv_segment_ids, q_positions,
               kv_positions)
-    qseg, kseg, qpos, kpos = _defaults(q, k, q_segment_ids, kv_segment_ids, q_positions,
+    qseg, kseg, qpos, kpos = fill_defaults(q, k, q_segment_ids, kv_segment_ids, q_positions,
                                        kv_positions)
     lq, lk = q.shape[1], k.shape[1]
     table = None if bias_table is None else bias_table.astype(jnp.float32)
     s, _ = _tile_logits(q, k, qseg, kseg, qpos, kpos, jnp.arange(lq), jnp.arange(lk), table,
                         relpos, causal, scale)  # [b, h, q, k]
+    if mask is not None:
+        extra = mask if mask.ndim == 3 else mask[None]  # [b|1, q, k]
+        s = jnp.where(extra[:, None], s, -jnp.inf)
     mask = jnp.isfinite(s)
     probs = jax.nn.softmax(jnp.where(mask, s, _MASKED), axis=-1) * mask  # empty rows -> 0
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32))  # [b, q, h, d]
@@ -271,12 +279,12 @@ def blockwise_attention(q: Array, k: Array, v: Array, *, bias_table: Array | Non
     Returns:
         [b, q_len, h, d] attention output in q's dtype; rows without any visible key are 0.
     """
-    _validate(q, k, v, bias_table, relpos, q_segment_ids, kv_segment_ids, q_positions,
+    validate(q, k, v, bias_table, relpos, q_segment_ids, kv_segment_ids, q_positions,
               kv_positions)
     block_sizes = block_sizes or BlockSizes()
     if not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
-    qseg, kseg, qpos, kpos = _defaults(q, k, q_segment_ids, kv_segment_ids, q_positions,
+    qseg, kseg, qpos, kpos = fill_defaults(q, k, q_segment_ids, kv_segment_ids, q_positions,
                                        kv_positions)
     lq, lk = q.shape[1], k.shape[1]
     bq, bk = min(block_sizes.block_q, lq), min(block_sizes.block_k, lk)
