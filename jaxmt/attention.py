@@ -1,9 +1,15 @@
-"""Multi-head attention with T5 conventions and an autoregressive KV cache.
+"""Multi-head attention with T5 conventions, an autoregressive KV cache, and a choice
+of attention implementation.
 
 T5 folds the 1/sqrt(head_dim) scale into the query initialisation, so scores are
 not scaled here (this keeps imported T5 weights exact; Marian's scale is folded into
 its query weights at import). Scores, masking and the softmax run in float32. The
 output is named ``attention_out`` for the ``save_attention_out`` remat policy.
+
+The layer takes either a dense additive bias [b, 1|h, q, k] (the ``xla`` reference
+path, and every decode step) or a :class:`Masking`: segment ids plus the relative
+position table, from which :func:`attend` runs one of the memory-efficient or
+approximate implementations in :mod:`jaxmt.kernels` without ever building [q, k].
 """
 
 from __future__ import annotations
@@ -11,12 +17,21 @@ from __future__ import annotations
 import functools
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from jaxmt import axes
-from jaxmt.layers import bias_param, constrain, dtype_of, mixed_einsum, normal, param
+from jaxmt.config import AttentionConfig
+from jaxmt.kernels.bigbird_attention import bigbird_attention
+from jaxmt.kernels.blockwise_attention import BlockSizes, RelPos, blockwise_attention
+from jaxmt.kernels.flash_attention import flash_attention
+from jaxmt.kernels.local_attention import local_attention
+from jaxmt.kernels.performer_attention import performer_attention
+from jaxmt.layers import (bias_param, constrain, dtype_of, mixed_einsum, normal, param,
+                          relative_bucket)
 
 Array = jax.Array
 NEG_INF = -1e10
@@ -52,6 +67,108 @@ def mask_to_bias(mask: Array) -> Array:
     return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
 
 
+@flax.struct.dataclass
+class Masking:
+    """What the non-``xla`` implementations take instead of a dense bias.
+
+    Arrays are pytree leaves (so ``nn.scan`` broadcasts them and remat traces them);
+    the implementation choice and options are static.
+    """
+
+    q_segment_ids: Array  # [b, q] int, 0 = padding
+    kv_segment_ids: Array  # [b, k] int
+    bias_table: Array | None  # [relpos_buckets, heads] float32 relative position table
+    impl: str = flax.struct.field(pytree_node=False, default="flash")
+    causal: bool = flax.struct.field(pytree_node=False, default=False)
+    relpos: RelPos | None = flax.struct.field(pytree_node=False, default=None)
+    options: AttentionConfig = flax.struct.field(pytree_node=False, default=AttentionConfig())
+
+
+def dense_bias(m: Masking, q_len: int, k_len: int) -> Array:
+    """The [b, h|1, q, k] additive bias ``m`` stands for (what ``xla`` adds to scores)."""
+    q_seg, k_seg = m.q_segment_ids, m.kv_segment_ids
+    mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)  # [b, q, k]
+    if m.causal:
+        mask = mask & (jnp.arange(k_len)[None, :] <= jnp.arange(q_len)[:, None])[None]
+    bias = mask_to_bias(mask[:, None])  # [b, 1, q, k]
+    if m.bias_table is not None:
+        rel = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]  # [q, k]
+        buckets = relative_bucket(rel, m.relpos.bidirectional, m.relpos.num_buckets,
+                                  m.relpos.max_distance)
+        bias = bias + jnp.transpose(m.bias_table[buckets], (2, 0, 1))[None]  # [1, h, q, k]
+    return bias
+
+
+def dense_attention(q: Array, k: Array, v: Array, bias: Array | None, dt,
+                    dropout=None) -> Array:
+    """The ``xla`` path: scores [b, h, q, k] materialised, float32 softmax, output [b, q, h, d]."""
+    scores = mixed_einsum("bqhd,bkhd->bhqk", q, k, dt)  # [b, h, q, k] float32
+    if bias is not None:
+        scores = scores + bias
+    probs = softmax_to(scores, dt)  # [b, h, q, k]
+    if dropout is not None:
+        probs = dropout(probs)
+    return mixed_einsum("bhqk,bkhd->bqhd", probs, v, dt)  # [b, q, h, d]
+
+
+def _flash_sharded(q, k, v, m: Masking, block: BlockSizes) -> Array:
+    """The Pallas kernel per device: pallas_call does not partition itself, so under a
+    mesh it runs in a shard_map over the batch and head shards (length is never split)."""
+    interpret = m.options.flash_interpret
+    run = functools.partial(flash_attention, relpos=m.relpos, causal=m.causal, block_sizes=block,
+                            backend="gpu" if interpret else None, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return run(q, k, v, bias_table=m.bias_table, q_segment_ids=m.q_segment_ids,
+                   kv_segment_ids=m.kv_segment_ids)
+    batch, _, heads, _ = nn.logical_to_mesh_axes(
+        (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, axes.ACT_KV))
+    qkv, seg = P(batch, None, heads, None), P(batch, None)
+    table = None if m.bias_table is None else P(None, heads)
+    body = lambda q, k, v, t, qs, ks: run(q, k, v, bias_table=t, q_segment_ids=qs,  # noqa: E731
+                                          kv_segment_ids=ks)
+    return jax.shard_map(body, mesh=mesh, in_specs=(qkv, qkv, qkv, table, seg, seg),
+                         out_specs=qkv, check_vma=False)(
+        q, k, v, m.bias_table, m.q_segment_ids, m.kv_segment_ids)
+
+
+def attend(q: Array, k: Array, v: Array, m: Masking) -> Array:
+    """Attention output [b, q, h, d] of q [b, q, h, d] over k, v [b, k, h, d] with ``m.impl``.
+
+    Scores are unscaled (T5). Query rows that see no key (padding) come out as zeros.
+    """
+    o = m.options
+    common = dict(bias_table=m.bias_table, relpos=m.relpos, q_segment_ids=m.q_segment_ids,
+                  kv_segment_ids=m.kv_segment_ids)
+    impl = m.impl
+    if impl == "xla":
+        bias = dense_bias(m, q.shape[1], k.shape[1])  # [b, h|1, q, k]
+        return dense_attention(q, k, v, bias, q.dtype).astype(q.dtype)
+    if impl == "flash" and jax.default_backend() not in ("gpu", "tpu") and not o.flash_interpret:
+        impl = "blockwise"  # Pallas compiles only for GPU/TPU; same maths, same memory order
+    if impl == "flash":
+        return _flash_sharded(q, k, v, m, BlockSizes(o.block_size, o.block_size))
+    if impl == "blockwise":
+        return blockwise_attention(q, k, v, **common, causal=m.causal,
+                                   block_sizes=BlockSizes(o.block_size, o.block_size))
+    if impl == "dot_product":
+        bias = dense_bias(m, q.shape[1], k.shape[1])  # [b, h|1, q, k]
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), scale=1.0)
+        seen = (m.q_segment_ids > 0)[:, :, None, None]  # padding rows -> 0, as the others
+        return jnp.where(seen, out, 0).astype(q.dtype)
+    if impl == "local":
+        return local_attention(q, k, v, **common, causal=m.causal, window=o.window,
+                               global_tokens=o.global_tokens)
+    if impl == "bigbird":
+        return bigbird_attention(q, k, v, **common, block_size=o.bigbird_block,
+                                 global_blocks=o.bigbird_global_blocks,
+                                 random_blocks=o.bigbird_random_blocks, seed=o.seed)
+    if impl == "performer":
+        return performer_attention(q, k, v, **common, causal=m.causal,
+                                   num_features=o.performer_features, seed=o.seed)
+    raise ValueError(f"attend: unknown implementation {impl!r}")
+
+
 class MultiHeadAttention(nn.Module):
     """Attention over ``kv_input`` from ``q_input``; with ``decode=True`` a one-token step.
 
@@ -77,6 +194,7 @@ class MultiHeadAttention(nn.Module):
             bias: additive float32 bias broadcastable to [b, h, q, k] (mask and position
               bias together), or None. In decode mode it must cover the whole cache
               length k = max_len; positions past the current index are masked here.
+              A :class:`Masking` instead runs its implementation (not in decode mode).
             deterministic: disables dropout.
             decode: one-token autoregressive step using the cache.
         """
@@ -100,16 +218,17 @@ class MultiHeadAttention(nn.Module):
         k, v = project(kv_input, wk, "key"), project(kv_input, wv, "value")
 
         if decode:
+            if isinstance(bias, Masking):
+                raise ValueError("decode steps take a dense bias, not a Masking")
             k, v, cache_bias = self._update_cache(k, v)
             if cache_bias is not None:
                 bias = cache_bias if bias is None else bias + cache_bias
 
-        scores = mixed_einsum("bqhd,bkhd->bhqk", q, k, dt)  # [b, h, q, k]
-        if bias is not None:
-            scores = scores + bias
-        probs = softmax_to(scores, dt)  # [b, h, q, k]
-        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-        ctx = mixed_einsum("bhqk,bkhd->bqhd", probs, v, dt)  # [b, q, h, d]
+        if isinstance(bias, Masking):  # no attention-probability dropout off the xla path
+            ctx = attend(q, k, v, bias)  # [b, q, h, d]
+        else:
+            drop = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
+            ctx = dense_attention(q, k, v, bias, dt, drop)  # [b, q, h, d]
         ctx = constrain(ctx.astype(dt), names)
         out = mixed_einsum("bqhd,hde->bqe", ctx, wo, dt)  # [b, q, e] float32
         if self.use_bias:

@@ -99,6 +99,26 @@ def cmd_train(args, gin_overrides) -> int:
     return 0
 
 
+def _inference_options(args) -> dict:
+    """Translator keywords from --max_len / --attention (long inputs at inference)."""
+    from jaxmt.config import AttentionConfig
+
+    opts = {}
+    if args.max_len:
+        opts.update(max_src_len=args.max_len, max_decode_len=args.max_len)
+    if args.attention:
+        opts["attention"] = AttentionConfig(encoder=args.attention)
+    return opts
+
+
+def _add_inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max_len", type=int, default=None,
+                   help="source and output token limit (default: DataConfig.max_eval_len)")
+    p.add_argument("--attention", default=None,
+                   help="encoder attention implementation for long inputs, e.g. auto, local, "
+                        "flash (AttentionConfig.encoder; default: the trained setting)")
+
+
 def cmd_eval(args) -> int:
     from jaxmt import config as cfglib
     from jaxmt.evaluation import evaluate, format_table
@@ -108,7 +128,7 @@ def cmd_eval(args) -> int:
     if "data" not in cfgs:
         raise SystemExit(f"error: {args.model_dir}: no data section (an imported model); "
                          "`jaxmt eval` scores the directions a model was trained on")
-    tr = Translator.from_pretrained(args.model_dir)
+    tr = Translator.from_pretrained(args.model_dir, **_inference_options(args))
     data_cfg = cfgs["data"]
     log = lambda d, r: print(f"{d}: BLEU {r['bleu']:.1f} chrF {r['chrf']:.1f} (n={r['n']})",
                              file=sys.stderr, flush=True)
@@ -124,7 +144,7 @@ def cmd_eval(args) -> int:
 def cmd_translate(args) -> int:
     from jaxmt.translator import Translator, translate_stream
 
-    tr = Translator.from_pretrained(args.model_dir)
+    tr = Translator.from_pretrained(args.model_dir, **_inference_options(args))
     data = Path(args.input).read_bytes() if args.input else sys.stdin.buffer.read()
     out = translate_stream(tr, data, args.src_lang, args.tgt_lang)
     if args.output:
@@ -632,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=("train", "validation", "test"))
     e.add_argument("--max_examples", type=int, default=None)
     e.add_argument("--json", action="store_true", help="last line is one JSON object")
+    _add_inference_flags(e)
     tr = sub.add_parser("translate", help="translate lines from stdin or --input")
     tr.add_argument("--model_dir", required=True)
     tr.add_argument("--src_lang", default=None, help="required by jaxmt-trained models")
@@ -639,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="required by jaxmt-trained and multilingual imported models")
     tr.add_argument("--input", default=None)
     tr.add_argument("--output", default=None)
+    _add_inference_flags(tr)
     c = sub.add_parser("convert", help="import a Hugging Face T5 / mT5 / MarianMT checkpoint")
     c.add_argument("--from_hf", required=True, help="directory with config.json, weights and "
                    "tokenizer files")

@@ -30,6 +30,89 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "save_attention_out", "offloa
 ACTIVATIONS = ("gelu", "gelu_exact", "relu", "silu", "linear")
 
 
+# Attention implementations (jaxmt.attention.attend). Exact: xla (materialised scores, the
+# reference), dot_product (jax.nn.dot_product_attention: cuDNN on GPU), flash (the Pallas
+# kernel on GPU/TPU, blockwise on CPU), blockwise (pure-JAX online softmax, memory linear
+# in length). Approximate: local, bigbird, performer. auto picks by length.
+ATTENTION_IMPLS = ("xla", "dot_product", "flash", "blockwise", "local", "bigbird", "performer",
+                   "auto")
+_EXACT = ("xla", "dot_product", "flash", "blockwise")
+# What each attention type accepts: BigBird here is an encoder pattern; windows over
+# target-vs-source positions mean nothing; and Performer's linear scan needs query and key
+# segments at the same positions, which packed cross-attention does not have. Cross-
+# attention costs target x source, linear in the source, so the exact kernels suffice.
+_ALLOWED = {"encoder": ATTENTION_IMPLS,
+            "decoder": tuple(i for i in ATTENTION_IMPLS if i != "bigbird"),
+            "cross": _EXACT + ("auto",)}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Which attention implementation each attention type uses, and their knobs.
+
+    Attributes:
+      encoder, decoder, cross: an implementation from ``ATTENTION_IMPLS`` for encoder
+        self-attention, decoder self-attention and cross-attention. Decode steps (one
+        query against the KV cache) always use the exact cached path; with ``local`` in
+        the decoder they apply the same window.
+      block_size: flash/blockwise tile size (query and key blocks).
+      window: local attention's reach: keys within ``window`` positions (behind only,
+        when causal).
+      global_tokens: local attention's global tokens: the first ones see and are seen
+        by every position.
+      bigbird_block, bigbird_global_blocks, bigbird_random_blocks: BigBird's block size
+        and the global and random key blocks each query block adds to its 3-block window.
+      performer_features: FAVOR+ random features (more: closer to softmax, slower).
+      auto_threshold: ``auto`` uses ``auto_short`` up to this key length, ``auto_long``
+        above it (``flash`` where ``auto_long`` does not apply, e.g. local for cross-attention).
+      seed: fixes BigBird's random blocks and Performer's features.
+      flash_interpret: run ``flash`` as the Pallas kernel in interpret mode, whatever
+        the backend (tests and debugging on CPU; slow). Off, CPU runs ``blockwise``.
+    """
+
+    encoder: str = "xla"
+    decoder: str = "xla"
+    cross: str = "xla"
+    block_size: int = 512
+    window: int = 128
+    global_tokens: int = 0
+    bigbird_block: int = 64
+    bigbird_global_blocks: int = 1
+    bigbird_random_blocks: int = 2
+    performer_features: int = 256
+    auto_threshold: int = 512
+    auto_short: str = "xla"
+    auto_long: str = "local"
+    seed: int = 0
+    flash_interpret: bool = False
+
+    def __post_init__(self):
+        n = type(self).__name__
+        for kind, allowed in _ALLOWED.items():
+            _check(getattr(self, kind) in allowed, n, kind,
+                   f"unknown or unsupported implementation {getattr(self, kind)!r} for {kind} "
+                   f"attention; choose one of {allowed}")
+        for f in ("block_size", "window", "bigbird_block", "bigbird_global_blocks",
+                  "performer_features", "auto_threshold"):
+            _check(isinstance(getattr(self, f), int) and getattr(self, f) > 0, n, f,
+                   f"must be a positive int, got {getattr(self, f)!r}")
+        for f in ("global_tokens", "bigbird_random_blocks"):
+            _check(isinstance(getattr(self, f), int) and getattr(self, f) >= 0, n, f,
+                   f"must be a non-negative int, got {getattr(self, f)!r}")
+        _check(self.auto_short in _EXACT, n, "auto_short", f"must be exact, one of {_EXACT}")
+        _check(self.auto_long in ATTENTION_IMPLS[:-1], n, "auto_long",
+               f"choose one of {ATTENTION_IMPLS[:-1]}")
+
+    def resolve(self, kind: str, key_length: int) -> str:
+        """The implementation ``kind`` attention uses at a static ``key_length``."""
+        impl = getattr(self, kind)
+        if impl != "auto":
+            return impl
+        impl = self.auto_short if key_length <= self.auto_threshold else self.auto_long
+        return impl if impl in _ALLOWED[kind] else "flash"
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -67,9 +150,15 @@ class ModelConfig:
     encoder_remat: str = "none"  # one of REMAT_POLICIES
     decoder_remat: str = "none"
     precision: str = "bf16"  # one of PRECISIONS
+    # A factory, so gin bindings of AttentionConfig apply without naming it here.
+    attention: AttentionConfig = dataclasses.field(default_factory=lambda: AttentionConfig())
 
     def __post_init__(self):
         n = type(self).__name__
+        if isinstance(self.attention, dict):  # from jaxmt_config.json
+            object.__setattr__(self, "attention", AttentionConfig(**self.attention))
+        _check(isinstance(self.attention, AttentionConfig), n, "attention",
+               f"must be an AttentionConfig, got {type(self.attention).__name__}")
         for f in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
                   "num_encoder_layers", "num_decoder_layers", "relpos_buckets"):
             _check(getattr(self, f) > 0, n, f, f"must be positive, got {getattr(self, f)}")
@@ -85,6 +174,10 @@ class ModelConfig:
             _check(getattr(self, f) in allowed, n, f,
                    f"unknown value {getattr(self, f)!r}; choose one of {allowed}")
         _check(self.norm_epsilon > 0, n, "norm_epsilon", "must be positive")
+        # T5 bucketing divides by log(max_distance / (buckets / 2)) in the decoder.
+        _check(self.relpos_max_distance > self.relpos_buckets // 2, n, "relpos_max_distance",
+               f"must exceed relpos_buckets / 2 = {self.relpos_buckets // 2}, "
+               f"got {self.relpos_max_distance}")
         if self.position_embedding == "sinusoidal":
             _check(self.emb_dim % 2 == 0, n, "emb_dim", "sinusoidal positions need an even size")
 

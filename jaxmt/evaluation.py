@@ -6,12 +6,12 @@ copying would score; every direction of a useful model must beat it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import sacrebleu
 
-from jaxmt.data.corpora import parallel_pairs
+from jaxmt.data.corpora import load_split, parallel_pairs
 from jaxmt.data.sources import CleanConfig, CorpusSource, direction_pairs
 from jaxmt.translator import Translator
 
@@ -72,3 +72,58 @@ def format_table(result: dict) -> str:
         rows.append(f"| {d} | {r['n']} | {r['bleu']:.1f} | {r['chrf']:.1f} | "
                     f"{r['copy_bleu']:.1f} | {r['copy_chrf']:.1f} |")
     return "\n".join(rows) + f"\n\nsacreBLEU {result['signature']}"
+
+
+def long_passages(src_lang: str, tgt_lang: str, split: str, count: Callable[[str], int],
+                  min_tokens: int = 256, max_tokens: int = 1024,
+                  seed: int = 0) -> tuple[list[tuple[str, str]], dict]:
+    """Long-input pairs: consecutive verses of one book joined into passages.
+
+    Each passage aims at a length drawn uniformly from [min_tokens, max_tokens] source
+    tokens (as ``count`` measures them, e.g. the translator's ids with EOS) and never
+    exceeds ``max_tokens``. Verses are joined with a space on both sides, so source and
+    target stay aligned. A passage never spans two books.
+
+    Returns:
+        ``(pairs, report)``: the report counts verses used, verses skipped because one
+        side is empty, and verses left over at the end of a book (too few for a passage).
+    """
+    if not 0 < min_tokens <= max_tokens:
+        raise ValueError(f"long_passages: need 0 < min_tokens <= max_tokens, got "
+                         f"{min_tokens}, {max_tokens}")
+    refs, texts = load_split(split, [src_lang, tgt_lang])
+    rng = np.random.default_rng(seed)
+    pairs, report = [], {"verses_used": 0, "empty_side": 0, "left_over": 0, "too_long": 0}
+    cur_src, cur_tgt, cur_len, book = [], [], 0, None
+    target = int(rng.integers(min_tokens, max_tokens + 1))
+    for ref, src, tgt in zip(refs, texts[src_lang], texts[tgt_lang]):
+        if ref[0] != book:  # a new book: the unfinished passage is left over
+            report["left_over"] += len(cur_src)
+            cur_src, cur_tgt, cur_len, book = [], [], 0, ref[0]
+        if not src or not tgt:
+            report["empty_side"] += 1
+            continue
+        n = count(" ".join(cur_src + [src]))
+        if n > max_tokens:
+            if cur_len >= min_tokens:  # close what we have; this verse starts the next one
+                pairs.append((" ".join(cur_src), " ".join(cur_tgt)))
+                report["verses_used"] += len(cur_src)
+                target = int(rng.integers(min_tokens, max_tokens + 1))
+            else:
+                report["left_over"] += len(cur_src)
+            cur_src, cur_tgt = [], []
+            n = count(src)
+            if n > max_tokens:
+                report["too_long"] += 1
+                cur_len = 0
+                continue
+        cur_src.append(src)
+        cur_tgt.append(tgt)
+        cur_len = n
+        if cur_len >= target:
+            pairs.append((" ".join(cur_src), " ".join(cur_tgt)))
+            report["verses_used"] += len(cur_src)
+            cur_src, cur_tgt, cur_len = [], [], 0
+            target = int(rng.integers(min_tokens, max_tokens + 1))
+    report["left_over"] += len(cur_src)
+    return pairs, report

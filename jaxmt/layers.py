@@ -243,11 +243,15 @@ class RelativePositionBias(nn.Module):
     param_dtype: str = "float32"
 
     @nn.compact
-    def __call__(self, q_pos: Array, k_pos: Array) -> Array:
-        """Returns bias [1, heads, q, k] in float32 for position vectors q_pos [q], k_pos [k]."""
+    def __call__(self, q_pos: Array | None = None, k_pos: Array | None = None) -> Array:
+        """Returns bias [1, heads, q, k] in float32 for position vectors q_pos [q], k_pos [k];
+        without positions, the float32 table [buckets, heads] itself (for the kernels
+        that look the bias up per tile)."""
         table = param(self, "rel_embedding", normal(1.0),
                       (self.num_buckets, self.num_heads), (axes.RELPOS, axes.HEADS),
                       dtype_of(self.param_dtype))
+        if q_pos is None:
+            return table.astype(jnp.float32)
         rel = k_pos[None, :] - q_pos[:, None]  # [q, k]
         buckets = relative_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
         bias = jnp.take(table.astype(jnp.float32), buckets, axis=0)  # [q, k, h]

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxmt import axes
-from jaxmt.attention import MultiHeadAttention, mask_to_bias
+from jaxmt.attention import Masking, MultiHeadAttention, dense_bias, mask_to_bias
 from jaxmt.config import ModelConfig
+from jaxmt.kernels.blockwise_attention import RelPos
 from jaxmt.layers import (Embed, MlpBlock, Norm, RelativePositionBias, bias_param, constrain,
                           dtype_of, mixed_einsum, normal, param, sinusoidal_positions)
 
@@ -141,10 +142,24 @@ def _run_layers(cfg: ModelConfig, layer_cls, num_layers: int, policy: str,
     return x
 
 
-def segment_mask(q_seg: Array, k_seg: Array) -> Array:
-    """[b, q], [b, k] segment ids (0 = padding) -> boolean [b, 1, q, k]."""
-    m = (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg[:, :, None] > 0) & (k_seg[:, None, :] > 0)
-    return m[:, None]
+def _masking(cfg: ModelConfig, kind: str, q_seg: Array, k_seg: Array,
+             table: Array | None, bidirectional: bool) -> Array | Masking:
+    """The attention input for ``kind``: a Masking for the chosen implementation, or for
+    ``xla`` its dense bias [b, h|1, q, k] (built once per stack, shared by the layers)."""
+    causal = kind == "decoder"
+    relpos = None if table is None else RelPos(cfg.relpos_buckets, cfg.relpos_max_distance,
+                                               bidirectional)
+    m = Masking(q_seg, k_seg, table, impl=cfg.attention.resolve(kind, k_seg.shape[1]),
+                causal=causal, relpos=relpos, options=cfg.attention)
+    return dense_bias(m, q_seg.shape[1], k_seg.shape[1]) if m.impl == "xla" else m
+
+
+def _relpos_table(cfg: ModelConfig, bidirectional: bool) -> Array | None:
+    if cfg.position_embedding != "relative":
+        return None
+    return RelativePositionBias(cfg.relpos_buckets, cfg.relpos_max_distance, cfg.num_heads,
+                                bidirectional=bidirectional, param_dtype=cfg.param_dtype,
+                                name="relpos_bias")()  # [buckets, h] float32
 
 
 def _embed(cfg: ModelConfig, embed: nn.Module, tokens: Array, positions: Array,
@@ -175,12 +190,9 @@ class Encoder(nn.Module):
                  deterministic: bool) -> Array:
         cfg = self.cfg
         x = _embed(cfg, self.embed, tokens, positions, deterministic)
-        bias = mask_to_bias(segment_mask(segment_ids, segment_ids))  # [b, 1, s, s]
-        if cfg.position_embedding == "relative":
-            pos = jnp.arange(tokens.shape[1])  # packing: cross-segment pairs are masked anyway
-            bias = bias + RelativePositionBias(
-                cfg.relpos_buckets, cfg.relpos_max_distance, cfg.num_heads, bidirectional=True,
-                param_dtype=cfg.param_dtype, name="relpos_bias")(pos, pos)  # [b, h, s, s]
+        # Bias positions are plain indices: with packing, cross-segment pairs are masked.
+        bias = _masking(cfg, "encoder", segment_ids, segment_ids,
+                        _relpos_table(cfg, bidirectional=True), bidirectional=True)
         x = _run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, cfg.encoder_remat, (3,),
                         x, bias, deterministic)
         x = _final(cfg, x, deterministic)
@@ -206,20 +218,19 @@ class Decoder(nn.Module):
             max_decode_len = max_decode_len or tokens.shape[1]  # init sizes the cache
             # One query at the current position against the whole cache, which masks
             # the future itself.
-            self_bias = jnp.zeros((1, 1, 1, max_decode_len), jnp.float32)
-            cross_bias = mask_to_bias((encoder_segment_ids > 0)[:, None, None, :])  # [b, 1, 1, s]
             q_pos, k_pos = positions[0], jnp.arange(max_decode_len)
+            self_bias = _decode_window(cfg, q_pos, k_pos)  # [1, 1, 1, T]
+            cross_bias = mask_to_bias((encoder_segment_ids > 0)[:, None, None, :])  # [b, 1, 1, s]
+            if cfg.position_embedding == "relative":
+                self_bias = self_bias + RelativePositionBias(
+                    cfg.relpos_buckets, cfg.relpos_max_distance, cfg.num_heads,
+                    bidirectional=False, param_dtype=cfg.param_dtype,
+                    name="relpos_bias")(q_pos, k_pos)  # [1, h, 1, T]
         else:
-            pos = jnp.arange(tokens.shape[1])
-            causal = (pos[None, :] <= pos[:, None])[None, None]  # [1, 1, t, t]
-            self_mask = segment_mask(decoder_segment_ids, decoder_segment_ids) & causal
-            self_bias = mask_to_bias(self_mask)  # [b, 1, t, t]
-            cross_bias = mask_to_bias(segment_mask(decoder_segment_ids, encoder_segment_ids))
-            q_pos, k_pos = pos, pos
-        if cfg.position_embedding == "relative":
-            self_bias = self_bias + RelativePositionBias(
-                cfg.relpos_buckets, cfg.relpos_max_distance, cfg.num_heads, bidirectional=False,
-                param_dtype=cfg.param_dtype, name="relpos_bias")(q_pos, k_pos)  # [b, h, t, T]
+            self_bias = _masking(cfg, "decoder", decoder_segment_ids, decoder_segment_ids,
+                                 _relpos_table(cfg, bidirectional=False), bidirectional=False)
+            cross_bias = _masking(cfg, "cross", decoder_segment_ids, encoder_segment_ids, None,
+                                  bidirectional=True)
         x = _run_layers(cfg, DecoderLayer, cfg.num_decoder_layers, cfg.decoder_remat, (5, 6),
                         x, encoded, self_bias, cross_bias, deterministic, decode)
         x = _final(cfg, x, deterministic)
@@ -236,6 +247,16 @@ class Decoder(nn.Module):
             logits = logits + bias_param(self, "final_logits_bias", (cfg.vocab_size,),
                                          (axes.VOCAB,), dtype_of(cfg.param_dtype))
         return constrain(logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
+
+
+def _decode_window(cfg: ModelConfig, q_pos: Array, k_pos: Array) -> Array:
+    """A decode step's self-attention mask over the cache [1, 1, 1, T]: everything (the
+    cache masks the future itself), or with ``local`` decoder attention, its window."""
+    a = cfg.attention
+    if a.resolve("decoder", k_pos.shape[0]) != "local":
+        return jnp.zeros((1, 1, 1, k_pos.shape[0]), jnp.float32)
+    seen = (q_pos[:, None] - k_pos[None, :] <= a.window) | (k_pos[None, :] < a.global_tokens)
+    return mask_to_bias(seen[None, None])  # [1, 1, 1, T]
 
 
 def _positions(tokens: Array, positions: Array | None) -> Array:

@@ -27,7 +27,7 @@ import sentencepiece as spm
 
 from jaxmt import config as cfglib
 from jaxmt.checkpoint import Checkpointer
-from jaxmt.config import DataConfig, ModelConfig
+from jaxmt.config import AttentionConfig, DataConfig, ModelConfig
 from jaxmt.decoding import EOS_ID, greedy_decode
 from jaxmt.model import EncoderDecoderModel
 from jaxmt.tokenizer import TaggedTokenizer, Tokenizer, load_tokenizer
@@ -96,7 +96,7 @@ class Translator:
     @classmethod
     def from_pretrained(cls, model_dir: str, step: int | None = None,
                         input_prefix: str | None = None, precision: str = "fp32",
-                        **kwargs) -> "Translator":
+                        attention: AttentionConfig | None = None, **kwargs) -> "Translator":
         """Loads config, vocabulary and the (latest) checkpoint's parameters onto one device.
 
         ``model_dir`` is a jaxmt model directory (trained, or written by ``jaxmt
@@ -104,7 +104,8 @@ class Translator:
         (:mod:`jaxmt.hf_import`) with the given ``precision`` policy.
         ``input_prefix`` replaces an imported model's source prefix (e.g.
         ``"translate English to German: "`` for T5); other keyword arguments go to
-        the constructor.
+        the constructor. ``attention`` replaces the model's attention settings (e.g.
+        a long-input encoder implementation; the parameters are the same).
         """
         from jaxmt import hf_import
 
@@ -113,9 +114,13 @@ class Translator:
             imported = hf_import.import_checkpoint(model_dir, precision=precision,
                                                    input_prefix=input_prefix)
             params = jax.device_put(imported.params, device)
-            return cls._imported(model_dir, imported.model, imported.tokenizer, params, **kwargs)
+            model_cfg = imported.model if attention is None else dataclasses.replace(
+                imported.model, attention=attention)
+            return cls._imported(model_dir, model_cfg, imported.tokenizer, params, **kwargs)
         cfgs = cfglib.load(model_dir)
         model_cfg = cfgs["model"]
+        if attention is not None:
+            model_cfg = dataclasses.replace(model_cfg, attention=attention)
         ckpt = Checkpointer(model_dir, async_save=False)
         step = step if step is not None else ckpt.latest_step()
         if step is None:

@@ -1,33 +1,24 @@
 """Blockwise attention with in-loop T5 relative bias vs the materialising reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmt.attention import MultiHeadAttention, mask_to_bias
+from jaxmt.attention import Masking, MultiHeadAttention, dense_bias
 from jaxmt.kernels.blockwise_attention import (BlockSizes, RelPos, blockwise_attention,
                                                reference_attention)
 from jaxmt.layers import RelativePositionBias
-from jaxmt.network import segment_mask
+
+from attention_cases import make_inputs, segments as _segments
 
 B, H, D, NB = 2, 2, 8, 32
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _inputs(lq, lk, seed=0):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
-    q = jax.random.normal(ks[0], (B, lq, H, D))
-    k = jax.random.normal(ks[1], (B, lk, H, D))
-    v = jax.random.normal(ks[2], (B, lk, H, D))
-    table = jax.random.normal(ks[3], (NB, H))
-    ct = jax.random.normal(ks[4], (B, lq, H, D))
-    return q, k, v, table, ct
-
-
-def _segments(rows):
-    """Rows of (segment id, length) runs -> int32 [b, len]."""
-    return jnp.array([sum(([s] * n for s, n in row), []) for row in rows], jnp.int32)
+_inputs = functools.partial(make_inputs, B, H, D, NB)  # (lq, lk, seed=0)
 
 
 def _check(lq, lk, blocks, relpos=None, **kw):
@@ -110,7 +101,8 @@ def test_validation():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_reference_matches_jaxmt_attention(causal):
-    """The reference equals MultiHeadAttention + RelativePositionBias + mask_to_bias."""
+    """The reference equals MultiHeadAttention with the dense bias of a Masking (the
+    ``xla`` path), whose table comes from RelativePositionBias."""
     b, l, e = B, 24, H * D
     seg = _segments([[(1, 10), (2, 14)], [(1, 17), (0, 7)]])
     ks = jax.random.split(jax.random.PRNGKey(1), 4)
@@ -124,10 +116,12 @@ def test_reference_matches_jaxmt_attention(causal):
     pos = jnp.arange(l)
     rp_params = rpb.init(ks[3], pos, pos)
     table = jax.tree_util.tree_leaves(rp_params)[0]
-    mask = segment_mask(seg, seg)
-    if causal:
-        mask = mask & (pos[None, :] <= pos[:, None])[None, None]
-    bias = mask_to_bias(mask) + rpb.apply(rp_params, pos, pos)  # [b, h, l, l]
+    bias = dense_bias(Masking(seg, seg, rpb.apply(rp_params), impl="xla", causal=causal,
+                              relpos=relpos), l, l)  # [b, h, l, l]
+    ones = jnp.ones_like(seg)  # no masking: the table path gives the dense module's bias
+    np.testing.assert_array_equal(
+        np.asarray(dense_bias(Masking(ones, ones, rpb.apply(rp_params), relpos=relpos), l, l)),
+        np.broadcast_to(np.asarray(rpb.apply(rp_params, pos, pos)), (b, H, l, l)))
     mha = MultiHeadAttention(num_heads=H, head_dim=D, emb_dim=e)
     want = mha.apply({"params": params}, x, x, bias, True).reshape(b, l, H, D)
 

@@ -1,11 +1,14 @@
 """Greedy decoding over the KV cache equals greedy decoding by full recomputation."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from jaxmt.config import ModelConfig
+from jaxmt.config import AttentionConfig, ModelConfig
 from jaxmt.decoding import EOS_ID, greedy_decode, strip_eos
 from jaxmt.model import EncoderDecoderModel
 
@@ -31,8 +34,13 @@ def _reference(model, params, enc, steps):
     return out
 
 
-def test_cached_greedy_matches_full_recompute():
-    model = EncoderDecoderModel(CFG)
+@pytest.mark.parametrize("attention", [
+    AttentionConfig(),
+    # A windowed decoder: the cached steps must apply the window the full pass applies.
+    AttentionConfig(encoder="blockwise", decoder="local", window=3, block_size=4)],
+    ids=["xla", "local_decoder"])
+def test_cached_greedy_matches_full_recompute(attention):
+    model = EncoderDecoderModel(dataclasses.replace(CFG, attention=attention))
     params = nn.unbox(model.init(jax.random.PRNGKey(3), model.dummy_batch(1, 8, 8)))
     rng = np.random.default_rng(0)
     enc = rng.integers(3, 64, (3, 10)).astype(np.int32)

@@ -246,13 +246,14 @@ def _flash_bwd(relpos, causal, scale, bq, bk, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _pad_to(x, n, value=0):
-    """Pads axis 1 of ``x`` up to length ``n``."""
-    if x.shape[1] == n:
-        return x
+def pad_axis1(x: Array, before: int, total: int) -> Array:
+    """Pads axis 1 with ``before`` zeros in front and zeros behind up to ``total``.
+
+    Zero is the padding segment id, so padded keys are masked wherever this is used.
+    """
     widths = [(0, 0)] * x.ndim
-    widths[1] = (0, n - x.shape[1])
-    return jnp.pad(x, widths, constant_values=value)
+    widths[1] = (before, total - before - x.shape[1])
+    return jnp.pad(x, widths)
 
 
 def blockwise_attention(q: Array, k: Array, v: Array, *, bias_table: Array | None = None,
@@ -290,8 +291,8 @@ def blockwise_attention(q: Array, k: Array, v: Array, *, bias_table: Array | Non
     bq, bk = min(block_sizes.block_q, lq), min(block_sizes.block_k, lk)
     pq, pk = -(-lq // bq) * bq, -(-lk // bk) * bk
     # Padded keys get segment 0 (masked); padded queries are all-masked rows, sliced off.
-    q_, qseg_, qpos_ = _pad_to(q, pq), _pad_to(qseg, pq), _pad_to(qpos, pq)
-    k_, v_, kseg_, kpos_ = _pad_to(k, pk), _pad_to(v, pk), _pad_to(kseg, pk), _pad_to(kpos, pk)
+    q_, qseg_, qpos_ = (pad_axis1(x, 0, pq) for x in (q, qseg, qpos))
+    k_, v_, kseg_, kpos_ = (pad_axis1(x, 0, pk) for x in (k, v, kseg, kpos))
     table = (jnp.zeros((1, q.shape[2]), jnp.float32) if bias_table is None
              else bias_table.astype(jnp.float32))
     out = _flash(q_, k_, v_, table, qseg_, kseg_, qpos_, kpos_, relpos, bool(causal),
