@@ -12,6 +12,11 @@ Two test sets per direction (en->de, de->en), from books never seen in training:
   long:  passages of 256-1024 source tokens made by joining consecutive test verses
          of one book (``jaxmt.evaluation.long_passages``), ``--passages`` of them.
 
+``--finetune performer --finetune_steps 200`` also continues training a copy of the
+model for that many steps with each listed implementation in the encoder (and a copy with
+xla, the control that had the same extra steps) and evaluates those copies: an
+approximation the model was not trained with can need adaptation, not just a swap.
+
 Implementations: xla (the reference), blockwise (flash's maths; on CPU flash runs it),
 local (window 128 = the relative bias's max distance), bigbird (64-token blocks:
 3-block window, 1 global, 2 random), performer (256 features, T5 bias kept) and auto
@@ -21,7 +26,7 @@ than BLEU on long passages, where a tiny model trained on verses drifts when it
 generates 1000 tokens itself).
 
     python benchmarks/attention_quality.py [--model_dir runs/demo] [--short 300]
-        [--passages 24] [--impls ...] [--json]
+        [--passages 24] [--impls ...] [--finetune IMPL ...] [--finetune_steps 200] [--json]
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 
@@ -53,6 +60,22 @@ def ensure_trained(model_dir: str) -> None:
     from jaxmt.trainer import train
     parse_gin(["runs/demo.gin"], [])
     train(model_dir=model_dir)
+
+
+def finetune(model_dir: str, impl: str, steps: int) -> str:
+    """A copy of ``model_dir`` trained ``steps`` more steps with ``impl`` in the encoder
+    (``jaxmt train`` resumes the copy's checkpoint and data position)."""
+    from jaxmt.checkpoint import Checkpointer
+    out = f"{model_dir.rstrip('/')}_ft{steps}_{impl}"
+    ckpt = Checkpointer(model_dir, async_save=False)
+    start = ckpt.latest_step()
+    ckpt.close()
+    if not os.path.exists(out):
+        shutil.copytree(model_dir, out)
+    subprocess.run([sys.executable, "-m", "jaxmt.cli", "train", "--gin_file=runs/demo.gin",
+                    f"--gin.TRAIN_STEPS={start + steps}",
+                    f"--gin.AttentionConfig.encoder='{impl}'", f"--model_dir={out}"], check=True)
+    return out
 
 
 def teacher_forced_nll(model, params, tr, pairs, src, tgt, batch=8):
@@ -93,6 +116,8 @@ def main() -> int:
     ap.add_argument("--short", type=int, default=300)
     ap.add_argument("--passages", type=int, default=24)
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--finetune", nargs="*", default=[], choices=IMPLS)
+    ap.add_argument("--finetune_steps", type=int, default=200)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
@@ -116,41 +141,49 @@ def main() -> int:
               f"{len(lens)} passages of {min(lens)}-{max(lens)} source tokens "
               f"(mean {sum(lens) / len(lens):.0f}); {report}", flush=True)
 
+    runs = [(impl, impl, base.params) for impl in a.impls]
+    for impl in (["xla"] + a.finetune) if a.finetune else []:
+        tuned = Translator.from_pretrained(finetune(a.model_dir, impl, a.finetune_steps))
+        runs.append((f"{impl}+ft{a.finetune_steps}", impl, tuned.params))
     results = []
-    for impl in a.impls:
+    for label, impl, params in runs:
         attn = AttentionConfig(encoder=impl)
         # fp32, so exact implementations agree to rounding and greedy output matches.
         cfg = dataclasses.replace(base.model.cfg, attention=attn, precision="fp32")
-        tr = Translator(cfg, base.params, base.tokenizer, max_src_len=MAX_SRC,
+        tr = Translator(cfg, params, base.tokenizer, max_src_len=MAX_SRC,
                         max_decode_len=MAX_OUT, batch_size=base.batch_size)
         for (src, tgt), split in sets.items():
             for name, pairs in split.items():
                 t0 = time.time()
                 hyps = tr.translate([p[0] for p in pairs], src_lang=src, tgt_lang=tgt)
                 nll = teacher_forced_nll(tr.model, tr.params, tr, pairs, src, tgt)
-                row = dict(impl=impl, direction=f"{src}-{tgt}", set=name, n=len(pairs),
+                row = dict(impl=label, direction=f"{src}-{tgt}", set=name, n=len(pairs),
                            **score(hyps, [p[1] for p in pairs]), nll=round(nll, 4),
                            seconds=round(time.time() - t0, 1))
                 results.append(row)
-                print(f"  {impl:<10} {src}-{tgt} {name:<5} BLEU {row['bleu']:5.2f} "
+                print(f"  {label:<10} {src}-{tgt} {name:<5} BLEU {row['bleu']:5.2f} "
                       f"chrF {row['chrf']:5.2f} NLL {row['nll']:.4f} ({row['seconds']} s)",
                       flush=True)
 
-    ref = {(r["direction"], r["set"]): r for r in results if r["impl"] == "xla"}
+    def ref(label, r):  # fine-tuned rows compare with the xla copy tuned as long
+        control = "xla" + label[label.index("+"):] if "+" in label else "xla"
+        return next(x for x in results if x["impl"] == control and x["direction"] == r[
+            "direction"] and x["set"] == r["set"])
+
     print("\n| impl | set | en-de BLEU / chrF / NLL | de-en BLEU / chrF / NLL "
           "| mean change vs xla (BLEU / chrF / NLL) |")
     print("|---|---|---|---|---|")
-    for impl in a.impls:
+    for label, _, _ in runs:
         for name in ("short", "long"):
-            rows = [r for r in results if r["impl"] == impl and r["set"] == name]
+            rows = [r for r in results if r["impl"] == label and r["set"] == name]
             cells = [f"{r['bleu']:.1f} / {r['chrf']:.1f} / {r['nll']:.3f}" for r in rows]
-            if ref:
-                d = {k: sum(r[k] - ref[(r["direction"], name)][k] for r in rows) / len(rows)
+            try:
+                d = {k: sum(r[k] - ref(label, r)[k] for r in rows) / len(rows)
                      for k in ("bleu", "chrf", "nll")}
                 delta = f"{d['bleu']:+.2f} / {d['chrf']:+.2f} / {d['nll']:+.3f}"
-            else:
+            except StopIteration:  # xla not among --impls
                 delta = "n/a"
-            print(f"| {impl} | {name} | {' | '.join(cells)} | {delta} |")
+            print(f"| {label} | {name} | {' | '.join(cells)} | {delta} |")
     if a.json:
         print(json.dumps({"results": results}))
     return 0

@@ -55,7 +55,8 @@ class AttentionConfig:
       encoder, decoder, cross: an implementation from ``ATTENTION_IMPLS`` for encoder
         self-attention, decoder self-attention and cross-attention. Decode steps (one
         query against the KV cache) always use the exact cached path; with ``local`` in
-        the decoder they apply the same window.
+        the decoder they apply the same window. Off the ``xla`` path there is no dropout
+        on attention probabilities (residual and MLP dropout still apply).
       block_size: flash/blockwise tile size (query and key blocks).
       window: local attention's reach: keys within ``window`` positions (behind only,
         when causal).

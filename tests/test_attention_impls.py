@@ -72,14 +72,17 @@ def test_config_validates_resolves_and_round_trips():
         gin.clear_config()
 
 
-@pytest.mark.parametrize("impl", EXACT)
-def test_exact_impls_match_xla_loss_and_gradients(impl):
+@pytest.mark.parametrize("impl,scan", [(i, False) for i in EXACT] + [("blockwise", True)])
+def test_exact_impls_match_xla_loss_and_gradients(impl, scan):
     """Packed, padded batch with the relative bias in both stacks, fp32: the loss and every
-    parameter gradient (the relative bias tables included) equal the xla path's."""
+    parameter gradient (the relative bias tables included) equal the xla path's; also
+    through nn.scan with remat (the Masking is broadcast to the scanned layers)."""
     batch = _batch()
-    ref_model = EncoderDecoderModel(CFG)
+    cfg = dataclasses.replace(CFG, scan_layers=scan, encoder_remat="full" if scan else "none",
+                              decoder_remat="dots_saveable" if scan else "none")
+    ref_model = EncoderDecoderModel(cfg)
     params = nn.unbox(ref_model.init(jax.random.PRNGKey(0), batch))
-    model = EncoderDecoderModel(_with(CFG, encoder=impl, decoder=impl, cross=impl, block_size=16))
+    model = EncoderDecoderModel(_with(cfg, encoder=impl, decoder=impl, cross=impl, block_size=16))
 
     def grads(m):
         return jax.jit(jax.value_and_grad(lambda p: m.loss(p, batch, dropout_rng=None)[0]))(params)
@@ -188,3 +191,16 @@ def test_cli_inference_flags_choose_the_encoder_attention():
     bad = build_parser().parse_args(["eval", "--model_dir", "m", "--attention", "sparse"])
     with pytest.raises(ValueError, match="AttentionConfig.encoder: .*'sparse'"):
         _inference_options(bad)
+
+
+def test_long_inputs_gin_file_binds_the_switch():
+    from jaxmt.cli import parse_gin
+
+    gin.clear_config()
+    try:
+        parse_gin(["attention/long_inputs.gin"], ["--gin.AUTO_THRESHOLD=1024"])
+        a = ModelConfig().attention
+    finally:
+        gin.clear_config()
+    assert (a.encoder, a.auto_threshold, a.auto_long, a.decoder) == ("auto", 1024, "local", "flash")
+    assert [a.resolve("encoder", n) for n in (1024, 2048)] == ["flash", "local"]
