@@ -18,9 +18,15 @@ from the standard attention flop count (forward 4*b*h*L^2*d, backward 2.5x that)
 one chip of that TPU ahead of time instead, ``flash`` being the Pallas (Mosaic) kernel:
 memory only, nothing runs, ``seconds`` is null.
 
+``--model small`` adds what the switch buys a whole model: the compiled temp memory of the
+gradient of the ``gin_configs/models/small.gin`` model (T5.1.1-small shape, bf16, scanned
+layers) for one example of each source length and 128 target tokens, with the encoder's
+attention set to each of ``--model_impls`` (compile only; the decoder and cross-attention
+stay ``xla``).
+
     python benchmarks/attention.py [--lengths 1024 2048 4096 8192] [--impls ...]
         [--heads 8] [--head_dim 64] [--repeats 2] [--dtype float32] [--target cpu]
-        [--json]
+        [--model small] [--model_impls xla blockwise local] [--json]
 """
 
 from __future__ import annotations
@@ -94,6 +100,35 @@ def measure(impl, length, relative_bias, heads, head_dim, dtype, repeats, option
     return row
 
 
+def model_rows(model: str, lengths, impls) -> list[dict]:
+    """Compiled temp bytes of the whole model's loss gradient, per encoder implementation."""
+    import dataclasses
+
+    import flax.linen as nn
+
+    from jaxmt.cli import parse_gin
+    from jaxmt.config import ModelConfig
+    from jaxmt.model import EncoderDecoderModel
+
+    parse_gin([f"models/{model}.gin"], [])
+    base = dataclasses.replace(ModelConfig(), scan_layers=True)
+    rows = []
+    for length in lengths:
+        for impl in impls:
+            m = EncoderDecoderModel(dataclasses.replace(base, attention=AttentionConfig(
+                encoder=impl)))
+            params = jax.eval_shape(lambda: nn.unbox(
+                m.init(jax.random.PRNGKey(0), m.dummy_batch(1, 8, 8))))
+            batch = jax.eval_shape(lambda: m.dummy_batch(1, length, 128))
+            grad = jax.jit(jax.grad(lambda p, b: m.loss(p, b, dropout_rng=None)[0]))
+            temp = grad.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+            rows.append({"model": model, "encoder": impl, "src_len": length, "tgt_len": 128,
+                         "temp_bytes": int(temp)})
+            print(f"  {model} model gradient, source {length:>5}, encoder {impl:<10} "
+                  f"{temp / 2**20:>9.1f} MiB temp", flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,6 +142,8 @@ def main() -> int:
     ap.add_argument("--target", default="cpu",
                     help="cpu (this machine: memory and time) or a TPU topology name such as "
                          "v5e:2x2 (one chip, compiled ahead of time: memory only)")
+    ap.add_argument("--model", default=None, choices=["tiny", "small", "base"])
+    ap.add_argument("--model_impls", nargs="+", default=["xla", "blockwise", "local"])
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     device = None if a.target == "cpu" else topology_devices(a.target)[0]
@@ -144,8 +181,18 @@ def main() -> int:
                 by[(impl, lo, relative_bias)]["temp_bytes"], 1)
             print(f"  {impl:<12} relpos={str(relative_bias):<5} {', '.join(ratios)}; "
                   f"{lo}->{hi} ({hi // lo}x length): {growth:.1f}x memory")
+    out = {"target": a.target, "results": results}
+    if a.model:
+        print(f"\nwhole-model gradient, batch 1 x (source + 128 target tokens):")
+        out["model_results"] = model_rows(a.model, a.lengths, a.model_impls)
+        by = {(r["encoder"], r["src_len"]): r["temp_bytes"] for r in out["model_results"]}
+        for length in a.lengths:
+            ref = by.get(("xla", length))
+            if ref:
+                print(f"  source {length}: " + ", ".join(
+                    f"{i} {ref / by[(i, length)]:.1f}x less" for i in a.model_impls if i != "xla"))
     if a.json:
-        print(json.dumps({"target": a.target, "results": results}))
+        print(json.dumps(out))
     return 0
 
 
