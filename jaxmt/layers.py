@@ -214,23 +214,27 @@ class MlpBlock(nn.Module):
 
 
 def relative_bucket(rel: Array, bidirectional: bool, num_buckets: int,
-                    max_distance: int) -> Array:
-    """T5 bucketing of (key - query) offsets: exact for small, log-spaced for large."""
-    ret = jnp.zeros_like(rel)
+                    max_distance: int, xp=jnp) -> Array:
+    """T5 bucketing of (key - query) offsets: exact for small, log-spaced for large.
+
+    ``xp=numpy`` evaluates it on the host (the flash kernel sizes its far tiles with it
+    at trace time, where jnp would be staged out).
+    """
+    ret = xp.zeros_like(rel)
     n = -rel
     if bidirectional:
         num_buckets //= 2
-        ret += (n < 0).astype(jnp.int32) * num_buckets
-        n = jnp.abs(n)
+        ret += (n < 0).astype(xp.int32) * num_buckets
+        n = xp.abs(n)
     else:
-        n = jnp.maximum(n, 0)
+        n = xp.maximum(n, 0)
     max_exact = num_buckets // 2
     is_small = n < max_exact
     val_large = max_exact + (
-        jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
-        / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
-    val_large = jnp.minimum(val_large, num_buckets - 1)
-    return ret + jnp.where(is_small, n, val_large)
+        xp.log(xp.maximum(n, 1).astype(xp.float32) / max_exact)
+        / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(xp.int32)
+    val_large = xp.minimum(val_large, num_buckets - 1)
+    return ret + xp.where(is_small, n, val_large)
 
 
 class RelativePositionBias(nn.Module):

@@ -12,6 +12,10 @@ itself (elementwise ops, traced in-kernel) and selects ``table[head, bucket]`` w
 Python loop of ``where(bucket == i, table[head, i], bias)`` over scalar table reads.
 Gathers do not lower portably (neither Triton nor Mosaic gathers from a ref by a
 vector of indices), while scalar reads do: from SMEM on TPU, from global memory on GPU.
+Far-tile fast path: T5 buckets saturate, so a tile whose offsets all lie past the
+saturation point on one side (found in Python by evaluating ``relative_bucket``) has a single
+bucket; a ``lax.cond`` then adds one scalar table read instead of the select loop, and dq
+adds the whole tile's dS sum to that bucket instead of one masked reduction per bucket.
 
 Kernels (all in the internal layout [b, h, len, d], lengths padded to block multiples;
 padded keys get segment 0, padded query rows are sliced off):
@@ -35,6 +39,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -65,6 +70,10 @@ class _Cfg:
     nq: int
     nk: int
     nbp: int  # table row length: num_buckets padded to a power of two (Triton tiles)
+    # Far tiles: (future_from, future_bucket, past_from, past_bucket); every offset
+    # rel >= future_from has future_bucket, every rel <= -past_from has past_bucket. A
+    # *_from is None where no tile of this call lies that far; far is None if neither does.
+    far: tuple[int | None, int, int | None, int] | None
     backend: str  # "gpu" or "tpu"
     interpret: bool
 
@@ -78,13 +87,69 @@ def _relbucket(rel, relpos: RelPos):
     return relative_bucket(rel, relpos.bidirectional, relpos.num_buckets, relpos.max_distance)
 
 
+@functools.lru_cache(maxsize=None)
+def _saturation(relpos: RelPos):
+    """(future_from, future_bucket, past_from, past_bucket) of ``relative_bucket`` itself.
+
+    The saturated buckets are its values at offsets +-2**20; ``*_from`` is the smallest
+    distance from which every offset on that side has that bucket (checked up to a reach
+    past max_distance; None if not saturated there). A nonzero one gets a guard of +1: the
+    boundary comes from a float32 log that may round differently on the device, while one
+    offset further the log is well past the bucket edge.
+    """
+    reach = 2 * max(relpos.max_distance, relpos.num_buckets) + 2
+
+    rel = np.concatenate([np.arange(-reach, reach + 1), [1 << 20, -(1 << 20)]]).astype(np.int32)
+    buckets = relative_bucket(rel, relpos.bidirectional, relpos.num_buckets,  # on the host
+                              relpos.max_distance, xp=np)
+    buckets, far = buckets[:-2], buckets[-2:]
+    out = []
+    for side, sat in ((buckets[reach:], far[0]), (buckets[reach::-1], far[1])):
+        # side[n]: bucket of offset +n (future) or -n (past), n = 0..reach
+        off = np.nonzero(side != sat)[0]
+        start = 0 if off.size == 0 else int(off[-1]) + 2  # +1 past the last miss, +1 guard
+        out += [start if start <= reach else None, int(sat)]
+    return tuple(out)
+
+
+def _far_config(relpos: RelPos | None, causal, bq, bk, nq, nk):
+    """_Cfg.far: the saturation sides that some visited tile of this geometry reaches."""
+    if relpos is None:
+        return None
+    fut_from, fut_b, past_from, past_b = _saturation(relpos)
+    # Largest lowest offset of any tile (last key block vs first query block), smallest
+    # highest offset (first key block vs last query block). Causal never visits future tiles.
+    if causal or fut_from is None or (nk - 1) * bk - (bq - 1) < fut_from:
+        fut_from = None
+    if past_from is None or (bk - 1) - (nq - 1) * bq > -past_from:
+        past_from = None
+    if fut_from is None and past_from is None:
+        return None
+    return fut_from, fut_b, past_from, past_b
+
+
+def _far(cfg: _Cfg, q0, k0):
+    """Whether tile (q0, k0) has a single bucket: None if no tile can, else
+    (is_far, pick) with ``pick(f)`` = f(that bucket) for a static-int -> scalar/vector f."""
+    if cfg.far is None:
+        return None
+    fut_from, fut_b, past_from, past_b = cfg.far
+    fut = None if fut_from is None else k0 - (q0 + cfg.bq - 1) >= fut_from  # lowest offset
+    past = None if past_from is None else k0 + cfg.bk - 1 - q0 <= -past_from  # highest
+    if past is None:
+        return fut, lambda f: f(fut_b)
+    if fut is None:
+        return past, lambda f: f(past_b)
+    return fut | past, lambda f: jnp.where(fut, f(fut_b), f(past_b))
+
+
 def _dot(a, b, dims):
     """float32-accumulating dot; exact float32 (no TF32/bf16 passes) for float32 inputs."""
     prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
 
-def _tile(cfg: _Cfg, q, k, qseg, kseg, q0, k0, read_table):
+def _tile(cfg: _Cfg, q, k, qseg, kseg, q0, k0, read_table, far=None, want_bucket=False):
     """Biased logits, visibility mask and buckets of one [bq, bk] tile.
 
     Args:
@@ -92,6 +157,8 @@ def _tile(cfg: _Cfg, q, k, qseg, kseg, q0, k0, read_table):
         qseg: [bq, 1] and kseg: [1, bk] segment ids (0 = padding).
         q0, k0: first query / key index of the tile.
         read_table: ``i -> table[head, i]`` scalar read, or None without relpos.
+        far: ``_far(cfg, q0, k0)``.
+        want_bucket: also return the buckets (only meaningful when the tile is not far).
 
     Returns:
         (s [bq, bk] float32 with masked entries at _MASKED, mask [bq, bk], bucket or None).
@@ -102,11 +169,20 @@ def _tile(cfg: _Cfg, q, k, qseg, kseg, q0, k0, read_table):
     ki = k0 + lax.broadcasted_iota(jnp.int32, shape, 1)
     bucket = None
     if cfg.relpos is not None:
-        bucket = _relbucket(ki - qi, cfg.relpos)
-        bias = jnp.zeros(shape, jnp.float32)
-        for i in range(cfg.relpos.num_buckets):  # scalar reads + selects: no gather needed
-            bias = jnp.where(bucket == i, read_table(i), bias)
-        s = s + bias
+
+        def near(s):
+            bucket = _relbucket(ki - qi, cfg.relpos)
+            bias = jnp.zeros(shape, jnp.float32)
+            for i in range(cfg.relpos.num_buckets):  # scalar reads + selects: no gather needed
+                bias = jnp.where(bucket == i, read_table(i), bias)
+            return (s + bias, bucket) if want_bucket else (s + bias,)
+
+        def far_tile(s):  # one bucket: one scalar read; the bucket output is unused
+            s = s + far[1](read_table)
+            return (s, jnp.zeros(shape, jnp.int32)) if want_bucket else (s,)
+
+        out = near(s) if far is None else lax.cond(far[0], far_tile, near, s)
+        s, bucket = out[0], (out[1] if want_bucket else None)
     mask = (qseg == kseg) & (kseg > 0)  # [bq, 1] vs [1, bk] -> [bq, bk]
     if cfg.causal:
         mask = mask & (ki <= qi)
@@ -154,8 +230,8 @@ def _fwd_kernel(*refs, cfg: _Cfg):
         m, l, acc = carry  # [bq, 1], [bq, 1], [bq, d]
         k0 = pl.multiple_of(j * cfg.bk, cfg.bk)
         k, v = k_ref[pl.ds(k0, cfg.bk), :], v_ref[pl.ds(k0, cfg.bk), :]  # [bk, d]
-        s, mask, _ = _tile(cfg, q, k, qseg, ks_ref[j], qb * cfg.bq, k0,
-                           read_table)
+        s, mask, _ = _tile(cfg, q, k, qseg, ks_ref[j], qb * cfg.bq, k0, read_table,
+                           _far(cfg, qb * cfg.bq, k0))
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
         p = jnp.where(mask, jnp.exp(s - m_new), 0.0)  # [bq, bk]; masked -> exactly 0
         alpha = jnp.exp(m - m_new)  # rescales the old statistics to the new max
@@ -191,17 +267,27 @@ def _dq_kernel(*refs, cfg: _Cfg):
         dq, dt = carry  # [bq, d], [1, nbp]
         k0 = pl.multiple_of(j * cfg.bk, cfg.bk)
         k, v = k_ref[pl.ds(k0, cfg.bk), :], v_ref[pl.ds(k0, cfg.bk), :]  # [bk, d]
-        s, mask, bucket = _tile(cfg, q, k, qseg, ks_ref[j], qb * cfg.bq,
-                                k0, read_table)
+        far = _far(cfg, qb * cfg.bq, k0)
+        s, mask, bucket = _tile(cfg, q, k, qseg, ks_ref[j], qb * cfg.bq, k0, read_table, far,
+                                want_bucket=True)
         p = jnp.where(mask, jnp.exp(s - lse), 0.0)  # [bq, bk]
         dp = _dot(do, v, _NT)  # [bq, d] . [bk, d] -> [bq, bk]
         ds = p * (dp - delta)  # [bq, bk] gradient of the biased logits
         dq = dq + cfg.scale * _dot(ds.astype(k.dtype), k, _NN)  # [bq, bk] . [bk, d] -> [bq, d]
         if cfg.relpos is not None:  # bias = table[bucket], so d_table[i] = sum(ds | bucket == i)
-            for i in range(cfg.relpos.num_buckets):
-                tot = jnp.sum(jnp.where(bucket == i, ds, 0.0), axis=0, keepdims=True)  # [1, bk]
-                tot = jnp.sum(tot, axis=1, keepdims=True)  # [1, 1]: stays a vector for Mosaic
-                dt = dt + jnp.where(lane == i, tot, 0.0)
+
+            def near(dt):
+                for i in range(cfg.relpos.num_buckets):
+                    tot = jnp.sum(jnp.where(bucket == i, ds, 0.0), axis=0, keepdims=True)  # [1, bk]
+                    tot = jnp.sum(tot, axis=1, keepdims=True)  # [1, 1]: stays a vector for Mosaic
+                    dt = dt + jnp.where(lane == i, tot, 0.0)
+                return dt
+
+            def far_tile(dt):  # one bucket takes the whole tile's sum
+                tot = jnp.sum(jnp.sum(ds, axis=0, keepdims=True), axis=1, keepdims=True)  # [1, 1]
+                return dt + far[1](lambda i: jnp.where(lane == i, tot, 0.0))
+
+            dt = near(dt) if far is None else lax.cond(far[0], far_tile, near, dt)
         return dq, dt
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros((1, cfg.nbp), jnp.float32))
@@ -228,7 +314,8 @@ def _dkv_kernel(*refs, cfg: _Cfg):
         q0 = pl.multiple_of(i * cfg.bq, cfg.bq)
         rows = pl.ds(q0, cfg.bq)
         q, do = q_ref[rows, :], do_ref[rows, :]  # [bq, d]
-        s, mask, _ = _tile(cfg, q, k, qs_ref[rows, :], kseg, q0, kb * cfg.bk, read_table)
+        s, mask, _ = _tile(cfg, q, k, qs_ref[rows, :], kseg, q0, kb * cfg.bk, read_table,
+                           _far(cfg, q0, kb * cfg.bk))
         p = jnp.where(mask, jnp.exp(s - lse_ref[rows, :]), 0.0)  # [bq, bk]
         dv = dv + _dot(p.astype(do.dtype), do, _TN)  # [bq, bk]^T . [bq, d] -> [bk, d]
         dp = _dot(do, v, _NT)  # [bq, d] . [bk, d] -> [bq, bk]
@@ -433,8 +520,9 @@ def flash_attention(q: Array, k: Array, v: Array, *, bias_table: Array | None = 
                         ((0, 0), (0, nbp - relpos.num_buckets)))  # [h, nbp]
         if backend == "tpu":
             table = table.reshape(h * nbp)  # 1-D: scalar SMEM reads without 2-D SMEM padding
-    cfg = _Cfg(relpos, bool(causal), float(scale), bq, bk, pq // bq, pk // bk, nbp,
-               backend, interpret)
+    nq, nk = pq // bq, pk // bk
+    cfg = _Cfg(relpos, bool(causal), float(scale), bq, bk, nq, nk, nbp,
+               _far_config(relpos, bool(causal), bq, bk, nq, nk), backend, interpret)
     out = _flash(prep(q, pq), prep(k, pk), prep(v, pk), table,
                  pad_axis1(qseg, 0, pq)[:, :, None],  # [b, pq, 1]; padded queries: segment 0
                  pad_axis1(kseg, 0, pk).reshape(b, pk // bk, 1, bk), cfg)  # padded keys: segment 0
