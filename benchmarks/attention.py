@@ -14,10 +14,6 @@ CPU run lists ``blockwise`` only (Pallas runs on CPU only in interpret mode, whi
 measures nothing). On a GPU, ``flash`` and ``dot_product`` (cuDNN) also get TFLOP/s
 from the standard attention flop count (forward 4*b*h*L^2*d, backward 2.5x that).
 
-``--target v5e:2x2`` (any TPU topology name; needs the ``tpu_aot`` extra) compiles for
-one chip of that TPU ahead of time instead, ``flash`` being the Pallas (Mosaic) kernel:
-memory only, nothing runs, ``seconds`` is null.
-
 ``--model small`` adds what the switch buys a whole model: the compiled temp memory of the
 gradient of the ``gin_configs/models/small.gin`` model (T5.1.1-small shape, bf16, scanned
 layers) for one example of each source length and 128 target tokens, with the encoder's
@@ -25,7 +21,7 @@ attention set to each of ``--model_impls`` (compile only; the decoder and cross-
 stay ``xla``).
 
     python benchmarks/attention.py [--lengths 1024 2048 4096 8192] [--impls ...]
-        [--heads 8] [--head_dim 64] [--repeats 2] [--dtype float32] [--target cpu]
+        [--heads 8] [--head_dim 64] [--repeats 2] [--dtype float32]
         [--model small] [--model_impls xla blockwise local] [--json]
 """
 
@@ -41,52 +37,40 @@ import numpy as np
 
 from jaxmt.attention import Masking, attend
 from jaxmt.config import AttentionConfig
-from jaxmt.kernels.blockwise_attention import BlockSizes, RelPos
-from jaxmt.kernels.flash_attention import flash_attention
-from jaxmt.partitioning import topology_devices
+from jaxmt.kernels.blockwise_attention import RelPos
 
 CPU_IMPLS = ("xla", "dot_product", "blockwise", "local", "bigbird", "performer")
 ACCEL_IMPLS = ("xla", "dot_product", "flash", "blockwise", "local", "bigbird", "performer")
 BUCKETS, MAX_DISTANCE = 32, 128  # the tiny model's relative position settings
 
 
-def step_fn(impl: str, relative_bias: bool, options: AttentionConfig, tpu: bool):
+def step_fn(impl: str, relative_bias: bool, options: AttentionConfig):
     """value_and_grad of sum(attention * cotangent) w.r.t. q, k, v and the bias table."""
     relpos = RelPos(BUCKETS, MAX_DISTANCE, bidirectional=True) if relative_bias else None
 
     def loss(q, k, v, table, seg, cot):
-        table = table if relative_bias else None
-        if tpu and impl == "flash":  # attend picks by the host's backend; name the target's
-            out = flash_attention(q, k, v, bias_table=table, relpos=relpos, q_segment_ids=seg,
-                                  kv_segment_ids=seg, backend="tpu",
-                                  block_sizes=BlockSizes(options.block_size, options.block_size))
-        else:
-            out = attend(q, k, v, Masking(seg, seg, table, impl=impl, relpos=relpos,
-                                          options=options))  # [b, l, h, d]
+        m = Masking(seg, seg, table if relative_bias else None, impl=impl, relpos=relpos,
+                    options=options)
+        out = attend(q, k, v, m)  # [b, l, h, d]
         return jnp.sum(out.astype(jnp.float32) * cot)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
 
 
-def measure(impl, length, relative_bias, heads, head_dim, dtype, repeats, options, device):
+def measure(impl, length, relative_bias, heads, head_dim, dtype, repeats, options):
     rng = np.random.default_rng(0)
     shape = (1, length, heads, head_dim)
     q, k, v, cot = (jnp.asarray(rng.normal(size=shape) * 0.5, dtype) for _ in range(4))
     table = jnp.asarray(rng.normal(size=(BUCKETS, heads)), jnp.float32)
     seg = jnp.ones((1, length), jnp.int32)
     args = (q, k, v, table, seg, cot)
-    fn = step_fn(impl, relative_bias, options, tpu=device is not None)
+    fn = step_fn(impl, relative_bias, options)
     t0 = time.perf_counter()
-    if device is not None:  # ahead of time, for one chip of a TPU topology
-        sharding = jax.sharding.SingleDeviceSharding(device)
-        args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) for x in args]
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     temp = compiled.memory_analysis().temp_size_in_bytes
     row = {"impl": impl, "length": length, "relative_bias": relative_bias,
-           "temp_bytes": int(temp), "seconds": None, "compile_seconds": round(compile_s, 2)}
-    if device is not None:
-        return row
+           "temp_bytes": int(temp), "compile_seconds": round(compile_s, 2)}
     jax.block_until_ready(compiled(*args))  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -139,33 +123,27 @@ def main() -> int:
     ap.add_argument("--head_dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--target", default="cpu",
-                    help="cpu (this machine: memory and time) or a TPU topology name such as "
-                         "v5e:2x2 (one chip, compiled ahead of time: memory only)")
     ap.add_argument("--model", default=None, choices=["tiny", "small", "base"])
     ap.add_argument("--model_impls", nargs="+", default=["xla", "blockwise", "local"])
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    device = None if a.target == "cpu" else topology_devices(a.target)[0]
-    accel = device is not None or jax.default_backend() != "cpu"
-    impls = a.impls or (ACCEL_IMPLS if accel else CPU_IMPLS)
+    impls = a.impls or (CPU_IMPLS if jax.default_backend() == "cpu" else ACCEL_IMPLS)
     options = AttentionConfig()  # the defaults: 512 tiles, window 128, 64-token BigBird blocks
     dtype = jnp.dtype(a.dtype)
-    kind = getattr(device, "device_kind", None) or jax.devices()[0].device_kind
     print(f"encoder self-attention fwd+bwd, batch 1, {a.heads} heads, head_dim {a.head_dim}, "
-          f"{a.dtype}, on {kind}{' (ahead of time)' if device is not None else ''}")
+          f"{a.dtype}, on {jax.devices()[0].device_kind}")
     print(f"{'impl':<12}{'length':>7}{'relpos':>7}{'temp MiB':>11}{'seconds':>9}")
     results = []
     for relative_bias in (True, False):
         for impl in impls:
             for length in a.lengths:
                 row = measure(impl, length, relative_bias, a.heads, a.head_dim, dtype,
-                              a.repeats, options, device)
+                              a.repeats, options)
                 results.append(row)
                 extra = f"{row['tflops']:>8} TFLOP/s" if "tflops" in row else ""
-                secs = "-" if row["seconds"] is None else f"{row['seconds']:.3f}"
                 print(f"{impl:<12}{length:>7}{str(relative_bias):>7}"
-                      f"{row['temp_bytes'] / 2**20:>11.1f}{secs:>9}{extra}", flush=True)
+                      f"{row['temp_bytes'] / 2**20:>11.1f}{row['seconds']:>9.3f}{extra}",
+                      flush=True)
     print("\ntemp memory vs xla (same length and bias), and growth from the shortest to the "
           "longest length:")
     by = {(r["impl"], r["length"], r["relative_bias"]): r for r in results}
@@ -181,7 +159,7 @@ def main() -> int:
                 by[(impl, lo, relative_bias)]["temp_bytes"], 1)
             print(f"  {impl:<12} relpos={str(relative_bias):<5} {', '.join(ratios)}; "
                   f"{lo}->{hi} ({hi // lo}x length): {growth:.1f}x memory")
-    out = {"target": a.target, "results": results}
+    out = {"results": results}
     if a.model:
         print(f"\nwhole-model gradient, batch 1 x (source + 128 target tokens):")
         out["model_results"] = model_rows(a.model, a.lengths, a.model_impls)

@@ -26,12 +26,11 @@ from jax.sharding import PartitionSpec as P
 from jaxmt import axes
 from jaxmt.config import AttentionConfig
 from jaxmt.kernels.bigbird_attention import bigbird_attention
-from jaxmt.kernels.blockwise_attention import BlockSizes, RelPos, blockwise_attention
+from jaxmt.kernels.blockwise_attention import BlockSizes, RelPos, bias_of, blockwise_attention
 from jaxmt.kernels.flash_attention import flash_attention
 from jaxmt.kernels.local_attention import local_attention
 from jaxmt.kernels.performer_attention import performer_attention
-from jaxmt.layers import (bias_param, constrain, dtype_of, mixed_einsum, normal, param,
-                          relative_bucket)
+from jaxmt.layers import bias_param, constrain, dtype_of, mixed_einsum, normal, param
 
 Array = jax.Array
 NEG_INF = -1e10
@@ -93,9 +92,8 @@ def dense_bias(m: Masking, q_len: int, k_len: int) -> Array:
     bias = mask_to_bias(mask[:, None])  # [b, 1, q, k]
     if m.bias_table is not None:
         rel = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]  # [q, k]
-        buckets = relative_bucket(rel, m.relpos.bidirectional, m.relpos.num_buckets,
-                                  m.relpos.max_distance)
-        bias = bias + jnp.transpose(m.bias_table[buckets], (2, 0, 1))[None]  # [1, h, q, k]
+        per_pair = bias_of(m.bias_table, m.relpos, rel)  # [q, k, h]
+        bias = bias + jnp.transpose(per_pair, (2, 0, 1))[None]  # [1, h, q, k]
     return bias
 
 

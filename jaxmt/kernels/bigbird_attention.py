@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmt.kernels.blockwise_attention import RelPos, fill_defaults, pad_axis1, validate
-from jaxmt.kernels.local_attention import bias_of, check_int, global_rows, masked_softmax
+from jaxmt.kernels.blockwise_attention import (RelPos, bias_of, fill_defaults, masked_softmax,
+                                               pad_axis1, validate)
+from jaxmt.kernels.local_attention import check_int, global_rows
 
 Array = jax.Array
 

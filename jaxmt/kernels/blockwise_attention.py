@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmt.layers import relative_bucket
 
@@ -94,6 +95,47 @@ def validate(q, k, v, bias_table, relpos, q_segment_ids, kv_segment_ids,
             raise ValueError(f"{name} must be [b={b}, len={n}], got {arr.shape}")
 
 
+def bias_of(table: Array | None, relpos: RelPos | None, rel) -> Array | None:
+    """T5 bias [..., h] for (key - query) offsets ``rel`` [...], or None without relpos."""
+    if relpos is None:
+        return None
+    buckets = relative_bucket(jnp.asarray(rel, jnp.int32), relpos.bidirectional,
+                              relpos.num_buckets, relpos.max_distance)
+    return table[buckets]
+
+
+def masked_softmax(s: Array, mask: Array) -> Array:
+    """Float32 softmax over the last axis; rows with no visible key give all zeros."""
+    return jax.nn.softmax(jnp.where(mask, s, _MASKED), axis=-1) * mask
+
+
+@functools.lru_cache(maxsize=None)
+def saturation(relpos: RelPos) -> tuple[int | None, int, int | None, int]:
+    """Where T5's buckets stop changing: ``(future_from, future_bucket, past_from, past_bucket)``.
+
+    Measured from ``relative_bucket`` itself, on the host (numpy), so it works at trace
+    time under jit, shard_map or a mesh. The saturated buckets are its values at offsets
+    +-2**20; ``*_from`` is the smallest distance from which every offset on that side has
+    that bucket (checked up to a reach past max_distance; None if not saturated there).
+    A nonzero one gets a guard of +1: the boundary comes from a float32 log that may round
+    differently on the device, while one offset further the log is well past the bucket
+    edge. Kernels that treat far offsets as one bucket (flash's far tiles, Performer's
+    band/far split) start there.
+    """
+    reach = 2 * max(relpos.max_distance, relpos.num_buckets) + 2
+    rel = np.concatenate([np.arange(-reach, reach + 1), [1 << 20, -(1 << 20)]]).astype(np.int32)
+    buckets = relative_bucket(rel, relpos.bidirectional, relpos.num_buckets,
+                              relpos.max_distance, xp=np)
+    buckets, far = buckets[:-2], buckets[-2:]
+    out = []
+    for side, sat in ((buckets[reach:], far[0]), (buckets[reach::-1], far[1])):
+        # side[n]: bucket of offset +n (future) or -n (past), n = 0..reach
+        off = np.nonzero(side != sat)[0]
+        start = 0 if off.size == 0 else int(off[-1]) + 2  # +1 past the last miss, +1 guard
+        out += [start if start <= reach else None, int(sat)]
+    return tuple(out)
+
+
 def _tile_logits(qb, kb, qseg, kseg, qpos, kpos, qidx, kidx, table, relpos, causal, scale):
     """Masked float32 logits [b, h, bq, bk] of one tile, and its bias buckets [b, bq, bk]."""
     s = jnp.einsum("bqhd,bkhd->bhqk", qb, kb,
@@ -102,7 +144,7 @@ def _tile_logits(qb, kb, qseg, kseg, qpos, kpos, qidx, kidx, table, relpos, caus
     if relpos is not None:
         rel = kpos[:, None, :] - qpos[:, :, None]  # [b, bq, bk]
         buckets = relative_bucket(rel, relpos.bidirectional, relpos.num_buckets,
-                                  relpos.max_distance)
+                                  relpos.max_distance)  # kept: the backward scatters by them
         s = s + jnp.transpose(table[buckets], (0, 3, 1, 2))  # [b, bq, bk, h] -> [b, h, bq, bk]
     mask = (qseg[:, :, None] == kseg[:, None, :]) & (kseg[:, None, :] > 0)  # [b, bq, bk]
     if causal:
@@ -145,8 +187,7 @@ def reference_attention(q: Array, k: Array, v: Array, *, bias_table: Array | Non
     if mask is not None:
         extra = mask if mask.ndim == 3 else mask[None]  # [b|1, q, k]
         s = jnp.where(extra[:, None], s, -jnp.inf)
-    mask = jnp.isfinite(s)
-    probs = jax.nn.softmax(jnp.where(mask, s, _MASKED), axis=-1) * mask  # empty rows -> 0
+    probs = masked_softmax(s, jnp.isfinite(s))  # empty rows -> 0
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32))  # [b, q, h, d]
     return out.astype(q.dtype)
 

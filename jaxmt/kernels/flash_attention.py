@@ -39,14 +39,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from jaxmt.kernels.blockwise_attention import (BlockSizes, RelPos, fill_defaults, pad_axis1,
-                                               reference_attention, validate)
+                                               reference_attention, saturation, validate)
 from jaxmt.layers import relative_bucket
 
 __all__ = ["flash_attention", "BlockSizes", "RelPos", "reference_attention"]
@@ -87,36 +86,11 @@ def _relbucket(rel, relpos: RelPos):
     return relative_bucket(rel, relpos.bidirectional, relpos.num_buckets, relpos.max_distance)
 
 
-@functools.lru_cache(maxsize=None)
-def _saturation(relpos: RelPos):
-    """(future_from, future_bucket, past_from, past_bucket) of ``relative_bucket`` itself.
-
-    The saturated buckets are its values at offsets +-2**20; ``*_from`` is the smallest
-    distance from which every offset on that side has that bucket (checked up to a reach
-    past max_distance; None if not saturated there). A nonzero one gets a guard of +1: the
-    boundary comes from a float32 log that may round differently on the device, while one
-    offset further the log is well past the bucket edge.
-    """
-    reach = 2 * max(relpos.max_distance, relpos.num_buckets) + 2
-
-    rel = np.concatenate([np.arange(-reach, reach + 1), [1 << 20, -(1 << 20)]]).astype(np.int32)
-    buckets = relative_bucket(rel, relpos.bidirectional, relpos.num_buckets,  # on the host
-                              relpos.max_distance, xp=np)
-    buckets, far = buckets[:-2], buckets[-2:]
-    out = []
-    for side, sat in ((buckets[reach:], far[0]), (buckets[reach::-1], far[1])):
-        # side[n]: bucket of offset +n (future) or -n (past), n = 0..reach
-        off = np.nonzero(side != sat)[0]
-        start = 0 if off.size == 0 else int(off[-1]) + 2  # +1 past the last miss, +1 guard
-        out += [start if start <= reach else None, int(sat)]
-    return tuple(out)
-
-
 def _far_config(relpos: RelPos | None, causal, bq, bk, nq, nk):
     """_Cfg.far: the saturation sides that some visited tile of this geometry reaches."""
     if relpos is None:
         return None
-    fut_from, fut_b, past_from, past_b = _saturation(relpos)
+    fut_from, fut_b, past_from, past_b = saturation(relpos)
     # Largest lowest offset of any tile (last key block vs first query block), smallest
     # highest offset (first key block vs last query block). Causal never visits future tiles.
     if causal or fut_from is None or (nk - 1) * bk - (bq - 1) < fut_from:

@@ -21,13 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmt.kernels.blockwise_attention import (RelPos, fill_defaults, pad_axis1,
-                                               reference_attention,
-                                               validate)
-from jaxmt.layers import relative_bucket
+from jaxmt.kernels.blockwise_attention import (RelPos, bias_of, fill_defaults, masked_softmax,
+                                               pad_axis1, reference_attention, validate)
 
 Array = jax.Array
-_MASKED = -1e30  # finite fill before the softmax, so fully masked rows stay NaN-free
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -38,20 +35,6 @@ def check_int(name: str, value, minimum: int) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
-
-
-def bias_of(table: Array | None, relpos: RelPos | None, rel) -> Array | None:
-    """T5 bias [..., h] for (key - query) offsets ``rel`` [...], or None without relpos."""
-    if relpos is None:
-        return None
-    buckets = relative_bucket(jnp.asarray(rel, jnp.int32), relpos.bidirectional,
-                              relpos.num_buckets, relpos.max_distance)
-    return table[buckets]
-
-
-def masked_softmax(s: Array, mask: Array) -> Array:
-    """Float32 softmax over the last axis; rows with no visible key give all zeros."""
-    return jax.nn.softmax(jnp.where(mask, s, _MASKED), axis=-1) * mask
 
 
 def global_rows(q, k, v, table, relpos, qseg, kseg, n, causal, scale) -> Array:

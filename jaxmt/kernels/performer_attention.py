@@ -54,8 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmt.kernels.blockwise_attention import RelPos, fill_defaults, validate
-from jaxmt.layers import relative_bucket
+from jaxmt.kernels.blockwise_attention import (RelPos, bias_of, fill_defaults, saturation,
+                                               validate)
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -146,9 +146,8 @@ def performer_reference(q: Array, k: Array, v: Array, *, bias_table: Array | Non
     a = jnp.einsum("bqhm,bkhm->bhqk", fq, fk)  # [b, h, q, k]
     qi, kj = jnp.arange(q.shape[1]), jnp.arange(k.shape[1])
     if relpos is not None:
-        buckets = relative_bucket(kj[None, :] - qi[:, None], relpos.bidirectional,
-                                  relpos.num_buckets, relpos.max_distance)  # [q, k]
-        a = a * jnp.exp(jnp.transpose(bias_table.astype(_F32)[buckets], (2, 0, 1)))  # [h, q, k]
+        bias = bias_of(bias_table.astype(_F32), relpos, kj[None, :] - qi[:, None])  # [q, k, h]
+        a = a * jnp.exp(jnp.transpose(bias, (2, 0, 1)))  # [h, q, k]
     mask = (qseg[:, :, None] == kseg[:, None, :]) & (kseg[:, None, :] > 0)  # [b, q, k]
     if causal:
         mask = mask & (kj[None, None, :] <= qi[None, :, None])
@@ -165,31 +164,6 @@ def _divide(num, den):
 
 
 # ----------------------------------------------------------------------------- linear
-
-
-@functools.lru_cache(maxsize=64)
-def _saturation(relpos: RelPos):
-    """Band width W and the far buckets (past, future) of ``relative_bucket``.
-
-    Every offset t >= W in a direction has that direction's far bucket. Measured on offsets
-    up to 2 * max_distance + 2 (buckets are monotone in t and clamp at the last one, which is
-    checked), so float rounding of the log bucketing at t == max_distance is accounted for.
-    """
-    with jax.ensure_compile_time_eval():
-        t = jnp.arange(2 * relpos.max_distance + 3, dtype=jnp.int32)
-        past = np.asarray(relative_bucket(-t, relpos.bidirectional, relpos.num_buckets,
-                                          relpos.max_distance))  # key before query by t
-        fut = np.asarray(relative_bucket(t, relpos.bidirectional, relpos.num_buckets,
-                                         relpos.max_distance))  # key after query by t
-    if past[-1] != past[-2] or fut[-1] != fut[-2]:
-        raise ValueError(f"relative_bucket does not saturate for {relpos}")
-
-    def first_saturated(b, lo):
-        differ = np.nonzero(b[lo:] != b[-1])[0]
-        return lo if differ.size == 0 else lo + int(differ[-1]) + 1
-
-    width = max(first_saturated(past, 0), first_saturated(fut, 1))
-    return width, int(past[-1]), int(fut[-1])
 
 
 def _chunks(x, n):
@@ -287,7 +261,10 @@ def performer_attention(q: Array, k: Array, v: Array, *, bias_table: Array | Non
     radius = 0
     if relpos is not None:
         table = bias_table.astype(_F32)
-        width, far_past, far_fut = _saturation(relpos)
+        fut_from, far_fut, past_from, far_past = saturation(relpos)
+        if fut_from is None or past_from is None:
+            raise ValueError(f"relative_bucket does not saturate for {relpos}")
+        width = max(fut_from, past_from)  # every offset at least this far is a far bucket
         c_past, c_fut = jnp.exp(table[far_past]), jnp.exp(table[far_fut])  # [h]
         radius = min(-(-(width - 1) // c), n - 1)
 
@@ -313,9 +290,7 @@ def performer_attention(q: Array, k: Array, v: Array, *, bias_table: Array | Non
         mask = mask & (kj <= qi)
     kern = jnp.einsum("nbqhm,nbkhm->nbhqk", fq, fk_w)  # [n, b, h, c, o*c]
     if relpos is not None:
-        buckets = relative_bucket(kj - qi, relpos.bidirectional, relpos.num_buckets,
-                                  relpos.max_distance)  # [c, o*c]
-        w = jnp.transpose(jnp.exp(table[buckets]), (2, 0, 1))  # [h, c, o*c]
+        w = jnp.transpose(jnp.exp(bias_of(table, relpos, kj - qi)), (2, 0, 1))  # [h, c, o*c]
         # keys of other chunks were already counted by the scan with the far weight
         far = jnp.where(kj < 0, c_past[:, None, None], c_fut[:, None, None])  # [h, 1, o*c]
         kern = kern * (w - jnp.where((kj >= 0) & (kj < c), 0.0, far))
