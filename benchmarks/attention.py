@@ -2,7 +2,7 @@
 
 For each implementation and source length (batch 1, 8 heads, head_dim 64 by default),
 with and without the T5 relative position bias, this compiles ``value_and_grad`` of the
-attention core (gradients for q, k, v and the bias table) through ``jaxmt.attention.attend``,
+attention core (gradients for q, k, v and the bias table) through ``jaxmt.modeling.attention.attend``,
 the function the model calls, and reports XLA's compiled temp bytes
 (``memory_analysis()``, per device) and the best wall time of a few runs. ``xla`` is
 the reference; the summary prints each implementation's temp memory as a fraction of
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmt.attention import Masking, attend
+from jaxmt.modeling.attention import Masking, attend
 from jaxmt.config import AttentionConfig
 from jaxmt.kernels.blockwise_attention import RelPos
 
@@ -92,7 +92,7 @@ def model_rows(model: str, lengths, impls) -> list[dict]:
 
     from jaxmt.cli import parse_gin
     from jaxmt.config import ModelConfig
-    from jaxmt.model import EncoderDecoderModel
+    from jaxmt.modeling.model import EncoderDecoderModel
 
     parse_gin([f"models/{model}.gin"], [])
     base = dataclasses.replace(ModelConfig(), scan_layers=True)

@@ -10,7 +10,7 @@ the encoder reads the source.
 Two test sets per direction (en->de, de->en), from books never seen in training:
   short: ``--short`` test verses, evenly spaced (the model's training lengths);
   long:  passages of 256-1024 source tokens made by joining consecutive test verses
-         of one book (``jaxmt.evaluation.long_passages``), ``--passages`` of them.
+         of one book (``jaxmt.inference.evaluation.long_passages``), ``--passages`` of them.
 
 ``--finetune performer --finetune_steps 200`` also continues training a copy of the
 model for that many steps with each listed implementation in the encoder (and a copy with
@@ -57,7 +57,7 @@ def ensure_trained(model_dir: str) -> None:
         if done:
             return
     from jaxmt.cli import parse_gin
-    from jaxmt.trainer import train
+    from jaxmt.train.trainer import train
     parse_gin(["runs/demo.gin"], [])
     train(model_dir=model_dir)
 
@@ -86,7 +86,7 @@ def teacher_forced_nll(model, params, tr, pairs, src, tgt, batch=8):
     """
     import jax
     import numpy as np
-    from jaxmt.decoding import EOS_ID
+    from jaxmt.modeling.decoding import EOS_ID
 
     loss = jax.jit(lambda p, b: model.loss(p, b, dropout_rng=None)[1])
     total = tokens = 0.0
@@ -122,9 +122,9 @@ def main() -> int:
     a = ap.parse_args()
 
     from jaxmt.config import AttentionConfig
-    from jaxmt.data.corpora import parallel_pairs
-    from jaxmt.evaluation import long_passages, pick, score
-    from jaxmt.translator import Translator
+    from jaxmt.data.embedded import parallel_pairs
+    from jaxmt.inference.evaluation import long_passages, pick, score
+    from jaxmt.inference.translator import Translator
 
     ensure_trained(a.model_dir)
     base = Translator.from_pretrained(a.model_dir, max_src_len=MAX_SRC, max_decode_len=MAX_OUT,

@@ -24,7 +24,7 @@ import jax
 
 from jaxmt.cli import parse_gin
 from jaxmt.config import ModelConfig
-from jaxmt.model import EncoderDecoderModel
+from jaxmt.modeling.model import EncoderDecoderModel
 
 
 def compile_seconds(cfg: ModelConfig, batch: int, length: int) -> float:

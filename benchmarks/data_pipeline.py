@@ -75,8 +75,8 @@ def measure_train(batches, steps: int) -> dict:
 
     from jaxmt.cli import parse_gin
     from jaxmt.config import MeshConfig, ModelConfig, TrainConfig
-    from jaxmt.partitioning import Partitioner
-    from jaxmt.trainer import Trainer
+    from jaxmt.sharding.partitioning import Partitioner
+    from jaxmt.train.trainer import Trainer
 
     gin.clear_config()
     parse_gin(["models/small.gin"], [], configs_only=True)

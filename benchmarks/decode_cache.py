@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmt.config import ModelConfig
-from jaxmt.decoding import greedy_decode
-from jaxmt.model import EncoderDecoderModel
-from jaxmt.network import EncoderDecoder
+from jaxmt.modeling.decoding import greedy_decode
+from jaxmt.modeling.model import EncoderDecoderModel
+from jaxmt.modeling.network import EncoderDecoder
 
 MODELS = {
     "tiny": ModelConfig(),

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jaxmt.layers as layers
+import jaxmt.modeling.layers as layers
 from jaxmt.config import MeshConfig, ModelConfig, TrainConfig
-from jaxmt.partitioning import Partitioner
-from jaxmt.trainer import Trainer
+from jaxmt.sharding.partitioning import Partitioner
+from jaxmt.train.trainer import Trainer
 
 
 def autodiff_einsum(eq, x, w):

@@ -31,8 +31,8 @@ import jax
 
 from jaxmt.cli import parse_gin
 from jaxmt.config import PRECISIONS, MeshConfig, ModelConfig, TrainConfig
-from jaxmt.partitioning import Partitioner, topology_devices
-from jaxmt.trainer import Trainer
+from jaxmt.sharding.partitioning import Partitioner, topology_devices
+from jaxmt.train.trainer import Trainer
 
 
 def gin_model(name: str) -> ModelConfig:

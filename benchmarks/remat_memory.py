@@ -37,8 +37,8 @@ import jax.numpy as jnp
 
 from jaxmt.cli import parse_gin
 from jaxmt.config import REMAT_POLICIES, ModelConfig
-from jaxmt.model import EncoderDecoderModel
-from jaxmt.partitioning import topology_devices
+from jaxmt.modeling.model import EncoderDecoderModel
+from jaxmt.sharding.partitioning import topology_devices
 
 
 def target_sharding(target: str) -> jax.sharding.Sharding:

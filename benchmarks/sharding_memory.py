@@ -62,7 +62,7 @@ import sys
 import time
 from collections import defaultdict
 
-PRESETS = ("dp", "zero1", "fsdp", "tp", "fsdp_tp")  # jaxmt.partitioning.MESH_PRESETS (jax not imported yet)
+PRESETS = ("dp", "zero1", "fsdp", "tp", "fsdp_tp")  # jaxmt.sharding.partitioning.MESH_PRESETS (jax not imported yet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,12 +101,12 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxmt import axes  # noqa: E402
+from jaxmt.sharding import axes  # noqa: E402
 from jaxmt.cli import parse_gin  # noqa: E402
 from jaxmt.config import ModelConfig, TrainConfig  # noqa: E402
-from jaxmt.model import EncoderDecoderModel  # noqa: E402
-from jaxmt.partitioning import Partitioner, mesh_preset, topology_devices  # noqa: E402
-from jaxmt.trainer import Trainer  # noqa: E402
+from jaxmt.modeling.model import EncoderDecoderModel  # noqa: E402
+from jaxmt.sharding.partitioning import Partitioner, mesh_preset, topology_devices  # noqa: E402
+from jaxmt.train.trainer import Trainer  # noqa: E402
 
 MiB = 2 ** 20
 

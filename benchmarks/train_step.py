@@ -71,7 +71,7 @@ def make_batch(batch: int, src_len: int, tgt_len: int, vocab: int, seed: int = 0
              decoder_input_tokens=dec_in, decoder_target_tokens=tgt, decoder_loss_weights=ones_t,
              decoder_segment_ids=ones_t,
              decoder_positions=np.tile(np.arange(tgt_len, dtype=np.int32), (batch, 1)))
-    from jaxmt.model import BATCH_KEYS
+    from jaxmt.modeling.model import BATCH_KEYS
     assert set(b) == set(BATCH_KEYS), sorted(set(b) ^ set(BATCH_KEYS))
     return b
 
@@ -251,8 +251,8 @@ def main():
 
     import jaxmt
     from jaxmt.config import MeshConfig, ModelConfig, TrainConfig
-    from jaxmt.partitioning import Partitioner
-    from jaxmt.trainer import Trainer
+    from jaxmt.sharding.partitioning import Partitioner
+    from jaxmt.train.trainer import Trainer
 
     # Should jaxmt tune the allocator itself on import, it does so for torch too.
     malloc_tuned = malloc_tuned or bool(getattr(jaxmt, "MALLOC_TUNED", False))

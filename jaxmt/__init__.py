@@ -10,6 +10,6 @@ __all__ = ["Translator"]
 def __getattr__(name):
     # Lazy, so `import jaxmt` stays cheap and the CLI starts fast.
     if name == "Translator":
-        from jaxmt.translator import Translator
+        from jaxmt.inference.translator import Translator
         return Translator
     raise AttributeError(f"module 'jaxmt' has no attribute {name!r}")

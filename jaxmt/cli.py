@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxmt.multihost import CLUSTER_DETECTION  # imports jax only when initialising
+from jaxmt.sharding.multihost import CLUSTER_DETECTION  # imports jax only when initialising
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -45,13 +45,13 @@ def parse_gin(gin_files: list[str], overrides: list[str], configs_only: bool = F
     Args:
       configs_only: register only :mod:`jaxmt.config` (no JAX, no TF: for the data and
         vocabulary commands) and skip bindings of other configurables (e.g. ``train.*``
-        of :mod:`jaxmt.trainer`), so a run's gin files load as they are.
+        of :mod:`jaxmt.train.trainer`), so a run's gin files load as they are.
     """
     import gin
 
     import jaxmt.config  # noqa: F401  (registers the configurables)
     if not configs_only:
-        import jaxmt.trainer  # noqa: F401
+        import jaxmt.train.trainer  # noqa: F401
 
     gin.add_config_file_search_path(str(GIN_DIR))
     bindings = []
@@ -80,7 +80,7 @@ class _DropMessage(logging.Filter):
 
 
 def cmd_train(args, gin_overrides) -> int:
-    from jaxmt import multihost
+    from jaxmt.sharding import multihost
 
     # Before gin (whose imports may build configs) and before anything touches devices.
     try:
@@ -90,7 +90,7 @@ def cmd_train(args, gin_overrides) -> int:
         raise SystemExit(f"error: {e}") from None
     print(f"jax.distributed: {where}", flush=True)
     parse_gin(args.gin_file or [], gin_overrides)
-    from jaxmt.trainer import train
+    from jaxmt.train.trainer import train
 
     t0 = time.time()
     train(model_dir=args.model_dir)
@@ -121,8 +121,8 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args) -> int:
     from jaxmt import config as cfglib
-    from jaxmt.evaluation import evaluate, format_table
-    from jaxmt.translator import Translator
+    from jaxmt.inference.evaluation import evaluate, format_table
+    from jaxmt.inference.translator import Translator
 
     cfgs = cfglib.load(args.model_dir)
     if "data" not in cfgs:
@@ -142,7 +142,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_translate(args) -> int:
-    from jaxmt.translator import Translator, translate_stream
+    from jaxmt.inference.translator import Translator, translate_stream
 
     tr = Translator.from_pretrained(args.model_dir, **_inference_options(args))
     data = Path(args.input).read_bytes() if args.input else sys.stdin.buffer.read()
@@ -156,7 +156,7 @@ def cmd_translate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from jaxmt.hf_import import convert
+    from jaxmt.inference.hf_import import convert
 
     imported = convert(args.from_hf, args.out, precision=args.precision,
                        scan_layers=args.scan_layers, input_prefix=args.input_prefix)
@@ -442,7 +442,7 @@ def _vocab_settings(args, gin_overrides) -> dict:
     ``--corpus`` replaces the config's corpora; ``--langs`` its languages.
     """
     from jaxmt import config as cfglib
-    from jaxmt.data import corpora, sources
+    from jaxmt.data import embedded, sources
 
     model_dir = getattr(args, "model_dir", None)
     if model_dir and (args.gin_file or gin_overrides):
@@ -468,7 +468,7 @@ def _vocab_settings(args, gin_overrides) -> dict:
         if args.corpus:
             langs = tuple(dict.fromkeys(x for s in corpus for x in (s.src_lang, s.tgt_lang)))
         elif not configured and args.command_vocab == "report":
-            langs = corpora.EMBEDDED_LANGS  # a bare vocabulary: how it does on all eight
+            langs = embedded.EMBEDDED_LANGS  # a bare vocabulary: how it does on all eight
         if args.langs:
             langs = tuple(x.strip() for x in args.langs.split(",") if x.strip())
             for lang in langs:
@@ -517,10 +517,10 @@ def cmd_vocab_train(args, gin_overrides) -> int:
 
 def _report_texts(langs, corpus, split: str, limits, max_sentences: int) -> dict:
     """Held-out text per language: the corpora's ``split`` files, else the embedded split."""
-    from jaxmt.data import corpora, sources
+    from jaxmt.data import embedded, sources
 
     if not corpus:
-        _, texts = corpora.load_split(split, langs)
+        _, texts = embedded.load_split(split, langs)
         return {lang: [t for t in texts[lang] if t][:max_sentences] for lang in langs}
     chosen = [c for c in corpus if c.split == split]
     if not chosen:
@@ -628,7 +628,7 @@ def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
         "multi-process", "Run the same command once per process (host). Unset flags fall back "
         "to JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; with none of them "
         "set, SLURM job steps (srun) and multi-host Cloud TPUs are detected, else the run is "
-        "a single process. See jaxmt/multihost.py.")
+        "a single process. See jaxmt/sharding/multihost.py.")
     g.add_argument("--coordinator_address", default=None,
                    help="host:port of process 0, the same on every process")
     g.add_argument("--num_processes", type=int, default=None, help="processes in the run")

@@ -14,7 +14,7 @@ from typing import Any
 import gin
 
 from jaxmt.data import bucketing, mixture, sources  # pure Python: no TensorFlow
-from jaxmt.tokenizer import TokenizerConfig
+from jaxmt.inference.tokenizer import TokenizerConfig
 
 
 def _check(cond: bool, cls: str, field: str, msg: str) -> None:
@@ -30,7 +30,7 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "save_attention_out", "offloa
 ACTIVATIONS = ("gelu", "gelu_exact", "relu", "silu", "linear")
 
 
-# Attention implementations (jaxmt.attention.attend). Exact: xla (materialised scores, the
+# Attention implementations (jaxmt.modeling.attention.attend). Exact: xla (materialised scores, the
 # reference), dot_product (jax.nn.dot_product_attention: cuDNN on GPU), flash (the Pallas
 # kernel on GPU/TPU, blockwise on CPU), blockwise (pure-JAX online softmax, memory linear
 # in length). Approximate: local, bigbird, performer. auto picks by length.
@@ -224,7 +224,7 @@ class MeshConfig:
 
     @property
     def sizes(self) -> tuple[int, int, int, int]:
-        """``(replica, data, fsdp, tensor)``, as in :data:`jaxmt.axes.MESH_AXES`."""
+        """``(replica, data, fsdp, tensor)``, as in :data:`jaxmt.sharding.axes.MESH_AXES`."""
         return (self.replica, self.data, self.fsdp, self.tensor)
 
 
@@ -337,7 +337,7 @@ class TrainConfig:
     log_every: int = 20
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    # Dynamic loss scaling, used only by ModelConfig.precision = "fp16" (jaxmt/precision.py):
+    # Dynamic loss scaling, used only by ModelConfig.precision = "fp16" (jaxmt/train/loss_scale.py):
     # the starting scale, and the finite steps after which it doubles (halved on overflow).
     loss_scale_init: float = 2.0 ** 15
     loss_scale_growth_interval: int = 2000

@@ -38,9 +38,9 @@ def main(argv=None) -> int:
 
     parse_gin(args.gin_file or ["runs/demo.gin"], overrides)
     from jaxmt import config as cfglib
-    from jaxmt.evaluation import evaluate, format_table
-    from jaxmt.trainer import train
-    from jaxmt.translator import Translator
+    from jaxmt.inference.evaluation import evaluate, format_table
+    from jaxmt.train.trainer import train
+    from jaxmt.inference.translator import Translator
 
     t0 = time.time()
     train(model_dir=args.model_dir)

@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--restore_after", help="first wait for this file (the writers are done)")
     args = ap.parse_args()
 
-    from jaxmt import multihost
+    from jaxmt.sharding import multihost
     where = multihost.initialize(args.coordinator_address, args.num_processes,
                                  args.process_id, initialization_timeout=60)
     again = multihost.initialize(args.coordinator_address, args.num_processes, args.process_id)
@@ -73,8 +73,8 @@ def main() -> None:
     from jaxmt.checkpoint import Checkpointer
     from jaxmt.config import MeshConfig, ModelConfig, TrainConfig
     from jaxmt.data import pipeline, tasks
-    from jaxmt.partitioning import Partitioner
-    from jaxmt.trainer import Trainer, train_loop
+    from jaxmt.sharding.partitioning import Partitioner
+    from jaxmt.train.trainer import Trainer, train_loop
 
     _tick("imported")
     pi, pc = jax.process_index(), jax.process_count()

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from jaxmt.config import ModelConfig
-from jaxmt.decoding import greedy_decode
-from jaxmt.model import EncoderDecoderModel
-from jaxmt.network import stack_layers, unstack_layers
-from jaxmt.partitioning import topology_devices
+from jaxmt.modeling.decoding import greedy_decode
+from jaxmt.modeling.model import EncoderDecoderModel
+from jaxmt.modeling.network import stack_layers, unstack_layers
+from jaxmt.sharding.partitioning import topology_devices
 
 BASE = dict(vocab_size=96, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
             num_encoder_layers=2, num_decoder_layers=2, precision="fp32")

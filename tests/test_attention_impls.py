@@ -17,9 +17,9 @@ import optax
 import pytest
 
 from jaxmt.config import AttentionConfig, MeshConfig, ModelConfig, from_json, to_json
-from jaxmt.model import EncoderDecoderModel
-from jaxmt.network import EncoderDecoder
-from jaxmt.partitioning import Partitioner
+from jaxmt.modeling.model import EncoderDecoderModel
+from jaxmt.modeling.network import EncoderDecoder
+from jaxmt.sharding.partitioning import Partitioner
 
 CFG = ModelConfig(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
                   num_encoder_layers=2, num_decoder_layers=2, relpos_buckets=8,

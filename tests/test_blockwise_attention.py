@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmt.attention import Masking, MultiHeadAttention, dense_bias
+from jaxmt.modeling.attention import Masking, MultiHeadAttention, dense_bias
 from jaxmt.kernels.blockwise_attention import (BlockSizes, RelPos, blockwise_attention,
                                                reference_attention)
-from jaxmt.layers import RelativePositionBias
+from jaxmt.modeling.layers import RelativePositionBias
 
 from attention_cases import make_inputs, segments as _segments
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxmt.data import bucketing
-from jaxmt.model import BATCH_KEYS
+from jaxmt.modeling.model import BATCH_KEYS
 
 LENGTHS = (16, 32, 64)
 
@@ -220,8 +220,8 @@ def test_bucketed_stream_is_the_same_shape_on_every_host_and_resumes(mixture):
 def test_bucketing_never_compiles_more_shapes_than_configured(mixture, tmp_path):
     from jaxmt.checkpoint import Checkpointer
     from jaxmt.config import MeshConfig, ModelConfig, TrainConfig
-    from jaxmt.partitioning import Partitioner
-    from jaxmt.trainer import Trainer, train_loop
+    from jaxmt.sharding.partitioning import Partitioner
+    from jaxmt.train.trainer import Trainer, train_loop
 
     model_cfg = ModelConfig(vocab_size=2048, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
                             num_encoder_layers=1, num_decoder_layers=1, precision="fp32")

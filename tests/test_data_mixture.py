@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from jaxmt.config import DataConfig
-from jaxmt.data import corpora, mixture
+from jaxmt.data import embedded, mixture
 
 seqio = pytest.importorskip("seqio")
 from jaxmt.data import tasks  # noqa: E402  (after the seqio check)
@@ -26,7 +26,7 @@ def mix(spm_path):
 
 def _expected_rates():
     """The closed form for CAPS and WEIGHTS, by direction."""
-    n = {d: len(corpora.parallel_pairs(*d, "train")[0])
+    n = {d: len(embedded.parallel_pairs(*d, "train")[0])
          for d in [("en", "de"), ("en", "ru"), ("de", "en"), ("ru", "en")]}
     w = {d: min(k, 1000 if "ru" in d else k) ** (1 / TEMPERATURE) for d, k in n.items()
          if d != ("en", "de")}
@@ -98,8 +98,8 @@ def test_sampled_proportions_match_the_rates(mix):
     # Which direction an example came from: its tagged source is unique to a direction.
     origin = {}
     for d in _expected_rates():
-        for s, _ in corpora.parallel_pairs(*d, "train")[0]:
-            origin.setdefault(corpora.tag_source(s, d[1]), set()).add(d)
+        for s, _ in embedded.parallel_pairs(*d, "train")[0]:
+            origin.setdefault(embedded.tag_source(s, d[1]), set()).add(d)
     n = 3000
     ds = seqio.get_mixture_or_task(mix).get_dataset(
         {"inputs": 8, "targets": 8}, split="train", use_cached=False, shuffle=True, seed=123,
@@ -156,7 +156,7 @@ def test_cli_json_matches_mixture_rates(spm_path, capsys):
     rows = {(r["src"], r["tgt"]): r for r in out["directions"]}
     expected = _expected_rates()
     assert {d: r["rate"] for d, r in rows.items()} == pytest.approx(expected, rel=1e-9)
-    sizes = {d: len(corpora.parallel_pairs(*d, "train")[0]) for d in expected}
+    sizes = {d: len(embedded.parallel_pairs(*d, "train")[0]) for d in expected}
     for d, r in rows.items():
         assert r["examples"] == sizes[d]
         assert r["sampled"] == pytest.approx(100 * 8 * 2.5 * expected[d])

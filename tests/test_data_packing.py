@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxmt.data import packing
-from jaxmt.model import BATCH_KEYS
+from jaxmt.modeling.model import BATCH_KEYS
 
 seqio = pytest.importorskip("seqio")
 import tensorflow as tf  # noqa: E402

@@ -137,7 +137,7 @@ def _train(model_dir, spm_path):
     shutil.copy(spm_path, os.path.join(model_dir, "spm.model"))  # no vocabulary training
     gin.clear_config()
     cli.parse_gin([], [f"--gin.{b.replace(' = ', '=')}" for b in BINDINGS])
-    from jaxmt.trainer import train
+    from jaxmt.train.trainer import train
     try:
         return train(model_dir=model_dir, progress=False)
     finally:

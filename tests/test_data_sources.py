@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from jaxmt import cli
-from jaxmt.data import corpora, sources
+from jaxmt.data import embedded, sources
 
 LONG = "x" * 1001  # over the default max_chars
 RATIO = "A reasonably long sentence that keeps on going and going."  # 57 chars vs 10
@@ -325,9 +325,9 @@ def test_register_corpus_makes_tasks_for_both_directions(spm_path, corpus_files,
         assert len(got) == 5  # the skipped records never reach (or break) iteration
         ex = got[0]
         s, t = ("Hello world.", "Hallo Welt.")[:: 1 if src == "en" else -1]
-        assert ex["inputs_pretokenized"].decode() == corpora.tag_source(s, tgt)
+        assert ex["inputs_pretokenized"].decode() == embedded.tag_source(s, tgt)
         assert ex["inputs"][0] == vocab.tag_id(sp, tgt)
-        assert sp.decode(list(ex["inputs"][:-1])) == corpora.tag_source(s, tgt)
+        assert sp.decode(list(ex["inputs"][:-1])) == embedded.tag_source(s, tgt)
         assert sp.decode(list(ex["targets"][:-1])) == t and ex["targets"][-1] == vocab.EOS_ID
     valid = list(seqio.get_mixture_or_task("t_corpus_de_en").get_dataset(
         {"inputs": 64, "targets": 64}, split="validation", shuffle=False).as_numpy_iterator())

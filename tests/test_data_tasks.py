@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxmt.data import corpora, vocab
+from jaxmt.data import embedded, vocab
 
 seqio = pytest.importorskip("seqio")
 from jaxmt.data import pipeline, tasks  # noqa: E402  (after the seqio check)
@@ -52,7 +52,7 @@ def test_register_names_tasks_and_mixture(mixture, spm_path):
     assert math.isclose(sum(mix.get_rate(t) for t in mix.tasks), 1.0)
     task = seqio.get_mixture_or_task("t_bible_en_de")
     assert set(task.splits) == {"train", "validation", "test"}
-    assert task.num_input_examples("test") == len(corpora.parallel_pairs("en", "de", "test")[0])
+    assert task.num_input_examples("test") == len(embedded.parallel_pairs("en", "de", "test")[0])
     report = tasks.SKIP_REPORTS["t_bible_de_en"]["train"]
     assert report.skipped["empty_source"] == 3 and report.kept + 3 == report.total
 
@@ -79,10 +79,10 @@ def test_task_examples_are_tagged_tokenised_and_end_in_eos(mixture, spm_path):
     task = seqio.get_mixture_or_task("t_bible_en_ru")
     ex = next(task.get_dataset({"inputs": 512, "targets": 512}, split="test",
                                shuffle=False).as_numpy_iterator())
-    src, tgt = corpora.parallel_pairs("en", "ru", "test")[0][0]
-    assert ex["inputs_pretokenized"].decode() == corpora.tag_source(src, "ru")
+    src, tgt = embedded.parallel_pairs("en", "ru", "test")[0][0]
+    assert ex["inputs_pretokenized"].decode() == embedded.tag_source(src, "ru")
     assert ex["targets_pretokenized"].decode() == tgt
-    assert list(ex["inputs"]) == sp.encode(corpora.tag_source(src, "ru")) + [vocab.EOS_ID]
+    assert list(ex["inputs"]) == sp.encode(embedded.tag_source(src, "ru")) + [vocab.EOS_ID]
     assert list(ex["targets"]) == sp.encode(tgt) + [vocab.EOS_ID]
 
 

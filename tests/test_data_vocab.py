@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxmt.data import corpora, vocab
+from jaxmt.data import embedded, vocab
 
 SIZE, PER_LANG = 2000, 2000
 # Already NFKC-normalised, so decode(encode(x)) must give them back exactly.
@@ -19,7 +19,7 @@ SAMPLES = [
 @pytest.fixture(scope="module")
 def spm_path(tmp_path_factory):
     return vocab.train_vocab(tmp_path_factory.mktemp("vocab") / "spm.model",
-                             corpora.EMBEDDED_LANGS, SIZE, PER_LANG, seed=0)
+                             embedded.EMBEDDED_LANGS, SIZE, PER_LANG, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +53,18 @@ def test_rare_characters_fall_back_to_bytes(sp):
     assert vocab.UNK_ID not in ids and sp.decode(ids) == "U"
 
 
-@pytest.mark.parametrize("lang", corpora.EMBEDDED_LANGS)
+@pytest.mark.parametrize("lang", embedded.EMBEDDED_LANGS)
 def test_every_tag_is_one_id_and_comes_first(sp, lang):
-    tag = corpora.lang_tag(lang)
+    tag = embedded.lang_tag(lang)
     assert sp.encode(tag) == [vocab.tag_id(sp, lang)]
-    ids = sp.encode(corpora.tag_source("In the beginning", lang))
+    ids = sp.encode(embedded.tag_source("In the beginning", lang))
     assert ids[0] == vocab.tag_id(sp, lang)
     assert sp.decode(ids) == f"{tag} In the beginning"
 
 
 def test_tags_are_distinct_and_unknown_tags_rejected(sp):
-    ids = {vocab.tag_id(sp, lang) for lang in corpora.EMBEDDED_LANGS}
-    assert len(ids) == len(corpora.EMBEDDED_LANGS)
+    ids = {vocab.tag_id(sp, lang) for lang in embedded.EMBEDDED_LANGS}
+    assert len(ids) == len(embedded.EMBEDDED_LANGS)
     assert not ids & {vocab.PAD_ID, vocab.EOS_ID, vocab.UNK_ID}
     with pytest.raises(ValueError, match="no tag piece '▁<2xx>'"):  # valid code, no piece
         vocab.tag_id(sp, "xx")
@@ -76,7 +76,7 @@ def test_seqio_vocabulary_matches_the_processor(sp, spm_path):
     sv = vocab.seqio_vocabulary(spm_path)
     assert sv.vocab_size == SIZE
     assert (sv.pad_id, sv.eos_id, sv.unk_id) == (0, 1, 2)
-    for text in SAMPLES + [corpora.tag_source("Im Anfang schuf Gott", "en")]:
+    for text in SAMPLES + [embedded.tag_source("Im Anfang schuf Gott", "en")]:
         assert sv.encode(text) == sp.encode(text)
         assert [int(i) for i in sv.encode_tf(text).numpy()] == sp.encode(text)
 
@@ -89,12 +89,12 @@ def test_sample_is_balanced_deterministic_and_per_language():
     assert sample != vocab.sample_sentences(langs, 50, seed=4)
     # Languages are interleaved, and a language's draw ignores which others are chosen.
     assert sample[1::3] == vocab.sample_sentences(("ru",), 50, seed=3)
-    _, train = corpora.load_split("train", ["en"])
+    _, train = embedded.load_split("train", ["en"])
     assert set(sample[0::3]) <= set(train["en"])
 
 
 def test_training_is_reproducible(spm_path, tmp_path):
-    again = vocab.train_vocab(tmp_path / "again.model", corpora.EMBEDDED_LANGS, SIZE, PER_LANG,
+    again = vocab.train_vocab(tmp_path / "again.model", embedded.EMBEDDED_LANGS, SIZE, PER_LANG,
                               seed=0)
     assert again.read_bytes() == spm_path.read_bytes()
 
@@ -118,13 +118,13 @@ def corpus_sources(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     out = []
     for tgt, code in (("de", "de-CH"), ("pt", "pt-BR")):
-        pairs, _ = corpora.parallel_pairs("en", tgt, "train")
+        pairs, _ = embedded.parallel_pairs("en", tgt, "train")
         lines = [f"{s}\t{t}" for s, t in pairs[:3000]]
         lines.insert(5, f"{BAD_WORD} one\t{BAD_WORD}\x07 two")  # control_chars: skipped
         path = d / f"en-{code}.tsv"
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         out.append(sources.CorpusSource(str(path), "en", code))
-    valid, _ = corpora.parallel_pairs("en", "de", "validation")
+    valid, _ = embedded.parallel_pairs("en", "de", "validation")
     path = d / "valid.tsv"
     path.write_text("".join(f"{s}\t{t}\n" for s, t in valid), encoding="utf-8")
     out.append(sources.CorpusSource(str(path), "en", "de-CH", split="validation"))
@@ -144,13 +144,13 @@ def corpus_spm(corpus_sources, tmp_path_factory):
 def test_corpus_languages_get_one_piece_tags(corpus_spm):
     sp = vocab.load_processor(corpus_spm)
     assert sp.get_piece_size() == CORPUS_SIZE
-    assert vocab.tag_langs(["pt-BR", "en", "de-CH"]) == [*corpora.EMBEDDED_LANGS, "de-CH",
+    assert vocab.tag_langs(["pt-BR", "en", "de-CH"]) == [*embedded.EMBEDDED_LANGS, "de-CH",
                                                          "pt-BR"]
     for lang in ("de-CH", "pt-BR", "en", "ar"):  # embedded tags stay, at their old ids
-        ids = sp.encode(corpora.tag_source("Grüezi mitenand", lang))
+        ids = sp.encode(embedded.tag_source("Grüezi mitenand", lang))
         assert ids[0] == vocab.tag_id(sp, lang)
         assert sp.decode(ids) == f"<2{lang}> Grüezi mitenand"
-    assert [vocab.tag_id(sp, x) for x in corpora.EMBEDDED_LANGS] == list(range(3, 11))
+    assert [vocab.tag_id(sp, x) for x in embedded.EMBEDDED_LANGS] == list(range(3, 11))
     assert (vocab.tag_id(sp, "de-CH"), vocab.tag_id(sp, "pt-BR")) == (11, 12)
     with pytest.raises(ValueError, match="<2fr-CA>"):
         vocab.tag_id(sp, "fr-CA")
@@ -167,7 +167,7 @@ def test_corpus_sample_is_balanced_checked_and_deterministic(corpus_sources):
     # once per sentence; the validation file is never read; skipped lines never sampled.
     assert sample[1::2] == vocab.sample_corpus_sentences(corpus_sources, ["de-CH"], 500, seed=1)
     assert len(set(sample[0::2])) == 500
-    train_de = {t for s, t in corpora.parallel_pairs("en", "de", "train")[0]}
+    train_de = {t for s, t in embedded.parallel_pairs("en", "de", "train")[0]}
     assert set(sample[1::2]) <= train_de
     assert not any(BAD_WORD in s for s in sample)
     # Fewer sentences than asked: the whole language, as read_pairs cleans it.
@@ -216,7 +216,7 @@ def test_report_no_unknowns_exact_round_trip_plausible_fertility(corpus_spm):
 
 def test_report_warns_on_fertility_over_twice_the_median(corpus_spm):
     # Trained on en/de/pt only: on Russian and Arabic the vocabulary falls back to bytes.
-    _, texts = corpora.load_split("validation", ["en", "de", "fr", "ru", "ar"])
+    _, texts = embedded.load_split("validation", ["en", "de", "fr", "ru", "ar"])
     r = vocab.report(corpus_spm, texts)
     f = {lang: s["fertility"] for lang, s in r["langs"].items()}
     assert 1.2 < f["en"] < 2.5 and 1.5 < f["de"] < 3.5 and f["ru"] > 6 and f["ar"] > 6
@@ -294,7 +294,7 @@ def test_cli_vocab_report_json_matches_the_function_without_tensorflow(corpus_sp
     assert rc == rc2 == rc3 == 0
     assert json.loads(out3)["langs"] == json.loads(out)["langs"]
     got = json.loads(out.splitlines()[-1])
-    _, texts = corpora.load_split("validation", ["en", "de", "ru"])
+    _, texts = embedded.load_split("validation", ["en", "de", "ru"])
     want = vocab.report(corpus_spm, texts)
     assert got["langs"] == want["langs"] and got["warnings"] == want["warnings"]
     assert got["split"] == "validation" and got["text"] == "embedded"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from jaxmt.config import AttentionConfig, ModelConfig
-from jaxmt.decoding import EOS_ID, greedy_decode, strip_eos
-from jaxmt.model import EncoderDecoderModel
+from jaxmt.modeling.decoding import EOS_ID, greedy_decode, strip_eos
+from jaxmt.modeling.model import EncoderDecoderModel
 
 CFG = ModelConfig(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
                   num_encoder_layers=2, num_decoder_layers=2, precision="fp32")

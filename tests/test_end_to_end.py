@@ -33,7 +33,7 @@ def _train(model_dir, steps):
     gin.clear_config()
     cli.parse_gin([], [f"--gin.{b.replace(' = ', '=')}" for b in BINDINGS]
                   + [f"--gin.TrainConfig.steps={steps}"])
-    from jaxmt.trainer import train
+    from jaxmt.train.trainer import train
     try:
         return train(model_dir=model_dir, progress=False)
     finally:
@@ -125,8 +125,8 @@ def test_translator_api_matches_cli_order(model_dir):
 
 def test_core_imports_without_tensorflow():
     code = ("import sys, jaxmt; from jaxmt import Translator;"
-            "import jaxmt.model, jaxmt.network, jaxmt.layers, jaxmt.attention, jaxmt.partitioning,"
-            " jaxmt.trainer, jaxmt.decoding, jaxmt.translator, jaxmt.evaluation, jaxmt.checkpoint,"
+            "import jaxmt.modeling.model, jaxmt.modeling.network, jaxmt.modeling.layers, jaxmt.modeling.attention, jaxmt.sharding.partitioning,"
+            " jaxmt.train.trainer, jaxmt.modeling.decoding, jaxmt.inference.translator, jaxmt.inference.evaluation, jaxmt.checkpoint,"
             " jaxmt.cli;"
             "bad = [m for m in ('tensorflow', 'seqio') if m in sys.modules];"
             "assert not bad, bad")

@@ -185,7 +185,7 @@ def _aot_grad_fn(backend, bidirectional=False):
 def test_mosaic_compiles_ahead_of_time_for_tpu(bidirectional):
     """Mosaic accepts all three kernels (block_k 32 < 128, head dim 48) for a v5e chip."""
     pytest.importorskip("libtpu", reason="needs the tpu_aot extra (pip install -e '.[tpu_aot]')")
-    from jaxmt.partitioning import topology_devices
+    from jaxmt.sharding.partitioning import topology_devices
 
     sharding = jax.sharding.SingleDeviceSharding(topology_devices("v5e:2x2")[0])
     fn, args = _aot_grad_fn("tpu", bidirectional)

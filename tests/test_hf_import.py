@@ -40,12 +40,13 @@ import sentencepiece as spm  # noqa: E402
 from safetensors.torch import load_file as load_torch_file  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from jaxmt import cli, hf_import  # noqa: E402
-from jaxmt.data.corpora import load_split  # noqa: E402
-from jaxmt.decoding import greedy_decode  # noqa: E402
-from jaxmt.network import EncoderDecoder  # noqa: E402
-from jaxmt.tokenizer import id_permutation  # noqa: E402
-from jaxmt.translator import Translator, suppress_ids  # noqa: E402
+from jaxmt import cli
+from jaxmt.inference import hf_import  # noqa: E402
+from jaxmt.data.embedded import load_split  # noqa: E402
+from jaxmt.modeling.decoding import greedy_decode  # noqa: E402
+from jaxmt.modeling.network import EncoderDecoder  # noqa: E402
+from jaxmt.inference.tokenizer import id_permutation  # noqa: E402
+from jaxmt.inference.translator import Translator, suppress_ids  # noqa: E402
 
 TOL = 1e-4
 STEPS = 20
@@ -413,7 +414,7 @@ def test_t5_input_prefix(t5_dir):
 
 
 def test_import_needs_neither_tensorflow_nor_torch():
-    code = ("import sys; import jaxmt.hf_import, jaxmt.tokenizer, jaxmt.translator, jaxmt.cli;"
+    code = ("import sys; import jaxmt.inference.hf_import, jaxmt.inference.tokenizer, jaxmt.inference.translator, jaxmt.cli;"
             "bad = [m for m in ('tensorflow', 'seqio', 'torch', 'transformers')"
             " if m in sys.modules];"
             "assert not bad, bad")
@@ -423,7 +424,7 @@ def test_import_needs_neither_tensorflow_nor_torch():
 
 
 def _load_tok(d, imp):
-    from jaxmt.tokenizer import load_tokenizer
+    from jaxmt.inference.tokenizer import load_tokenizer
     return load_tokenizer(d, imp.tokenizer, imp.model.vocab_size)
 
 

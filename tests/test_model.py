@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from jaxmt.config import ModelConfig
-from jaxmt.layers import mixed_einsum, relative_bucket
-from jaxmt.model import EncoderDecoderModel, cross_entropy
+from jaxmt.modeling.layers import mixed_einsum, relative_bucket
+from jaxmt.modeling.model import EncoderDecoderModel, cross_entropy
 
 import flax.linen as nn
 

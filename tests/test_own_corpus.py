@@ -8,7 +8,7 @@ import json
 import pytest
 
 from jaxmt import cli
-from jaxmt.data import corpora
+from jaxmt.data import embedded
 
 pytest.importorskip("seqio")
 
@@ -18,8 +18,8 @@ BAD_EVERY = 400  # one group of four bad lines after every BAD_EVERY good pairs
 @pytest.fixture(scope="module")
 def corpus_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("own_corpus")
-    train, _ = corpora.parallel_pairs("en", "pt", "train")
-    valid, _ = corpora.parallel_pairs("en", "pt", "validation")
+    train, _ = embedded.parallel_pairs("en", "pt", "train")
+    valid, _ = embedded.parallel_pairs("en", "pt", "validation")
     train, valid = train[:1200], valid[:50]
     bad = 0
     with gzip.open(d / "en-pt.train.tsv.gz", "wb") as f:
@@ -70,7 +70,7 @@ def test_trains_on_a_dirty_tsv_and_reports_every_skip(corpus_files, tmp_path, ca
     saved = json.loads((model_dir / "jaxmt_config.json").read_text())["data"]
     assert [c["tgt_lang"] for c in saved["corpora"]] == ["pt-BR", "pt-BR"]
 
-    from jaxmt.translator import Translator
+    from jaxmt.inference.translator import Translator
     tr = Translator.from_pretrained(str(model_dir))
     out = tr.translate(["In the beginning God created the heaven and the earth."],
                        src_lang="en", tgt_lang="pt-BR")

@@ -11,9 +11,9 @@ import pytest
 
 from jaxmt.checkpoint import Checkpointer
 from jaxmt.config import MeshConfig, ModelConfig, TrainConfig
-from jaxmt.model import EncoderDecoderModel
-from jaxmt.partitioning import MESH_PRESETS, Partitioner, mesh_preset
-from jaxmt.trainer import Trainer
+from jaxmt.modeling.model import EncoderDecoderModel
+from jaxmt.sharding.partitioning import MESH_PRESETS, Partitioner, mesh_preset
+from jaxmt.train.trainer import Trainer
 
 # Heads, MLP units and vocabulary divide by 8, so even `tp` uses all 8 devices.
 CFG = ModelConfig(vocab_size=256, emb_dim=32, num_heads=8, head_dim=4, mlp_dim=64,

@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxmt import axes
+from jaxmt.sharding import axes
 from jaxmt.cli import GIN_DIR
 from jaxmt.config import MeshConfig, ModelConfig, TrainConfig
-from jaxmt.model import EncoderDecoderModel
-from jaxmt.partitioning import (MESH_PRESETS, Partitioner, mesh_preset, resolve_mesh_shape,
+from jaxmt.modeling.model import EncoderDecoderModel
+from jaxmt.sharding.partitioning import (MESH_PRESETS, Partitioner, mesh_preset, resolve_mesh_shape,
                                 resolve_rules)
-from jaxmt.trainer import Trainer
+from jaxmt.train.trainer import Trainer
 
 CFG = ModelConfig(vocab_size=256, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
                   num_encoder_layers=1, num_decoder_layers=1, precision="fp32")

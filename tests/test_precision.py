@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmt import precision
+from jaxmt.train import loss_scale as scaling
 from jaxmt.checkpoint import Checkpointer
 from jaxmt.config import PRECISIONS, MeshConfig, ModelConfig, TrainConfig
-from jaxmt.model import EncoderDecoderModel
-from jaxmt.partitioning import Partitioner
-from jaxmt.trainer import Trainer, train_loop
+from jaxmt.modeling.model import EncoderDecoderModel
+from jaxmt.sharding.partitioning import Partitioner
+from jaxmt.train.trainer import Trainer, train_loop
 
 TINY = dict(vocab_size=320, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
             num_encoder_layers=1, num_decoder_layers=1)
@@ -89,15 +89,15 @@ def test_overflow_skips_then_normal_steps_grow_the_scale():
 
 
 def test_loss_scale_update_rules():
-    ls = precision.init_loss_scale(1.0, good_steps=5)
-    low = precision.update_loss_scale(ls, jnp.array(False), 10)
+    ls = scaling.init_loss_scale(1.0, good_steps=5)
+    low = scaling.update_loss_scale(ls, jnp.array(False), 10)
     assert float(low.scale) == 1.0 and int(low.good_steps) == 0  # never below 1
-    top = precision.init_loss_scale(2.0 ** 127, good_steps=9)
-    top = precision.update_loss_scale(top, jnp.array(True), 10)
+    top = scaling.init_loss_scale(2.0 ** 127, good_steps=9)
+    top = scaling.update_loss_scale(top, jnp.array(True), 10)
     assert float(top.scale) == 2.0 ** 127  # no growth into inf
-    assert bool(precision.all_finite({"a": jnp.ones(3), "b": jnp.zeros((2, 2), jnp.bfloat16)}))
+    assert bool(scaling.all_finite({"a": jnp.ones(3), "b": jnp.zeros((2, 2), jnp.bfloat16)}))
     for bad in (jnp.nan, jnp.inf, -jnp.inf):
-        assert not bool(precision.all_finite({"a": jnp.ones(3), "b": jnp.array([1.0, bad])}))
+        assert not bool(scaling.all_finite({"a": jnp.ones(3), "b": jnp.array([1.0, bad])}))
 
 
 @pytest.mark.parametrize("field,value", [("loss_scale_init", 0.5),

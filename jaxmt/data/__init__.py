@@ -1,1 +1,1 @@
-"""Data: the embedded corpus, SentencePiece vocabulary, seqio tasks and input pipeline."""
+"""Data: the embedded corpus, your own corpora, SentencePiece vocabularies, seqio tasks and the input pipeline."""

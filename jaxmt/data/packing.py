@@ -9,7 +9,7 @@ into the open row where both of its sides fit with the least room left over (bes
 fit, in two dimensions), which fills rows to 90% and more.
 
 The output is exactly what ``EncDecFeatureConverter(pack=True)`` produces for a packed
-row (the features of :data:`jaxmt.model.BATCH_KEYS`): segment ids count the examples
+row (the features of :data:`jaxmt.modeling.model.BATCH_KEYS`): segment ids count the examples
 of a row from 1 and are 0 on padding, positions restart at 0 in every segment, and the
 decoder inputs are the targets shifted right *within each segment*, with 0 (the BOS
 id) at the start of each segment and on padding.

@@ -29,7 +29,7 @@ import tensorflow as tf  # noqa: E402
 
 from jaxmt.data import bucketing, packing  # noqa: E402
 from jaxmt.data import tasks  # noqa: E402,F401  (hides accelerators from TF on import)
-from jaxmt.model import BATCH_KEYS  # noqa: E402
+from jaxmt.modeling.model import BATCH_KEYS  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -290,7 +290,7 @@ class Report:
 
     ``kept + sum(skipped.values()) == total`` always holds: nothing is dropped
     uncounted. One report may gather several files (every example has its file).
-    Its ``summary()`` has the shape of :meth:`jaxmt.data.corpora.SkipReport.summary`.
+    Its ``summary()`` has the shape of :meth:`jaxmt.data.embedded.SkipReport.summary`.
     """
 
     name: str = ""

@@ -1,8 +1,8 @@
 """seqio Tasks (one per translation direction) and their temperature-sampled Mixture.
 
 Every direction is ``pivot -> xx`` or ``xx -> pivot``. A Task's examples are the
-in-memory pairs of :func:`jaxmt.data.corpora.parallel_pairs`, with the source
-tagged by :func:`jaxmt.data.corpora.tag_source` (``"<2de> ..."``) before
+in-memory pairs of :func:`jaxmt.data.embedded.parallel_pairs`, with the source
+tagged by :func:`jaxmt.data.embedded.tag_source` (``"<2de> ..."``) before
 tokenisation, so the model reads the target language from the first input id.
 
 seqio notes that shaped this module:
@@ -34,15 +34,15 @@ import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from jaxmt.config import directions  # noqa: E402
-from jaxmt.data import corpora, sources, vocab  # noqa: E402
+from jaxmt.data import embedded, sources, vocab  # noqa: E402
 from jaxmt.data import mixture as mixlib  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-SPLITS = corpora.SPLITS
-# Skip reports of the last registration, per task name and split: corpora.SkipReport
+SPLITS = embedded.SPLITS
+# Skip reports of the last registration, per task name and split: embedded.SkipReport
 # for the embedded corpus, sources.Report (same total/kept/skipped/summary()) for files.
-SKIP_REPORTS: dict[str, dict[str, corpora.SkipReport | sources.Report]] = {}
+SKIP_REPORTS: dict[str, dict[str, embedded.SkipReport | sources.Report]] = {}
 
 
 def _hide_accelerators_from_tf() -> None:
@@ -137,15 +137,15 @@ def _dataset_fn(src: str, tgt: str):
     """The FunctionDataSource callback for one direction (texts built on first use)."""
 
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-        pairs, _ = corpora.parallel_pairs(src, tgt, split)
-        return _examples_dataset([corpora.tag_source(s, tgt) for s, _ in pairs],
+        pairs, _ = embedded.parallel_pairs(src, tgt, split)
+        return _examples_dataset([embedded.tag_source(s, tgt) for s, _ in pairs],
                                  [t for _, t in pairs], f"{src}-{tgt}", shuffle_files, seed)
 
     return dataset_fn
 
 
 def _validate(langs: Sequence[str], pivot: str, temperature: float) -> None:
-    corpora._check_langs(langs)
+    embedded._check_langs(langs)
     if len(set(langs)) != len(langs):
         raise ValueError(f"duplicate languages in {tuple(langs)}")
     if len(langs) < 2:
@@ -191,8 +191,8 @@ def register(vocab_path: str | Path, langs: Sequence[str], pivot: str = "en",
         raise FileNotFoundError(f"{vocab_path}: no SentencePiece model there")
     mixture = f"{prefix}_mix"
     seqio.MixtureRegistry.remove(mixture)
-    for a in corpora.EMBEDDED_LANGS:
-        for b in corpora.EMBEDDED_LANGS:
+    for a in embedded.EMBEDDED_LANGS:
+        for b in embedded.EMBEDDED_LANGS:
             seqio.TaskRegistry.remove(task_name(prefix, a, b))
             SKIP_REPORTS.pop(task_name(prefix, a, b), None)
 
@@ -202,7 +202,7 @@ def register(vocab_path: str | Path, langs: Sequence[str], pivot: str = "en",
     train_sizes = {}
     for src, tgt in directions(langs, pivot):
         name = task_name(prefix, src, tgt)
-        reports = {split: corpora.parallel_pairs(src, tgt, split)[1] for split in SPLITS}
+        reports = {split: embedded.parallel_pairs(src, tgt, split)[1] for split in SPLITS}
         SKIP_REPORTS[name] = reports
         train_sizes[name] = reports["train"].kept
         seqio.TaskRegistry.add(
@@ -263,7 +263,7 @@ def _examples_dataset(inputs: list[str], targets: list[str], key: str,
 
 
 def _corpus_dataset_fn(src: str, tgt: str, parts: Mapping[str, list[tuple[list, bool]]]):
-    """The FunctionDataSource callback of one direction of user corpora.
+    """The FunctionDataSource callback of one direction of user embedded.
 
     ``parts[split]`` lists ``(pairs, swapped)``: pairs as read from one file, and
     whether this direction reads them target-to-source.
@@ -274,7 +274,7 @@ def _corpus_dataset_fn(src: str, tgt: str, parts: Mapping[str, list[tuple[list, 
         for pairs, swapped in parts[split]:
             for a, b in pairs:
                 s, t = (b, a) if swapped else (a, b)
-                inputs.append(corpora.tag_source(s, tgt))
+                inputs.append(embedded.tag_source(s, tgt))
                 targets.append(t)
         return _examples_dataset(inputs, targets, f"{src}-{tgt}", shuffle_files, seed)
 
@@ -297,7 +297,7 @@ def register_corpus(corpus: Sequence[sources.CorpusSource | Mapping],
     ``both_directions``, ``tgt -> src``; files of the same language pair and split
     are concatenated and deduplicated together. Tasks are named by
     :func:`corpus_task_name`, have the splits their sources name, and the features
-    of :func:`register`'s Tasks (source tagged by :func:`corpora.tag_source`). The
+    of :func:`register`'s Tasks (source tagged by :func:`embedded.tag_source`). The
     Mixture ``f"{prefix}_mix"`` samples the train splits at :func:`mixture_rates`.
 
     Skip reports (one per language pair and split, shared by its two directions) go

@@ -4,7 +4,7 @@ Only sentencepiece at import time: the translator loads vocabularies without
 TensorFlow. seqio is imported inside :func:`seqio_vocabulary` alone.
 
 Ids follow the T5/seqio convention (pad 0, EOS 1, UNK 2, no BOS). Every
-target-language tag of :data:`~jaxmt.data.corpora.EMBEDDED_LANGS`, and of every
+target-language tag of :data:`~jaxmt.data.embedded.EMBEDDED_LANGS`, and of every
 other language the model is trained on (any code :func:`~jaxmt.data.sources.check_lang_code`
 accepts, e.g. ``pt-BR``), is a user-defined piece, so a tag is always exactly one id
 (see :func:`tag_langs`). The pieces are ``"▁<2xx>"`` (with the word-boundary mark), not
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import sentencepiece as spm
 
-from jaxmt.data import corpora, sources
+from jaxmt.data import embedded, sources
 
 if TYPE_CHECKING:
     import seqio
@@ -49,18 +49,18 @@ FERTILITY_WARN_RATIO = 2.0  # report(): warn above this multiple of the median f
 
 def tag_piece(lang: str) -> str:
     """The vocabulary piece of a target-language tag, e.g. ``"▁<2de>"``."""
-    return _BOUNDARY + corpora.lang_tag(lang)
+    return _BOUNDARY + embedded.lang_tag(lang)
 
 
 def tag_langs(langs: Iterable[str]) -> list[str]:
     """The languages whose tags a vocabulary trained on ``langs`` holds, in id order.
 
-    :data:`~jaxmt.data.corpora.EMBEDDED_LANGS` first, in their order (so a vocabulary
+    :data:`~jaxmt.data.embedded.EMBEDDED_LANGS` first, in their order (so a vocabulary
     of embedded languages is the same as before corpora existed), then the other
     languages of ``langs``, sorted.
     """
-    extra = sorted(set(langs) - set(corpora.EMBEDDED_LANGS))
-    return [*corpora.EMBEDDED_LANGS, *extra]
+    extra = sorted(set(langs) - set(embedded.EMBEDDED_LANGS))
+    return [*embedded.EMBEDDED_LANGS, *extra]
 
 
 def tag_id(processor: spm.SentencePieceProcessor, lang: str) -> int:
@@ -87,7 +87,7 @@ def sample_sentences(langs: Sequence[str], sample_per_lang: int, seed: int = 0) 
     """
     if sample_per_lang <= 0:
         raise ValueError(f"sample_per_lang must be positive, got {sample_per_lang}")
-    _, texts = corpora.load_split("train", langs)
+    _, texts = embedded.load_split("train", langs)
     pools = {lang: [t for t in texts[lang] if t] for lang in langs}
     k = min(sample_per_lang, *(len(p) for p in pools.values()))
     samples = [random.Random(f"{seed}:{lang}").sample(pools[lang], k) for lang in langs]
@@ -97,7 +97,7 @@ def sample_sentences(langs: Sequence[str], sample_per_lang: int, seed: int = 0) 
 def sample_corpus_sentences(corpus: Sequence[sources.CorpusSource | Mapping],
                             langs: Sequence[str], sample_per_lang: int, seed: int = 0,
                             limits: sources.CleanConfig | Mapping | None = None) -> list[str]:
-    """A language-balanced, deterministic sample of the user's train-split corpora.
+    """A language-balanced, deterministic sample of the user's train-split embedded.
 
     Both sides of every clean pair of every ``split == "train"`` source are read
     through :func:`jaxmt.data.sources.read_pairs` with ``limits`` (the checks and the

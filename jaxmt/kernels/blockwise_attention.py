@@ -6,7 +6,7 @@ the tile's logit gradients into the table gradient. Forward uses an online softm
 over key blocks; the backward recomputes probabilities from the saved logsumexp, so
 memory is linear in sequence length.
 
-Layout matches ``jaxmt.attention``: q [b, q_len, h, d], k/v [b, k_len, h, d]. Like
+Layout matches ``jaxmt.modeling.attention``: q [b, q_len, h, d], k/v [b, k_len, h, d]. Like
 jaxmt, scores are not scaled unless ``scale`` is given (T5 folds it into init), and
 positions for the bias are absolute ``arange`` indices unless given.
 
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmt.layers import relative_bucket
+from jaxmt.modeling.layers import relative_bucket
 
 Array = jax.Array
 _MASKED = -1e30  # finite, so the reference's softmax gradient stays NaN-free
@@ -48,7 +48,7 @@ class BlockSizes:
 
 
 class RelPos(NamedTuple):
-    """How (key - query) offsets are bucketed (see ``jaxmt.layers.relative_bucket``)."""
+    """How (key - query) offsets are bucketed (see ``jaxmt.modeling.layers.relative_bucket``)."""
 
     num_buckets: int
     max_distance: int

@@ -7,7 +7,7 @@ table [num_buckets, h]), but the tiles run as Pallas kernels for GPU (Triton) or
 
 Why the bias is computed in-kernel: a materialised [b, h, q, k] bias costs as much HBM
 traffic as the scores flash attention avoids. Each tile instead builds
-``rel = k_index - q_index`` from iota, buckets it with ``jaxmt.layers.relative_bucket``
+``rel = k_index - q_index`` from iota, buckets it with ``jaxmt.modeling.layers.relative_bucket``
 itself (elementwise ops, traced in-kernel) and selects ``table[head, bucket]`` with a static
 Python loop of ``where(bucket == i, table[head, i], bias)`` over scalar table reads.
 Gathers do not lower portably (neither Triton nor Mosaic gathers from a ref by a
@@ -46,7 +46,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxmt.kernels.blockwise_attention import (BlockSizes, RelPos, fill_defaults, pad_axis1,
                                                reference_attention, saturation, validate)
-from jaxmt.layers import relative_bucket
+from jaxmt.modeling.layers import relative_bucket
 
 __all__ = ["flash_attention", "BlockSizes", "RelPos", "reference_attention"]
 

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import sentencepiece as spm
 
-from jaxmt.data.corpora import tag_source
+from jaxmt.data.embedded import tag_source
 from jaxmt.data.vocab import EOS_ID, PAD_ID, UNK_ID
 
 KINDS = ("t5", "marian")
@@ -101,7 +101,7 @@ def _until_eos(ids) -> list[int]:
 
 
 class Tokenizer:
-    """What :class:`~jaxmt.translator.Translator` needs: encode, decode, language checks."""
+    """What :class:`~jaxmt.inference.translator.Translator` needs: encode, decode, language checks."""
 
     langs: tuple[str, ...] = ()
     num_ids: int | None = None  # ids the vocabulary can decode; None: every model id

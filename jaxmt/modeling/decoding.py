@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmt.data.vocab import EOS_ID, PAD_ID  # SentencePiece only, no TF; PAD also starts decoding
-from jaxmt.network import EncoderDecoder
+from jaxmt.modeling.network import EncoderDecoder
 
 PyTree = Any
 

@@ -21,7 +21,7 @@ What the conversion does besides renaming and transposing:
   not, so the scale is folded into the query kernel and bias.
 * Marian numbers ``</s>`` 0, ``<unk>`` 1 and ``<pad>`` (the decoder start) last; jaxmt
   needs pad 0, EOS 1, UNK 2. The vocabulary rows (embedding, output layer,
-  ``final_logits_bias``) are reordered with :func:`jaxmt.tokenizer.id_permutation`
+  ``final_logits_bias``) are reordered with :func:`jaxmt.inference.tokenizer.id_permutation`
   and the tokenizer record stores the same reordering.
 * Single-token ``bad_words_ids`` of the generation config (opus-mt bans ``<pad>``)
   become ``suppressed_ids``, applied by the translator at generation time.
@@ -45,7 +45,7 @@ import jax
 import numpy as np
 
 from jaxmt.config import CONFIG_FILE, ModelConfig, to_json
-from jaxmt.tokenizer import TokenizerConfig, id_permutation
+from jaxmt.inference.tokenizer import TokenizerConfig, id_permutation
 
 PyTree = Any
 HF_CONFIG = "config.json"
@@ -501,7 +501,7 @@ def check_params(params: PyTree, cfg: ModelConfig) -> None:
     """Raises HFImportError naming every path missing, extra or misshapen versus the model."""
     import flax.linen as nn
 
-    from jaxmt.model import EncoderDecoderModel
+    from jaxmt.modeling.model import EncoderDecoderModel
 
     model = EncoderDecoderModel(cfg)
     want = _flat(jax.eval_shape(lambda: nn.unbox(
@@ -564,7 +564,7 @@ def import_checkpoint(hf_dir: str, precision: str = "fp32", scan_layers: bool = 
     dtype = jax.numpy.dtype(cfg.param_dtype)  # knows bfloat16, unlike numpy
     params = jax.tree.map(lambda x: np.asarray(x, dtype), params)
     if cfg.scan_layers:
-        from jaxmt.network import stack_layers
+        from jaxmt.modeling.network import stack_layers
         params = stack_layers(params)
     check_params(params, cfg)
     return ImportedModel(cfg, tok, params)

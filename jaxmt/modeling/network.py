@@ -12,7 +12,7 @@ as depth grows. Either form can be rematerialised per stack with a named policy.
 
 Packed inputs are supported through segment ids: tokens attend only within their
 segment. This module is pure computation; losses and decoding live in
-:mod:`jaxmt.model` and :mod:`jaxmt.decoding`.
+:mod:`jaxmt.modeling.model` and :mod:`jaxmt.modeling.decoding`.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmt import axes
-from jaxmt.attention import Masking, MultiHeadAttention, dense_bias, mask_to_bias
+from jaxmt.sharding import axes
+from jaxmt.modeling.attention import Masking, MultiHeadAttention, dense_bias, mask_to_bias
 from jaxmt.config import ModelConfig
 from jaxmt.kernels.blockwise_attention import RelPos
-from jaxmt.layers import (Embed, MlpBlock, Norm, RelativePositionBias, bias_param, constrain,
+from jaxmt.modeling.layers import (Embed, MlpBlock, Norm, RelativePositionBias, bias_param, constrain,
                           dtype_of, mixed_einsum, normal, param, sinusoidal_positions)
 
 Array = jax.Array
@@ -40,7 +40,7 @@ def remat_policy(name: str):
     """The ``jax.checkpoint`` policy for a config name (see config.REMAT_POLICIES).
 
     ``full`` saves nothing inside a layer (only its input); ``dots_saveable`` keeps
-    every matmul output (named ``dot`` by :func:`~jaxmt.layers.mixed_einsum`) and
+    every matmul output (named ``dot`` by :func:`~jaxmt.modeling.layers.mixed_einsum`) and
     recomputes the element-wise work; ``save_attention_out`` keeps each attention
     block's output; ``offload`` moves the matmul outputs to pinned host memory
     instead of keeping or recomputing them.

@@ -5,7 +5,7 @@
     t.translate(["In the beginning was the Word."], src_lang="en", tgt_lang="de")
     Translator.from_pretrained("opus-mt-en-de").translate(["Good morning."])  # Hugging Face dir
 
-Text goes through SentencePiece directly (:mod:`jaxmt.tokenizer`); the model runs
+Text goes through SentencePiece directly (:mod:`jaxmt.inference.tokenizer`); the model runs
 with greedy KV-cache decoding. Inputs are bucketed by length (powers of two) and
 padded to a fixed batch, so a long job compiles only a handful of shapes.
 """
@@ -28,9 +28,9 @@ import sentencepiece as spm
 from jaxmt import config as cfglib
 from jaxmt.checkpoint import Checkpointer
 from jaxmt.config import AttentionConfig, DataConfig, ModelConfig
-from jaxmt.decoding import EOS_ID, greedy_decode
-from jaxmt.model import EncoderDecoderModel
-from jaxmt.tokenizer import TaggedTokenizer, Tokenizer, load_tokenizer
+from jaxmt.modeling.decoding import EOS_ID, greedy_decode
+from jaxmt.modeling.model import EncoderDecoderModel
+from jaxmt.inference.tokenizer import TaggedTokenizer, Tokenizer, load_tokenizer
 
 PyTree = Any
 MIN_BUCKET = 16
@@ -74,7 +74,7 @@ class Translator:
     Args:
         model_cfg: The network's configuration.
         params: Its parameters.
-        tokenizer: Text <-> ids (:mod:`jaxmt.tokenizer`).
+        tokenizer: Text <-> ids (:mod:`jaxmt.inference.tokenizer`).
         max_src_len: Longer inputs are truncated (and counted in ``truncated``).
         max_decode_len: The most tokens generated per sentence.
         batch_size: Sentences per decoding call.
@@ -101,13 +101,13 @@ class Translator:
 
         ``model_dir`` is a jaxmt model directory (trained, or written by ``jaxmt
         convert``) or a Hugging Face T5 / mT5 / MarianMT directory, converted in memory
-        (:mod:`jaxmt.hf_import`) with the given ``precision`` policy.
+        (:mod:`jaxmt.inference.hf_import`) with the given ``precision`` policy.
         ``input_prefix`` replaces an imported model's source prefix (e.g.
         ``"translate English to German: "`` for T5); other keyword arguments go to
         the constructor. ``attention`` replaces the model's attention settings (e.g.
         a long-input encoder implementation; the parameters are the same).
         """
-        from jaxmt import hf_import
+        from jaxmt.inference import hf_import
 
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         if hf_import.is_hf_checkpoint(model_dir):

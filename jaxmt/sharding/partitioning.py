@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxmt import axes
+from jaxmt.sharding import axes
 from jaxmt.config import MeshConfig, ModelConfig
 
 PyTree = Any
@@ -47,7 +47,7 @@ def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-MESH_PRESET_DIR = Path(__file__).resolve().parent.parent / "gin_configs" / "mesh"
+MESH_PRESET_DIR = Path(__file__).resolve().parents[2] / "gin_configs" / "mesh"
 MESH_PRESETS = ("dp", "zero1", "fsdp", "tp", "fsdp_tp")
 
 

@@ -11,9 +11,9 @@ from typing import Callable, Sequence
 import numpy as np
 import sacrebleu
 
-from jaxmt.data.corpora import load_split, parallel_pairs
+from jaxmt.data.embedded import load_split, parallel_pairs
 from jaxmt.data.sources import CleanConfig, CorpusSource, direction_pairs
-from jaxmt.translator import Translator
+from jaxmt.inference.translator import Translator
 
 
 def pick(n_total: int, max_examples: int | None) -> list[int]:

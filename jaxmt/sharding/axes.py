@@ -4,7 +4,7 @@ Parameters carry the names ``vocab, embed, mlp, heads, kv, layers, relpos_bucket
 activations carry ``act_*`` names. Rules are matched first-to-last: for each array, a
 rule applies to a dimension if that dimension is still unassigned and the rule's mesh
 axes are still free for that array (Flax's ``logical_to_mesh_axes``). The
-:class:`~jaxmt.partitioning.Partitioner` drops mesh axes of size 1 from every rule, so
+:class:`~jaxmt.sharding.partitioning.Partitioner` drops mesh axes of size 1 from every rule, so
 the PartitionSpecs it produces name only axes that really split something. Keep one
 rule per logical name: the drop happens before matching, so a fallback rule for the
 same name would never be reached (``tests/test_partitioning.py`` checks this).

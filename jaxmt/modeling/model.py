@@ -1,6 +1,6 @@
 """EncoderDecoderModel: the loss, scoring and decoding around the network (T5X's split).
 
-The Module (:class:`jaxmt.network.EncoderDecoder`) only computes logits; this class
+The Module (:class:`jaxmt.modeling.network.EncoderDecoder`) only computes logits; this class
 owns what a training or inference loop needs from it.
 """
 
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmt.config import ModelConfig
-from jaxmt.network import EncoderDecoder
+from jaxmt.modeling.network import EncoderDecoder
 
 Array = jax.Array
 PyTree = Any

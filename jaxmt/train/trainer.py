@@ -24,13 +24,13 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from jaxmt import axes
+from jaxmt.sharding import axes
 from jaxmt import config as cfglib
-from jaxmt import precision
+from jaxmt.train import loss_scale as scaling
 from jaxmt.checkpoint import Checkpointer, abstract_like
 from jaxmt.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
-from jaxmt.model import EncoderDecoderModel
-from jaxmt.partitioning import Partitioner
+from jaxmt.modeling.model import EncoderDecoderModel
+from jaxmt.sharding.partitioning import Partitioner
 
 PyTree = Any
 
@@ -53,7 +53,7 @@ class TrainState:
     step: jax.Array
     params: PyTree
     opt_state: PyTree
-    loss_scale: precision.LossScaleState | None = None
+    loss_scale: scaling.LossScaleState | None = None
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -123,7 +123,7 @@ class Trainer:
     def _init_boxed(self, rng: jax.Array) -> TrainState:
         params = self.model.init(rng, self._dummy)
         opt_state = _fix_unmatched_boxes(self.tx.init(params))
-        ls = precision.init_loss_scale(self.cfg.loss_scale_init) if self.loss_scaling else None
+        ls = scaling.init_loss_scale(self.cfg.loss_scale_init) if self.loss_scaling else None
         return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=opt_state,
                           loss_scale=ls)
 
@@ -131,7 +131,7 @@ class Trainer:
         """``(step, loss_scale)`` placed as the step expects them (replicated)."""
         if self._scalars_fn is None:
             def make(step, scale, good_steps):
-                ls = precision.init_loss_scale(scale, good_steps) if self.loss_scaling else None
+                ls = scaling.init_loss_scale(scale, good_steps) if self.loss_scaling else None
                 return step, ls
             # jit with out_shardings places them on every device, on one host or many.
             self._scalars_fn = jax.jit(make, out_shardings=(self.state_shardings.step,
@@ -140,7 +140,7 @@ class Trainer:
         return self._scalars_fn(np.int32(step), np.float32(scale), np.int32(good_steps))
 
     def loss_scale_state(self, scale: float | None = None, good_steps: int = 0
-                         ) -> precision.LossScaleState | None:
+                         ) -> scaling.LossScaleState | None:
         """A replicated loss-scale state (``TrainConfig.loss_scale_init`` by default);
         None when the policy does not scale the loss."""
         return self._scalars(0, scale, good_steps)[1]
@@ -154,7 +154,7 @@ class Trainer:
         params, opt_state, meta = ckpt.restore(step, self.abstract_state.params,
                                                self.abstract_state.opt_state)
         saved = meta.get("loss_scale")
-        scale, good_steps = precision.from_json(saved) if saved else (None, 0)
+        scale, good_steps = scaling.from_json(saved) if saved else (None, 0)
         step_arr, ls = self._scalars(step, scale, good_steps)
         return TrainState(step=step_arr, params=params, opt_state=opt_state, loss_scale=ls), meta
 
@@ -202,7 +202,7 @@ class Trainer:
                                                 z_loss=cfg.z_loss, normalizer=ntok)
             if not self.loss_scaling:
                 return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            (loss, metrics), grads, _ = precision.scaled_value_and_grad(
+            (loss, metrics), grads, _ = scaling.scaled_value_and_grad(
                 loss_fn, state.params, state.loss_scale)
             return (loss, metrics), grads
 
@@ -261,7 +261,7 @@ class Trainer:
         loss, metrics, grads = self.loss_and_grads(state, batch, rng)
         grads = jax.lax.with_sharding_constraint(grads, self.grad_shardings)
         if self.loss_scaling:
-            finite = precision.all_finite(grads)
+            finite = scaling.all_finite(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
@@ -272,9 +272,9 @@ class Trainer:
             # An overflowed step keeps the old parameters and optimizer state: a leaf-wise
             # select (Flax's DynamicScale recipe), so the step has no data-dependent
             # control flow; the update is computed either way.
-            params = precision.select_tree(finite, params, state.params)
-            opt_state = precision.select_tree(finite, opt_state, state.opt_state)
-            loss_scale = precision.update_loss_scale(state.loss_scale, finite,
+            params = scaling.select_tree(finite, params, state.params)
+            opt_state = scaling.select_tree(finite, opt_state, state.opt_state)
+            loss_scale = scaling.update_loss_scale(state.loss_scale, finite,
                                                      self.cfg.loss_scale_growth_interval)
             metrics = dict(metrics, loss_scale=loss_scale.scale,
                            skipped=1 - finite.astype(jnp.int32))
@@ -348,7 +348,7 @@ def checkpoint_meta(state: TrainState, meta: dict | None, step: int) -> dict:
     """The JSON item of a checkpoint: ``meta``, the step, and the loss scale if any."""
     out = dict(meta or {}, step=step)
     if state.loss_scale is not None:
-        out["loss_scale"] = precision.to_json(state.loss_scale)
+        out["loss_scale"] = scaling.to_json(state.loss_scale)
     return out
 
 

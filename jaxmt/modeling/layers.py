@@ -2,7 +2,7 @@
 
 Every parameter is created with a logical axis name per dimension
 (``nn.with_logical_partitioning``) and key activations are constrained with
-``act_*`` names, so the rules in :mod:`jaxmt.axes` decide the sharding.
+``act_*`` names, so the rules in :mod:`jaxmt.sharding.axes` decide the sharding.
 Matmuls take inputs in the compute dtype and accumulate in float32.
 """
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxmt import axes
+from jaxmt.sharding import axes
 
 Array = jax.Array
 

@@ -1,0 +1,1 @@
+"""Inference: the Translator, tokenizers, evaluation and Hugging Face import (no TensorFlow)."""

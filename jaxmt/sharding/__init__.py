@@ -1,0 +1,1 @@
+"""Sharding: the logical-axis rule table, the Partitioner (mesh, shardings, jit) and multi-host start-up."""
