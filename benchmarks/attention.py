@@ -37,7 +37,7 @@ import numpy as np
 
 from jaxmt.modeling.attention import Masking, attend
 from jaxmt.config import AttentionConfig
-from jaxmt.kernels.blockwise_attention import RelPos
+from jaxmt.kernels.common import RelPos
 
 CPU_IMPLS = ("xla", "dot_product", "blockwise", "local", "bigbird", "performer")
 ACCEL_IMPLS = ("xla", "dot_product", "flash", "blockwise", "local", "bigbird", "performer")
@@ -90,7 +90,7 @@ def model_rows(model: str, lengths, impls) -> list[dict]:
 
     import flax.linen as nn
 
-    from jaxmt.cli import parse_gin
+    from jaxmt.gin_files import parse_gin
     from jaxmt.config import ModelConfig
     from jaxmt.modeling.model import EncoderDecoderModel
 

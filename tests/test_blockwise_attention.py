@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from jaxmt.modeling.attention import Masking, MultiHeadAttention, dense_bias
-from jaxmt.kernels.blockwise_attention import (BlockSizes, RelPos, blockwise_attention,
-                                               reference_attention)
+from jaxmt.kernels.blockwise_attention import blockwise_attention
+from jaxmt.kernels.common import BlockSizes, RelPos, reference_attention
 from jaxmt.modeling.layers import RelativePositionBias
 
 from attention_cases import make_inputs, segments as _segments

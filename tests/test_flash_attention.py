@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxmt.kernels.flash_attention import (BlockSizes, RelPos, _far_config, flash_attention,
-                                           reference_attention)
+from jaxmt.kernels.common import BlockSizes, RelPos, reference_attention
+from jaxmt.kernels.flash_attention import far_config, flash_attention
 
 from attention_cases import make_inputs, segments as _segments
 
@@ -87,7 +87,7 @@ def test_far_tile_fast_path(backend, bidirectional, causal):
     """Length 256, 32-blocks, max_distance 32: most tiles lie past bucket saturation and take
     the single-bucket path (future and past sides where visited), the diagonal ones the loop."""
     relpos = RelPos(NB, 32, bidirectional)
-    far = _far_config(relpos, causal, 32, 32, 8, 8)
+    far = far_config(relpos, causal, 32, 32, 8, 8)
     assert far is not None and far[2] is not None  # past far tiles are visited
     assert (far[0] is None) == causal  # future far tiles only without the causal mask
     _check(256, 256, BlockSizes(32, 32), backend, relpos=relpos, causal=causal,
@@ -166,7 +166,7 @@ def _aot_grad_fn(backend, bidirectional=False):
     (max_distance 128), so the far-tile branch is lowered too."""
     relpos = RelPos(32, 128, bidirectional=bidirectional)
     length, blocks = 456, BlockSizes(64, 32)
-    far = _far_config(relpos, not bidirectional, 64, 32, 8, 15)
+    far = far_config(relpos, not bidirectional, 64, 32, 8, 15)
     assert far is not None and far[2] is not None and (far[0] is None) != bidirectional
 
     def loss(q, k, v, table, seg):

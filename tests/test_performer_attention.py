@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmt.kernels.blockwise_attention import RelPos, reference_attention
+from jaxmt.kernels.common import RelPos, reference_attention
 from jaxmt.kernels.performer_attention import (performer_attention, performer_reference,
                                                random_features)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxmt.kernels.bigbird_attention import bigbird_attention, bigbird_mask
-from jaxmt.kernels.blockwise_attention import RelPos, reference_attention
+from jaxmt.kernels.common import RelPos, reference_attention
 from jaxmt.kernels.local_attention import local_attention, local_mask
 
 from attention_cases import make_inputs, segments as _segments

@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmt.kernels.blockwise_attention import (RelPos, bias_of, fill_defaults, masked_softmax,
-                                               pad_axis1, validate)
-from jaxmt.kernels.local_attention import check_int, global_rows
+from jaxmt.kernels.common import (RelPos, bias_of, check_int, fill_defaults, global_rows,
+                                  masked_softmax, pad_axis1, validate)
 
 Array = jax.Array
 

@@ -1,13 +1,13 @@
 """Pallas flash attention with the T5 relative position bias computed in-kernel.
 
-Same contract as ``jaxmt.kernels.blockwise_attention`` (q [b, q_len, h, d], k/v
+Same contract as ``jaxmt.kernels.common`` (q [b, q_len, h, d], k/v
 [b, k_len, h, d], segment ids with 0 = padding, optional causal mask, learned bias
 table [num_buckets, h]), but the tiles run as Pallas kernels for GPU (Triton) or TPU
 (Mosaic); bias positions are always the plain indices ``0..len-1``.
 
 Why the bias is computed in-kernel: a materialised [b, h, q, k] bias costs as much HBM
 traffic as the scores flash attention avoids. Each tile instead builds
-``rel = k_index - q_index`` from iota, buckets it with ``jaxmt.modeling.layers.relative_bucket``
+``rel = k_index - q_index`` from iota, buckets it with ``jaxmt.kernels.common.relative_bucket``
 itself (elementwise ops, traced in-kernel) and selects ``table[head, bucket]`` with a static
 Python loop of ``where(bucket == i, table[head, i], bias)`` over scalar table reads.
 Gathers do not lower portably (neither Triton nor Mosaic gathers from a ref by a
@@ -44,11 +44,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from jaxmt.kernels.blockwise_attention import (BlockSizes, RelPos, fill_defaults, pad_axis1,
-                                               reference_attention, saturation, validate)
-from jaxmt.modeling.layers import relative_bucket
+from jaxmt.kernels.common import (BlockSizes, RelPos, fill_defaults, pad_axis1, relative_bucket,
+                                  saturation, validate)
 
-__all__ = ["flash_attention", "BlockSizes", "RelPos", "reference_attention"]
+__all__ = ["flash_attention", "far_config"]
 
 Array = jax.Array
 _MASKED = -1e30  # finite: masked logits never produce inf - inf = NaN
@@ -86,7 +85,7 @@ def _relbucket(rel, relpos: RelPos):
     return relative_bucket(rel, relpos.bidirectional, relpos.num_buckets, relpos.max_distance)
 
 
-def _far_config(relpos: RelPos | None, causal, bq, bk, nq, nk):
+def far_config(relpos: RelPos | None, causal, bq, bk, nq, nk):
     """_Cfg.far: the saturation sides that some visited tile of this geometry reaches."""
     if relpos is None:
         return None
@@ -496,7 +495,7 @@ def flash_attention(q: Array, k: Array, v: Array, *, bias_table: Array | None = 
             table = table.reshape(h * nbp)  # 1-D: scalar SMEM reads without 2-D SMEM padding
     nq, nk = pq // bq, pk // bk
     cfg = _Cfg(relpos, bool(causal), float(scale), bq, bk, nq, nk, nbp,
-               _far_config(relpos, bool(causal), bq, bk, nq, nk), backend, interpret)
+               far_config(relpos, bool(causal), bq, bk, nq, nk), backend, interpret)
     out = _flash(prep(q, pq), prep(k, pk), prep(v, pk), table,
                  pad_axis1(qseg, 0, pq)[:, :, None],  # [b, pq, 1]; padded queries: segment 0
                  pad_axis1(kseg, 0, pk).reshape(b, pk // bk, 1, bk), cfg)  # padded keys: segment 0

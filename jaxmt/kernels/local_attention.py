@@ -3,7 +3,7 @@
 Pattern: query ``i`` sees key ``j`` when ``|i - j| <= window`` (or ``0 <= i - j <= window``
 if ``causal``), or when either index is one of the first ``global_tokens`` positions
 (global tokens attend everywhere and are attended by everyone). Segment ids and the
-causal rule from ``jaxmt.kernels.blockwise_attention`` apply on top.
+causal rule from ``jaxmt.kernels.common`` apply on top.
 ``local_mask`` builds the exact [length, length] pattern for ``reference_attention``.
 
 Memory: the sequence is split into blocks of ``block_size >= window``; every key a
@@ -21,27 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmt.kernels.blockwise_attention import (RelPos, bias_of, fill_defaults, masked_softmax,
-                                               pad_axis1, reference_attention, validate)
+from jaxmt.kernels.common import (RelPos, bias_of, check_int, fill_defaults, global_rows,
+                                  masked_softmax, pad_axis1, validate)
 
 Array = jax.Array
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def check_int(name: str, value, minimum: int) -> int:
-    """Returns ``value`` if it is an int >= ``minimum``; raises ValueError otherwise."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def global_rows(q, k, v, table, relpos, qseg, kseg, n, causal, scale) -> Array:
-    """Full attention rows for the first ``n`` queries ([n, length] logits: linear)."""
-    return reference_attention(q[:, :n], k, v, bias_table=table, relpos=relpos,
-                               q_segment_ids=qseg[:, :n], kv_segment_ids=kseg,
-                               causal=causal, scale=scale)
 
 
 # ----------------------------------------------------------------------------- local

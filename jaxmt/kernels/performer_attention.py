@@ -54,8 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmt.kernels.blockwise_attention import (RelPos, bias_of, fill_defaults, saturation,
-                                               validate)
+from jaxmt.kernels.common import RelPos, bias_of, fill_defaults, saturation, validate
 
 Array = jax.Array
 _F32 = jnp.float32

@@ -26,7 +26,8 @@ from jax.sharding import PartitionSpec as P
 from jaxmt.sharding import axes
 from jaxmt.config import AttentionConfig
 from jaxmt.kernels.bigbird_attention import bigbird_attention
-from jaxmt.kernels.blockwise_attention import BlockSizes, RelPos, bias_of, blockwise_attention
+from jaxmt.kernels.blockwise_attention import blockwise_attention
+from jaxmt.kernels.common import BlockSizes, RelPos, bias_of
 from jaxmt.kernels.flash_attention import flash_attention
 from jaxmt.kernels.local_attention import local_attention
 from jaxmt.kernels.performer_attention import performer_attention

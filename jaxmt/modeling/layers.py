@@ -9,7 +9,6 @@ Matmuls take inputs in the compute dtype and accumulate in float32.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import flax.linen as nn
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxmt.kernels.common import RelPos, bias_of
 from jaxmt.sharding import axes
 
 Array = jax.Array
@@ -213,30 +213,6 @@ class MlpBlock(nn.Module):
         return constrain(out, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
 
-def relative_bucket(rel: Array, bidirectional: bool, num_buckets: int,
-                    max_distance: int, xp=jnp) -> Array:
-    """T5 bucketing of (key - query) offsets: exact for small, log-spaced for large.
-
-    ``xp=numpy`` evaluates it on the host (the flash kernel sizes its far tiles with it
-    at trace time, where jnp would be staged out).
-    """
-    ret = xp.zeros_like(rel)
-    n = -rel
-    if bidirectional:
-        num_buckets //= 2
-        ret += (n < 0).astype(xp.int32) * num_buckets
-        n = xp.abs(n)
-    else:
-        n = xp.maximum(n, 0)
-    max_exact = num_buckets // 2
-    is_small = n < max_exact
-    val_large = max_exact + (
-        xp.log(xp.maximum(n, 1).astype(xp.float32) / max_exact)
-        / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(xp.int32)
-    val_large = xp.minimum(val_large, num_buckets - 1)
-    return ret + xp.where(is_small, n, val_large)
-
-
 class RelativePositionBias(nn.Module):
     """Per-head learned bias from a [relpos_buckets, heads] table, shared across layers."""
 
@@ -257,6 +233,6 @@ class RelativePositionBias(nn.Module):
         if q_pos is None:
             return table.astype(jnp.float32)
         rel = k_pos[None, :] - q_pos[:, None]  # [q, k]
-        buckets = relative_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
-        bias = jnp.take(table.astype(jnp.float32), buckets, axis=0)  # [q, k, h]
+        relpos = RelPos(self.num_buckets, self.max_distance, self.bidirectional)
+        bias = bias_of(table.astype(jnp.float32), relpos, rel)  # [q, k, h]
         return jnp.transpose(bias, (2, 0, 1))[None]  # [1, h, q, k]

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jaxmt.sharding import axes
 from jaxmt.modeling.attention import Masking, MultiHeadAttention, dense_bias, mask_to_bias
 from jaxmt.config import ModelConfig
-from jaxmt.kernels.blockwise_attention import RelPos
+from jaxmt.kernels.common import RelPos
 from jaxmt.modeling.layers import (Embed, MlpBlock, Norm, RelativePositionBias, bias_param, constrain,
                           dtype_of, mixed_einsum, normal, param, sinusoidal_positions)
 
