@@ -73,7 +73,7 @@ def measure_train(batches, steps: int) -> dict:
     import jax
     import numpy as np
 
-    from jaxmt.cli import parse_gin
+    from jaxmt.gin_files import parse_gin
     from jaxmt.config import MeshConfig, ModelConfig, TrainConfig
     from jaxmt.sharding.partitioning import Partitioner
     from jaxmt.train.trainer import Trainer
@@ -132,7 +132,7 @@ def main() -> int:
         n_examples = sum(r["examples"] for r in rows)
         print(f"cache: {n_examples:,} examples in {len(rows)} directions built in "
               f"{build_s:.1f}s ({n_examples / build_s:,.0f} examples/s)", flush=True)
-        assert cache.activate(cache_dir, mixture, spm_path)
+        assert cache.is_usable(cache_dir, mixture, spm_path)
         kw = dict(src_len=args.seq_len, tgt_len=args.seq_len, batch_size=args.batch, seed=0)
         fly = measure_pipeline(pipeline.train_batches(mixture, **kw), args.batches)
         cached = measure_pipeline(pipeline.train_batches(mixture, cache_dir=cache_dir, **kw),
@@ -140,7 +140,6 @@ def main() -> int:
         threads = pipeline.default_threads()
         train = measure_train(pipeline.train_batches(mixture, cache_dir=cache_dir, **kw),
                               args.steps)
-        cache.deactivate()
     speedup = cached["tokens_per_s"] / fly["tokens_per_s"]
     ratio = cached["tokens_per_s"] / train["tokens_per_s"]
     print(f"\npacked batches of {args.batch} x ({args.seq_len} + {args.seq_len}) tokens, "

@@ -71,7 +71,7 @@ def make_batch(batch: int, src_len: int, tgt_len: int, vocab: int, seed: int = 0
              decoder_input_tokens=dec_in, decoder_target_tokens=tgt, decoder_loss_weights=ones_t,
              decoder_segment_ids=ones_t,
              decoder_positions=np.tile(np.arange(tgt_len, dtype=np.int32), (batch, 1)))
-    from jaxmt.modeling.model import BATCH_KEYS
+    from jaxmt.data.packing import BATCH_KEYS
     assert set(b) == set(BATCH_KEYS), sorted(set(b) ^ set(BATCH_KEYS))
     return b
 

@@ -14,7 +14,7 @@ from typing import Any
 import gin
 
 from jaxmt.data import bucketing, mixture, sources  # pure Python: no TensorFlow
-from jaxmt.inference.tokenizer import TokenizerConfig
+from jaxmt.data.mixture import directions
 
 
 def _check(cond: bool, cls: str, field: str, msg: str) -> None:
@@ -307,12 +307,6 @@ class DataConfig:
         return tuple(dict.fromkeys(lang for d in self.directions for lang in d))
 
 
-def directions(langs, pivot: str) -> list[tuple[str, str]]:
-    """``pivot -> xx`` for every other language, then ``xx -> pivot``."""
-    others = [lang for lang in langs if lang != pivot]
-    return [(pivot, lang) for lang in others] + [(lang, pivot) for lang in others]
-
-
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -363,6 +357,52 @@ class TrainConfig:
                and self.loss_scale_growth_interval > 0, "TrainConfig",
                "loss_scale_growth_interval",
                f"must be a positive integer, got {self.loss_scale_growth_interval!r}")
+
+
+TOKENIZER_KINDS = ("t5", "marian")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """How an imported model turns text into ids and back (``jaxmt_config.json``).
+
+    Attributes:
+        kind: ``"t5"`` (one SentencePiece model whose ids are the model's ids) or
+            ``"marian"`` (source/target SentencePiece models plus ``vocab.json``).
+        vocab_files: File names in the model directory: ``("spiece.model",)`` or
+            ``("source.spm", "target.spm", "vocab.json")``.
+        input_prefix: Prepended to every source text. ``{src}`` and ``{tgt}`` are
+            replaced by the ``src_lang``/``tgt_lang`` arguments, e.g. ``">>{tgt}<< "``
+            for a multilingual Marian model or ``"translate English to German: "``.
+        target_langs: The values ``tgt_lang`` may take (a multilingual Marian model's
+            ``>>xx<<`` codes); empty means the prefix decides alone.
+        reordered_ids: Original ids that became jaxmt's pad 0, EOS 1 and UNK 2; the
+            other ids follow in their original order (:func:`id_permutation`).
+            Empty when the original ids already follow jaxmt's convention.
+        suppressed_ids: jaxmt ids the model must never generate (the checkpoint's
+            single-token ``bad_words_ids``, e.g. Marian's pad).
+    """
+
+    kind: str
+    vocab_files: tuple[str, ...]
+    input_prefix: str = ""
+    target_langs: tuple[str, ...] = ()
+    reordered_ids: tuple[int, ...] = ()
+    suppressed_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for f in ("vocab_files", "target_langs", "reordered_ids", "suppressed_ids"):
+            object.__setattr__(self, f, tuple(getattr(self, f)))
+        if self.kind not in TOKENIZER_KINDS:
+            raise ValueError(f"TokenizerConfig.kind: unknown value {self.kind!r}; "
+                             f"choose one of {TOKENIZER_KINDS}")
+        want = {"t5": 1, "marian": 3}[self.kind]
+        if len(self.vocab_files) != want:
+            raise ValueError(f"TokenizerConfig.vocab_files: kind {self.kind!r} needs {want} "
+                             f"file(s), got {self.vocab_files}")
+        if self.reordered_ids and len(self.reordered_ids) != 3:
+            raise ValueError("TokenizerConfig.reordered_ids: needs exactly the original "
+                             f"pad, EOS and UNK ids, got {self.reordered_ids}")
 
 
 CONFIG_FILE = "jaxmt_config.json"  # in every model directory, beside VOCAB_FILE

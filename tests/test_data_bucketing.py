@@ -5,12 +5,11 @@ import collections
 import hashlib
 import itertools
 
-import jax
 import numpy as np
 import pytest
 
 from jaxmt.data import bucketing
-from jaxmt.modeling.model import BATCH_KEYS
+from jaxmt.data.packing import BATCH_KEYS
 
 LENGTHS = (16, 32, 64)
 
@@ -221,7 +220,8 @@ def test_bucketing_never_compiles_more_shapes_than_configured(mixture, tmp_path)
     from jaxmt.checkpoint import Checkpointer
     from jaxmt.config import MeshConfig, ModelConfig, TrainConfig
     from jaxmt.sharding.partitioning import Partitioner
-    from jaxmt.train.trainer import Trainer, train_loop
+    from jaxmt.train.loop import train_loop
+    from jaxmt.train.trainer import Trainer
 
     model_cfg = ModelConfig(vocab_size=2048, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
                             num_encoder_layers=1, num_decoder_layers=1, precision="fp32")

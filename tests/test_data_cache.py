@@ -29,23 +29,31 @@ def built(spm_path, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("cache"))
     rows = cache.build(root, mixture, spm_path, num_shards=FILES, seed=3, progress=False)
     yield mixture, root, rows
-    cache.deactivate()
 
 
 def _multiset(examples):
     return collections.Counter((tuple(map(int, a)), tuple(map(int, b))) for a, b in examples)
 
 
-def _seqio_examples(task, use_cached, **kw):
-    ds = task.get_dataset(BIG, split="train", use_cached=use_cached, shuffle=False,
-                          try_in_mem_cache=False, **kw)
-    return [(ex["inputs"], ex["targets"]) for ex in ds.as_numpy_iterator()]
+def _seqio_examples(task, use_cached, cache_dir=None, **kw):
+    # seqio finds a cache only through its global cache directories, which jaxmt never
+    # sets (its reader takes the directory): point them here for this read only.
+    if use_cached:
+        seqio.utils.set_global_cache_dirs([cache_dir])
+    try:
+        ds = task.get_dataset(BIG, split="train", use_cached=use_cached, shuffle=False,
+                              try_in_mem_cache=False, **kw)
+        return [(ex["inputs"], ex["targets"]) for ex in ds.as_numpy_iterator()]
+    finally:
+        if use_cached:
+            seqio.utils.set_global_cache_dirs([])
 
 
 def test_cache_holds_exactly_the_on_the_fly_examples(built, spm_path):
     mixture, root, rows = built
     assert [r["status"] for r in rows] == ["built", "built"]
-    assert cache.activate(root, mixture, spm_path)
+    assert cache.is_usable(root, mixture, spm_path)
+    assert not seqio.utils.get_global_cache_dirs()  # a check, no global side effect
     for row in rows:
         task = seqio.get_mixture_or_task(row["task"])
         path = cache.task_dir(root, task.name)
@@ -54,7 +62,7 @@ def test_cache_holds_exactly_the_on_the_fly_examples(built, spm_path):
             + [f"train.tfrecord-{i:05d}-of-{FILES:05d}" for i in range(FILES)])
         fly = _seqio_examples(task, use_cached=False)
         # seqio's own reader of its cache format (Task.get_dataset(use_cached=True)) ...
-        cached = _seqio_examples(task, use_cached=True)
+        cached = _seqio_examples(task, use_cached=True, cache_dir=root)
         assert len(fly) == row["examples"] == task.num_input_examples("train")
         assert _multiset(cached) == _multiset(fly)
         # ... and jaxmt's batched reader: one epoch of it is the same examples (no EOS yet).
@@ -134,14 +142,14 @@ def test_cached_stream_is_deterministic_resumable_and_sampled_at_the_rates(built
 
 def test_stale_partial_and_missing_caches(built, spm_path, tmp_path):
     mixture, root, rows = built
-    assert not cache.activate(str(tmp_path / "nothing"), mixture, spm_path)
+    assert not cache.is_usable(str(tmp_path / "nothing"), mixture, spm_path)
     # Another vocabulary: stale, named, with the command that rebuilds it.
     other = tmp_path / "other.model"
     shutil.copy(spm_path, other)
     with open(other, "ab") as f:
         f.write(b"\0")
     with pytest.raises(ValueError, match="another SentencePiece model.*jaxmt data cache"):
-        cache.activate(root, mixture, str(other))
+        cache.is_usable(root, mixture, str(other))
     # A changed corpus (one direction fewer examples): stale.
     copy = str(tmp_path / "copy")
     shutil.copytree(root, copy)
@@ -149,16 +157,15 @@ def test_stale_partial_and_missing_caches(built, spm_path, tmp_path):
     manifest = json.load(open(os.path.join(first, cache.MANIFEST)))
     json.dump(dict(manifest, fingerprint="0" * 64), open(os.path.join(first, cache.MANIFEST), "w"))
     with pytest.raises(ValueError, match=f"{rows[0]['task']}.*source examples changed"):
-        cache.activate(copy, mixture, spm_path)
+        cache.is_usable(copy, mixture, spm_path)
     # One direction missing: partial, an error rather than half the data from the cache.
     shutil.rmtree(first)
     with pytest.raises(ValueError, match="no completed cache"):
-        cache.activate(copy, mixture, spm_path)
+        cache.is_usable(copy, mixture, spm_path)
     # build() redoes only what is not fresh.
     again = cache.build(copy, mixture, spm_path, num_shards=2, progress=False)
     assert [r["status"] for r in again] == ["built", "fresh"]
-    assert cache.activate(copy, mixture, spm_path)
-    cache.activate(root, mixture, spm_path)
+    assert cache.is_usable(copy, mixture, spm_path)
 
 
 def test_a_crash_mid_write_leaves_the_old_cache_or_none(built, spm_path, tmp_path,
@@ -184,7 +191,7 @@ def test_a_crash_mid_write_leaves_the_old_cache_or_none(built, spm_path, tmp_pat
     # The old cache is untouched and still fresh; the new place has no cache at all.
     assert cache.task_status(copy, task, sha) == ("fresh", cache.task_dir(copy, task.name))
     assert cache.task_status(str(tmp_path / "fresh"), task, sha)[0] == "missing"
-    assert cache.activate(root, mixture, spm_path)
+    assert cache.is_usable(root, mixture, spm_path)
 
 
 BINDINGS = [
@@ -215,7 +222,6 @@ def test_jaxmt_data_cache_then_train_reads_it(spm_path, tmp_path, capsys):
         assert f"data: reading the pre-tokenised cache in {model_dir}/data_cache" in printed
     finally:
         gin.clear_config()
-        cache.deactivate()
     from jaxmt.checkpoint import Checkpointer
     import orbax.checkpoint as ocp
     ck = Checkpointer(model_dir, async_save=False)

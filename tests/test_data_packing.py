@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxmt.data import packing
-from jaxmt.modeling.model import BATCH_KEYS
+from jaxmt.data.packing import BATCH_KEYS
 
 seqio = pytest.importorskip("seqio")
 import tensorflow as tf  # noqa: E402
@@ -116,17 +116,6 @@ def test_same_segments_as_seqio_packing():
     assert sorted(ours) == sorted(theirs)
     # ... and fewer rows than seqio's greedy packing needs.
     assert ours_b["encoder_input_tokens"].shape[0] <= len(list(conv.as_numpy_iterator()))
-
-
-def test_packer_throughput():
-    exs = _random_examples(3000, 60, 60, seed=1)
-    import time
-    t = time.perf_counter()
-    n = sum(1 for _ in packing.packed_batches(exs, 128, 128, 16))
-    rate = len(exs) / (time.perf_counter() - t)
-    # Printed, not asserted: speed belongs in benchmarks (a small model consumes about
-    # 300 examples/s on the dev CPU; the packer did about 60,000).
-    print(f"packer: {rate:.0f} examples/s, {n} batches")
 
 
 # ------------------------------------------------------------------ embedded corpus

@@ -17,7 +17,7 @@ import pytest
 from jaxmt.data import vocab
 
 seqio = pytest.importorskip("seqio")
-from jaxmt import cli  # noqa: E402
+from jaxmt.gin_files import parse_gin  # noqa: E402
 from jaxmt.checkpoint import Checkpointer, checkpoint_dir  # noqa: E402
 from jaxmt.data import pipeline, tasks  # noqa: E402
 
@@ -136,8 +136,8 @@ def _train(model_dir, spm_path):
     os.makedirs(model_dir, exist_ok=True)
     shutil.copy(spm_path, os.path.join(model_dir, "spm.model"))  # no vocabulary training
     gin.clear_config()
-    cli.parse_gin([], [f"--gin.{b.replace(' = ', '=')}" for b in BINDINGS])
-    from jaxmt.train.trainer import train
+    parse_gin([], [f"--gin.{b.replace(' = ', '=')}" for b in BINDINGS])
+    from jaxmt.train.run import train
     try:
         return train(model_dir=model_dir, progress=False)
     finally:

@@ -133,7 +133,7 @@ def corpus_sources(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus_spm(corpus_sources, tmp_path_factory):
-    # As trainer.train() calls it: DataConfig.corpus_langs, .corpora (dicts work too), .clean.
+    # As jaxmt.train.run.train() calls it: DataConfig.corpus_langs, .corpora (dicts work too), .clean.
     import dataclasses
     return vocab.train_vocab(tmp_path_factory.mktemp("cvocab") / "spm.model",
                              ("en", "de-CH", "pt-BR"), CORPUS_SIZE, CORPUS_PER_LANG, seed=0,

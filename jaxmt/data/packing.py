@@ -9,7 +9,7 @@ into the open row where both of its sides fit with the least room left over (bes
 fit, in two dimensions), which fills rows to 90% and more.
 
 The output is exactly what ``EncDecFeatureConverter(pack=True)`` produces for a packed
-row (the features of :data:`jaxmt.modeling.model.BATCH_KEYS`): segment ids count the examples
+row (the features of :data:`BATCH_KEYS`): segment ids count the examples
 of a row from 1 and are 0 on padding, positions restart at 0 in every segment, and the
 decoder inputs are the targets shifted right *within each segment*, with 0 (the BOS
 id) at the start of each segment and on padding.
@@ -26,6 +26,12 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 Example = tuple[Sequence[int], Sequence[int]]
+
+# The features of every training batch, whichever way it is made (packed, padded or
+# bucketed; jaxmt.data.pipeline), and what the model's loss reads.
+BATCH_KEYS = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
+              "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+              "decoder_segment_ids", "decoder_positions")
 
 
 class _Row:
@@ -129,9 +135,7 @@ def row_features(rows: Sequence[tuple[Sequence[np.ndarray], Sequence[np.ndarray]
     """
     n = len(rows)
     out = {k: np.zeros((n, src_len if k.startswith("encoder") else tgt_len), np.int32)
-           for k in ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
-                     "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
-                     "decoder_segment_ids", "decoder_positions")}
+           for k in BATCH_KEYS}
     for r, (srcs, tgts) in enumerate(rows):
         for side, segs, length in (("encoder", srcs, src_len), ("decoder", tgts, tgt_len)):
             pos = 0

@@ -24,12 +24,9 @@ from typing import Iterator, Mapping, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
-import seqio  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-from jaxmt.data import bucketing, packing  # noqa: E402
-from jaxmt.data import tasks  # noqa: E402,F401  (hides accelerators from TF on import)
-from jaxmt.modeling.model import BATCH_KEYS  # noqa: E402
+from jaxmt.data import bucketing, packing, tfdata  # noqa: E402  (tfdata hides accelerators from TF)
+from jaxmt.data.packing import BATCH_KEYS  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +40,6 @@ PACKING = {"max_open_rows": 512, "close_at": 0.97}
 # examples of the unsharded stream (jaxmt.data.bucketing.schedule_weights' other
 # arguments). Part of the stream's definition too.
 BUCKETING = {"sample": 2048, "margin": 1.2, "min_share": 0.05}
-
-
-def _options(threads: int) -> tf.data.Options:
-    options = tf.data.Options()
-    # A private pool keeps tf.data from spreading over every core the trainer needs.
-    options.threading.private_threadpool_size = threads
-    options.threading.max_intra_op_parallelism = 1
-    options.autotune.cpu_budget = threads
-    options.deterministic = True
-    return options
 
 
 def train_batches(mixture_name: str, src_len: int, tgt_len: int, batch_size: int, seed: int,
@@ -111,7 +98,7 @@ def train_batches(mixture_name: str, src_len: int, tgt_len: int, batch_size: int
         threads: tf.data worker threads (default: :func:`default_threads`).
         cache_dir: Read token ids from this pre-tokenised cache (``jaxmt data
             cache``; the caller checks it is fresh with
-            :func:`jaxmt.data.cache.activate`) instead of tokenising the text. A
+            :func:`jaxmt.data.cache.is_usable`) instead of tokenising the text. A
             different stream from the on-the-fly one, equally determined by the
             arguments, and several times faster (``benchmarks/data_pipeline.py``).
 
@@ -163,6 +150,8 @@ def _examples(mixture_name: str, src_len: int, tgt_len: int, seed: int, shard_in
         return cache.cached_examples(
             mixture_name, cache_dir, seed=seed, src_len=src_len, tgt_len=tgt_len,
             shard_index=shard_index, num_shards=num_shards, threads=threads)
+    import seqio  # here, not at the top: seqio loads Flax (through clu), the batching does not
+
     # Not seqio.get_dataset(): it cannot pass try_in_mem_cache=False, and seqio's
     # in-memory cache would freeze the source's first shuffled epoch (see tasks.py).
     ds = seqio.get_mixture_or_task(mixture_name).get_dataset(
@@ -172,7 +161,7 @@ def _examples(mixture_name: str, src_len: int, tgt_len: int, seed: int, shard_in
     # The Task's preprocessors tokenise, trim and append EOS; batching is numpy, here.
     ds = ds.map(lambda ex: {"inputs": ex["inputs"], "targets": ex["targets"]},
                 num_parallel_calls=None)
-    ds = ds.prefetch(256).with_options(_options(threads))
+    ds = ds.prefetch(256).with_options(tfdata.options(threads))
     return ((ex["inputs"], ex["targets"]) for ex in ds.as_numpy_iterator())
 
 

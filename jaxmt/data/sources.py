@@ -59,10 +59,11 @@ import itertools
 import json
 import os
 import re
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
+
+from jaxmt.fileio import write_atomic
 
 REASONS: tuple[str, ...] = (
     "invalid_utf8", "bad_json", "missing_column", "extra_column", "bad_lang_code",
@@ -358,23 +359,11 @@ def write_reports(directory: str | Path, reports: Iterable[Report],
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     text = "\n\n".join(r.format_text() for r in reports) + "\n"
-    _write_atomic(directory / f"{stem}.txt", text)
+    write_atomic(directory / f"{stem}.txt", text)
     out = directory / f"{stem}.json"
-    _write_atomic(out, json.dumps({**totals, "reports": [r.to_dict() for r in reports]},
+    write_atomic(out, json.dumps({**totals, "reports": [r.to_dict() for r in reports]},
                                   indent=2, ensure_ascii=False) + "\n")
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------- reading

@@ -31,11 +31,11 @@ from typing import Mapping, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import seqio  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from jaxmt.data.tfdata import tf  # noqa: E402  (hidden from accelerators there)
 
-from jaxmt.config import directions  # noqa: E402
 from jaxmt.data import embedded, sources, vocab  # noqa: E402
 from jaxmt.data import mixture as mixlib  # noqa: E402
+from jaxmt.data.mixture import directions  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +43,6 @@ SPLITS = embedded.SPLITS
 # Skip reports of the last registration, per task name and split: embedded.SkipReport
 # for the embedded corpus, sources.Report (same total/kept/skipped/summary()) for files.
 SKIP_REPORTS: dict[str, dict[str, embedded.SkipReport | sources.Report]] = {}
-
-
-def _hide_accelerators_from_tf() -> None:
-    """TF only feeds data; it must never claim GPU memory that JAX needs."""
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # TF was already initialised by someone else; nothing to undo
-        pass
-
-
-_hide_accelerators_from_tf()
 
 
 class _UncachedSourceWarning(logging.Filter):
@@ -145,7 +134,7 @@ def _dataset_fn(src: str, tgt: str):
 
 
 def _validate(langs: Sequence[str], pivot: str, temperature: float) -> None:
-    embedded._check_langs(langs)
+    embedded.check_langs(langs)
     if len(set(langs)) != len(langs):
         raise ValueError(f"duplicate languages in {tuple(langs)}")
     if len(langs) < 2:

@@ -28,7 +28,6 @@ import logging
 import os
 import random
 import statistics
-import tempfile
 import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import sentencepiece as spm
 
 from jaxmt.data import embedded, sources
+from jaxmt.fileio import write_atomic
 
 if TYPE_CHECKING:
     import seqio
@@ -216,16 +216,7 @@ def train_vocab(out_path: str | Path, langs: Sequence[str], vocab_size: int,
         num_threads=min(4, os.cpu_count() or 1),
         minloglevel=1,
     )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=out_path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.getvalue())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(out_path, model.getvalue())
     return out_path
 
 

@@ -44,8 +44,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmt.config import CONFIG_FILE, ModelConfig, to_json
-from jaxmt.inference.tokenizer import TokenizerConfig, id_permutation
+from jaxmt.config import CONFIG_FILE, ModelConfig, TokenizerConfig, to_json
+from jaxmt.fileio import atomic_directory, write_atomic
+from jaxmt.inference.tokenizer import id_permutation
 
 PyTree = Any
 HF_CONFIG = "config.json"
@@ -499,13 +500,9 @@ def _flat(tree: PyTree) -> dict[str, Any]:
 
 def check_params(params: PyTree, cfg: ModelConfig) -> None:
     """Raises HFImportError naming every path missing, extra or misshapen versus the model."""
-    import flax.linen as nn
-
     from jaxmt.modeling.model import EncoderDecoderModel
 
-    model = EncoderDecoderModel(cfg)
-    want = _flat(jax.eval_shape(lambda: nn.unbox(
-        model.init(jax.random.PRNGKey(0), model.dummy_batch(1, 8, 8)))))
+    want = _flat(EncoderDecoderModel(cfg).param_shapes())
     got = _flat(params)
     problems = [f"missing {k} {tuple(want[k].shape)}" for k in sorted(set(want) - set(got))]
     problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
@@ -582,12 +579,13 @@ def convert(hf_dir: str, out_dir: str, **kwargs) -> ImportedModel:
     imported = import_checkpoint(hf_dir, **kwargs)
     if os.path.exists(os.path.join(out_dir, CONFIG_FILE)):
         raise FileExistsError(f"{out_dir}: already a jaxmt model directory")
-    os.makedirs(out_dir, exist_ok=True)
-    for name in imported.tokenizer.vocab_files:
-        shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out_dir, name))
-    save_params(out_dir, jax.tree.map(jax.numpy.asarray, imported.params),
-                meta={"step": 0, "imported_from": os.path.abspath(hf_dir)})
-    # Written last: its presence marks a complete directory.
-    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as fh:
-        fh.write(to_json(model=imported.model, tokenizer=imported.tokenizer))
+    # Built in a temporary directory beside out_dir and renamed when complete, so a
+    # failed or killed conversion leaves nothing behind.
+    with atomic_directory(out_dir) as tmp:
+        for name in imported.tokenizer.vocab_files:
+            shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tmp, name))
+        save_params(str(tmp), jax.tree.map(jax.numpy.asarray, imported.params),
+                    meta={"step": 0, "imported_from": os.path.abspath(hf_dir)})
+        write_atomic(os.path.join(tmp, CONFIG_FILE),
+                     to_json(model=imported.model, tokenizer=imported.tokenizer))
     return imported

@@ -19,7 +19,6 @@ past the SentencePiece model) as ``skip_special_tokens=True`` does.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Sequence
@@ -28,53 +27,10 @@ import numpy as np
 import sentencepiece as spm
 
 from jaxmt.data.embedded import tag_source
+from jaxmt.config import TokenizerConfig
 from jaxmt.data.vocab import EOS_ID, PAD_ID, UNK_ID
 
-KINDS = ("t5", "marian")
 _BOUNDARY = "\u2581"  # SentencePiece's word-boundary mark
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizerConfig:
-    """How an imported model turns text into ids and back (``jaxmt_config.json``).
-
-    Attributes:
-        kind: ``"t5"`` (one SentencePiece model whose ids are the model's ids) or
-            ``"marian"`` (source/target SentencePiece models plus ``vocab.json``).
-        vocab_files: File names in the model directory: ``("spiece.model",)`` or
-            ``("source.spm", "target.spm", "vocab.json")``.
-        input_prefix: Prepended to every source text. ``{src}`` and ``{tgt}`` are
-            replaced by the ``src_lang``/``tgt_lang`` arguments, e.g. ``">>{tgt}<< "``
-            for a multilingual Marian model or ``"translate English to German: "``.
-        target_langs: The values ``tgt_lang`` may take (a multilingual Marian model's
-            ``>>xx<<`` codes); empty means the prefix decides alone.
-        reordered_ids: Original ids that became jaxmt's pad 0, EOS 1 and UNK 2; the
-            other ids follow in their original order (:func:`id_permutation`).
-            Empty when the original ids already follow jaxmt's convention.
-        suppressed_ids: jaxmt ids the model must never generate (the checkpoint's
-            single-token ``bad_words_ids``, e.g. Marian's pad).
-    """
-
-    kind: str
-    vocab_files: tuple[str, ...]
-    input_prefix: str = ""
-    target_langs: tuple[str, ...] = ()
-    reordered_ids: tuple[int, ...] = ()
-    suppressed_ids: tuple[int, ...] = ()
-
-    def __post_init__(self):
-        for f in ("vocab_files", "target_langs", "reordered_ids", "suppressed_ids"):
-            object.__setattr__(self, f, tuple(getattr(self, f)))
-        if self.kind not in KINDS:
-            raise ValueError(f"TokenizerConfig.kind: unknown value {self.kind!r}; "
-                             f"choose one of {KINDS}")
-        want = {"t5": 1, "marian": 3}[self.kind]
-        if len(self.vocab_files) != want:
-            raise ValueError(f"TokenizerConfig.vocab_files: kind {self.kind!r} needs {want} "
-                             f"file(s), got {self.vocab_files}")
-        if self.reordered_ids and len(self.reordered_ids) != 3:
-            raise ValueError("TokenizerConfig.reordered_ids: needs exactly the original "
-                             f"pad, EOS and UNK ids, got {self.reordered_ids}")
 
 
 def id_permutation(vocab_size: int, reordered_ids: Sequence[int]) -> np.ndarray:
