@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-fast venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+# While you work: everything but the tests marked `slow` (end-to-end runs, notebooks,
+# Hugging Face parity, parallelism and multi-host); `make test` runs them all.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=10 -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) runs

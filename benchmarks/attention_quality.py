@@ -56,8 +56,8 @@ def ensure_trained(model_dir: str) -> None:
         ckpt.close()
         if done:
             return
-    from jaxmt.cli import parse_gin
-    from jaxmt.train.trainer import train
+    from jaxmt.gin_files import parse_gin
+    from jaxmt.train.run import train
     parse_gin(["runs/demo.gin"], [])
     train(model_dir=model_dir)
 

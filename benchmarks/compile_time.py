@@ -22,7 +22,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import flax.linen as nn
 import jax
 
-from jaxmt.cli import parse_gin
+from jaxmt.gin_files import parse_gin
 from jaxmt.config import ModelConfig
 from jaxmt.modeling.model import EncoderDecoderModel
 

@@ -29,7 +29,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 
-from jaxmt.cli import parse_gin
+from jaxmt.gin_files import parse_gin
 from jaxmt.config import PRECISIONS, MeshConfig, ModelConfig, TrainConfig
 from jaxmt.sharding.partitioning import Partitioner, topology_devices
 from jaxmt.train.trainer import Trainer

@@ -33,9 +33,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # don't fight other pr
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from jaxmt.cli import parse_gin
+from jaxmt.gin_files import parse_gin
 from jaxmt.config import REMAT_POLICIES, ModelConfig
 from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.sharding.partitioning import topology_devices

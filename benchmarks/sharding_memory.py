@@ -62,7 +62,7 @@ import sys
 import time
 from collections import defaultdict
 
-PRESETS = ("dp", "zero1", "fsdp", "tp", "fsdp_tp")  # jaxmt.sharding.partitioning.MESH_PRESETS (jax not imported yet)
+from jaxmt.gin_files import MESH_PRESETS as PRESETS  # imports no JAX: XLA_FLAGS come first
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,10 +102,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jaxmt.sharding import axes  # noqa: E402
-from jaxmt.cli import parse_gin  # noqa: E402
+from jaxmt.gin_files import parse_gin  # noqa: E402
 from jaxmt.config import ModelConfig, TrainConfig  # noqa: E402
 from jaxmt.modeling.model import EncoderDecoderModel  # noqa: E402
-from jaxmt.sharding.partitioning import Partitioner, mesh_preset, topology_devices  # noqa: E402
+from jaxmt.gin_files import mesh_preset  # noqa: E402
+from jaxmt.sharding.partitioning import Partitioner, topology_devices  # noqa: E402
 from jaxmt.train.trainer import Trainer  # noqa: E402
 
 MiB = 2 ** 20
@@ -348,9 +349,8 @@ def _attn_mlp_bytes(trainer: Trainer) -> tuple[int, int]:
     """(per-device, total) bytes of the parameters whose logical names include
     ``heads`` or ``mlp``: attention projections, MLP matrices (and the relative
     position tables, [buckets, heads], a few KiB)."""
-    with trainer.partitioner.activate():
-        boxed = jax.eval_shape(lambda: trainer.model.init(
-            jax.random.PRNGKey(0), trainer.model.dummy_batch(1, 8, 8)))
+    boxed = trainer.partitioner.eval_shape(lambda: trainer.model.init(
+        jax.random.PRNGKey(0), trainer.model.dummy_batch(1, 8, 8)))
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
     names = dict(jax.tree_util.tree_flatten_with_path(nn.get_partition_spec(boxed),
                                                       is_leaf=is_spec)[0])

@@ -19,65 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
 from pathlib import Path
 
+from jaxmt.gin_files import parse_gin  # imports gin and the configs, no JAX
 from jaxmt.sharding.multihost import CLUSTER_DETECTION  # imports jax only when initialising
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-GIN_DIR = Path(__file__).resolve().parent.parent / "gin_configs"
-
-
-def _resolve_gin_file(name: str) -> str:
-    for cand in (Path(name), GIN_DIR / name, GIN_DIR / f"{name}.gin"):
-        if cand.is_file():
-            return str(cand)
-    raise SystemExit(f"error: --gin_file={name}: no such file (also looked in {GIN_DIR})")
-
-
-def parse_gin(gin_files: list[str], overrides: list[str], configs_only: bool = False) -> None:
-    """Loads gin files then ``--gin.NAME=VALUE`` overrides, in that order.
-
-    Args:
-      configs_only: register only :mod:`jaxmt.config` (no JAX, no TF: for the data and
-        vocabulary commands) and skip bindings of other configurables (e.g. ``train.*``
-        of :mod:`jaxmt.train.trainer`), so a run's gin files load as they are.
-    """
-    import gin
-
-    import jaxmt.config  # noqa: F401  (registers the configurables)
-    if not configs_only:
-        import jaxmt.train.trainer  # noqa: F401
-
-    gin.add_config_file_search_path(str(GIN_DIR))
-    bindings = []
-    for o in overrides:
-        key, sep, value = o[len("--gin."):].partition("=")
-        if not sep:
-            raise SystemExit(f"error: {o}: expected --gin.NAME=VALUE")
-        bindings.append(f"{key} = {value}")
-    # gin tries the bare include path before the search path and logs an ERROR for the miss.
-    quiet = _DropMessage("Path not found")
-    logging.getLogger().addFilter(quiet)
-    try:
-        gin.parse_config_files_and_bindings([_resolve_gin_file(f) for f in gin_files], bindings,
-                                            skip_unknown=configs_only)
-    finally:
-        logging.getLogger().removeFilter(quiet)
-
-
-class _DropMessage(logging.Filter):
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
-
 
 def cmd_train(args, gin_overrides) -> int:
     from jaxmt.sharding import multihost
@@ -90,7 +40,7 @@ def cmd_train(args, gin_overrides) -> int:
         raise SystemExit(f"error: {e}") from None
     print(f"jax.distributed: {where}", flush=True)
     parse_gin(args.gin_file or [], gin_overrides)
-    from jaxmt.train.trainer import train
+    from jaxmt.train.run import train
 
     t0 = time.time()
     train(model_dir=args.model_dir)

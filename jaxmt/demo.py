@@ -34,12 +34,12 @@ def main(argv=None) -> int:
     overrides = [a for a in argv if a.startswith("--gin.")]
     args = p.parse_args([a for a in argv if not a.startswith("--gin.")])
 
-    from jaxmt.cli import parse_gin
+    from jaxmt.gin_files import parse_gin
 
     parse_gin(args.gin_file or ["runs/demo.gin"], overrides)
     from jaxmt import config as cfglib
     from jaxmt.inference.evaluation import evaluate, format_table
-    from jaxmt.train.trainer import train
+    from jaxmt.train.run import train
     from jaxmt.inference.translator import Translator
 
     t0 = time.time()

@@ -74,7 +74,8 @@ def main() -> None:
     from jaxmt.config import MeshConfig, ModelConfig, TrainConfig
     from jaxmt.data import pipeline, tasks
     from jaxmt.sharding.partitioning import Partitioner
-    from jaxmt.train.trainer import Trainer, train_loop
+    from jaxmt.train.loop import train_loop
+    from jaxmt.train.trainer import Trainer
 
     _tick("imported")
     pi, pc = jax.process_index(), jax.process_count()

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from jaxmt.config import ModelConfig
-from jaxmt.modeling.decoding import greedy_decode
 from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.modeling.network import stack_layers, unstack_layers
 from jaxmt.sharding.partitioning import topology_devices
@@ -72,12 +71,12 @@ def test_family_axes_and_cached_decoding(family, scan):
     _, params = _init(cfg, seed=1)
     enc = _batch()["encoder_input_tokens"]
     steps = 5
-    cached = np.asarray(greedy_decode(model.module, params, enc, steps))
+    cached = np.asarray(model.predict_batch(params, {"encoder_input_tokens": enc}, max_decode_len=steps))
     # Reference: rerun the teacher-forced network on the growing prefix.
     out = np.zeros((enc.shape[0], steps), np.int32)
     for i in range(steps):
         dec_in = np.concatenate([np.zeros((enc.shape[0], 1), np.int32), out[:, :i]], 1)
-        logits = model.module.apply({"params": params}, dict(
+        logits = model.logits(params, dict(
             encoder_input_tokens=enc, encoder_segment_ids=(enc > 0).astype(np.int32),
             decoder_input_tokens=dec_in, decoder_segment_ids=np.ones_like(dec_in)))
         out[:, i] = np.asarray(jnp.argmax(logits[:, -1], -1))

@@ -173,10 +173,9 @@ def test_pallas_flash_under_a_mesh_matches_xla():
                   flash_interpret=True)
     batch = _batch(b=4, s=32, t=16)
     part = Partitioner(MeshConfig(data=2, fsdp=2, tensor=2))
-    with part.activate():
-        params = EncoderDecoder(cfg).init(jax.random.PRNGKey(2), batch)
-        want = jax.jit(EncoderDecoder(cfg).apply)(params, batch)
-        got = jax.jit(EncoderDecoder(flash).apply)(params, batch)
+    params = part.jit(EncoderDecoder(cfg).init)(jax.random.PRNGKey(2), batch)
+    want = part.jit(EncoderDecoder(cfg).apply)(params, batch)
+    got = part.jit(EncoderDecoder(flash).apply)(params, batch)
     valid = np.asarray(batch["decoder_segment_ids"] > 0)
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5)
 
@@ -194,7 +193,7 @@ def test_cli_inference_flags_choose_the_encoder_attention():
 
 
 def test_long_inputs_gin_file_binds_the_switch():
-    from jaxmt.cli import parse_gin
+    from jaxmt.gin_files import parse_gin
 
     gin.clear_config()
     try:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxmt.config import AttentionConfig, ModelConfig
-from jaxmt.modeling.decoding import EOS_ID, greedy_decode, strip_eos
+from jaxmt.modeling.decoding import EOS_ID, strip_eos
 from jaxmt.modeling.model import EncoderDecoderModel
 
 CFG = ModelConfig(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
@@ -24,7 +24,7 @@ def _reference(model, params, enc, steps):
     finished = np.zeros(b, bool)
     for i in range(steps):
         dec_in = np.concatenate([np.zeros((b, 1), np.int32), out[:, :i]], 1)
-        logits = model.module.apply({"params": params}, dict(
+        logits = model.logits(params, dict(
             encoder_input_tokens=enc, encoder_segment_ids=enc_seg, decoder_input_tokens=dec_in,
             decoder_segment_ids=np.ones_like(dec_in)))
         nxt = np.asarray(jnp.argmax(logits[:, -1], -1))
@@ -47,7 +47,7 @@ def test_cached_greedy_matches_full_recompute(attention):
     enc[1, 6:] = 0  # a padded row
     enc[:, -1] = np.where(enc[:, -1] > 0, EOS_ID, 0)
     enc[1, 5] = EOS_ID
-    got = np.asarray(greedy_decode(model.module, params, enc, 12))
+    got = np.asarray(model.predict_batch(params, {"encoder_input_tokens": enc}, max_decode_len=12))
     want = _reference(model, params, enc, 12)
     np.testing.assert_array_equal(got, want)
 
@@ -56,9 +56,10 @@ def test_padding_rows_do_not_change_other_rows():
     model = EncoderDecoderModel(CFG)
     params = nn.unbox(model.init(jax.random.PRNGKey(4), model.dummy_batch(1, 8, 8)))
     enc = np.array([[5, 6, 7, EOS_ID, 0, 0]], np.int32)
-    alone = np.asarray(greedy_decode(model.module, params, enc, 8))
+    alone = np.asarray(model.predict_batch(params, {"encoder_input_tokens": enc}, max_decode_len=8))
     padded = np.concatenate([enc, np.zeros((3, 6), np.int32)], 0)
-    batched = np.asarray(greedy_decode(model.module, params, padded, 8))
+    batched = np.asarray(model.predict_batch(params, {"encoder_input_tokens": padded},
+                                             max_decode_len=8))
     np.testing.assert_array_equal(alone[0], batched[0])
 
 

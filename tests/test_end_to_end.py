@@ -13,6 +13,9 @@ import gin
 import pytest
 
 from jaxmt import cli
+from jaxmt.gin_files import parse_gin
+
+pytestmark = pytest.mark.slow  # `make test-fast` skips these
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,9 +34,9 @@ BINDINGS = [
 
 def _train(model_dir, steps):
     gin.clear_config()
-    cli.parse_gin([], [f"--gin.{b.replace(' = ', '=')}" for b in BINDINGS]
+    parse_gin([], [f"--gin.{b.replace(' = ', '=')}" for b in BINDINGS]
                   + [f"--gin.TrainConfig.steps={steps}"])
-    from jaxmt.train.trainer import train
+    from jaxmt.train.run import train
     try:
         return train(model_dir=model_dir, progress=False)
     finally:
@@ -132,3 +135,54 @@ def test_core_imports_without_tensorflow():
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
+def test_train_takes_config_objects_without_gin(tmp_path):
+    """train() with its configs passed in: no gin file, no binding, nothing global."""
+    from jaxmt.checkpoint import Checkpointer
+    from jaxmt.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
+    from jaxmt.train.run import train
+
+    gin.clear_config()
+    model = ModelConfig(vocab_size=1024, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
+                        num_encoder_layers=1, num_decoder_layers=1)
+    data = DataConfig(langs=("en", "de"), vocab_size=1000, vocab_sample_per_lang=2000,
+                      src_len=32, tgt_len=32, max_eval_len=32)
+    steps = TrainConfig(steps=2, batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1)
+    d = str(tmp_path / "model")
+    last = train(d, model_cfg=model, mesh_cfg=MeshConfig(), data_cfg=data, train_cfg=steps,
+                 progress=False)
+    assert last["loss"] > 0
+    saved = json.load(open(os.path.join(d, "jaxmt_config.json")))
+    assert saved["model"]["emb_dim"] == 64 and saved["train"]["steps"] == 2
+    assert saved["data"]["langs"] == ["en", "de"]
+    ck = Checkpointer(d, async_save=False)
+    assert ck.latest_step() == 2
+    ck.close()
+
+
+def test_wheel_finds_its_gin_presets_outside_the_repository(tmp_path):
+    """`pip install .` carries gin_configs/ as jaxmt/gin_configs: a train run started in
+    another folder finds runs/demo.gin there (the wheel installed with --target, so this
+    interpreter imports it instead of the checkout)."""
+    wheel_dir, target, work = tmp_path / "wheel", tmp_path / "site", tmp_path / "elsewhere"
+    work.mkdir()
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir),
+                          ROOT], check=True, cwd=tmp_path, timeout=600, capture_output=True)
+    wheel = next(wheel_dir.glob("jaxmt-*.whl"))
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, timeout=600, capture_output=True)
+    assert (target / "jaxmt" / "gin_configs" / "runs" / "demo.gin").is_file()
+    env = dict(os.environ, PYTHONPATH=str(target), TF_CPP_MIN_LOG_LEVEL="3")
+    code = ("import sys, jaxmt, jaxmt.gin_files as g; from jaxmt import cli; "
+            f"assert jaxmt.__file__.startswith({str(target)!r}), jaxmt.__file__; "
+            "print('GIN_DIR', g.GIN_DIR); sys.exit(cli.main(sys.argv[1:]))")
+    small = ["--gin.TRAIN_STEPS=2", "--gin.DataConfig.vocab_size=1000",
+             "--gin.DataConfig.vocab_sample_per_lang=2000", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=32"]
+    proc = subprocess.run([sys.executable, "-c", code, "train", "--gin_file=runs/demo.gin",
+                           *small, "--model_dir=x"], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"GIN_DIR {target}" in proc.stdout
+    assert (work / "x" / "checkpoints" / "2").is_dir()

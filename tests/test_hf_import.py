@@ -27,6 +27,8 @@ from contextlib import redirect_stdout
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips these
+
 torch = pytest.importorskip("torch", reason="parity tests need torch (pip install 'jaxmt[hf]')")
 transformers = pytest.importorskip(
     "transformers", reason="parity tests need transformers (pip install 'jaxmt[hf]')")
@@ -40,13 +42,13 @@ import sentencepiece as spm  # noqa: E402
 from safetensors.torch import load_file as load_torch_file  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from jaxmt import cli
-from jaxmt.inference import hf_import  # noqa: E402
+from jaxmt import cli  # noqa: E402
 from jaxmt.data.embedded import load_split  # noqa: E402
-from jaxmt.modeling.decoding import greedy_decode  # noqa: E402
-from jaxmt.modeling.network import EncoderDecoder  # noqa: E402
+from jaxmt.inference import hf_import  # noqa: E402
 from jaxmt.inference.tokenizer import id_permutation  # noqa: E402
 from jaxmt.inference.translator import Translator, suppress_ids  # noqa: E402
+from jaxmt.modeling.model import EncoderDecoderModel  # noqa: E402
+from jaxmt.modeling.network import EncoderDecoder  # noqa: E402
 
 TOL = 1e-4
 STEPS = 20
@@ -268,8 +270,8 @@ def test_greedy_parity(which, request, imported):
     ref_ids = _generate(ref, input_ids=torch.tensor(src),
                         attention_mask=torch.tensor(src != hc.pad_token_id)).numpy()[:, 1:]
     params = suppress_ids(imp.params, imp.tokenizer.suppressed_ids)
-    ids = np.asarray(greedy_decode(EncoderDecoder(imp.model), params,
-                                   inv[src].astype(np.int32), STEPS))
+    ids = np.asarray(EncoderDecoderModel(imp.model).predict_batch(
+        params, {"encoder_input_tokens": inv[src].astype(np.int32)}, max_decode_len=STEPS))
     for r in range(len(src)):
         want = [int(t) for t in inv[ref_ids[r]]]
         got = [int(t) for t in ids[r]]

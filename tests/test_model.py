@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxmt.config import ModelConfig
-from jaxmt.modeling.layers import mixed_einsum, relative_bucket
+from jaxmt.kernels.common import relative_bucket
+from jaxmt.modeling.layers import mixed_einsum
 from jaxmt.modeling.model import EncoderDecoderModel, cross_entropy
 
 import flax.linen as nn
@@ -62,11 +63,11 @@ def test_logits_shape_and_packing_isolation():
     batch = dict(encoder_input_tokens=enc, encoder_segment_ids=enc_seg,
                  decoder_input_tokens=dec, decoder_segment_ids=dec_seg)
     params = nn.unbox(model.init(jax.random.PRNGKey(0), model.dummy_batch(b, s, t)))
-    logits = model.module.apply({"params": params}, batch)
+    logits = model.logits(params, batch)
     assert logits.shape == (b, t, 320) and logits.dtype == jnp.float32
     enc2 = enc.copy(); enc2[:, 8] = 5  # segment 2 of the source
     dec2 = dec.copy(); dec2[:, 7] = 5  # segment 2 of the target
-    logits2 = model.module.apply({"params": params}, dict(batch, encoder_input_tokens=enc2,
+    logits2 = model.logits(params, dict(batch, encoder_input_tokens=enc2,
                                                           decoder_input_tokens=dec2))
     np.testing.assert_allclose(logits[:, :5], logits2[:, :5], atol=1e-5)
     assert not np.allclose(logits[:, 5:], logits2[:, 5:], atol=1e-3)

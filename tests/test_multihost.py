@@ -15,6 +15,8 @@ import pytest
 from jaxmt import cli
 from jaxmt.sharding import multihost
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips these
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "multihost_worker.py")
 TIMEOUT_S = 300  # per launch; a crashed peer otherwise leaves the other waiting
@@ -189,7 +191,6 @@ def runs(tmp_path_factory):
     return {"two": two, "one": one_result, "out": out, "root": root}
 
 
-@pytest.mark.slow
 def test_two_processes_form_one_four_device_run(runs):
     for i, r in enumerate(runs["two"]):
         assert (r["process_index"], r["process_count"], r["devices"], r["local_devices"]) == (
@@ -200,7 +201,6 @@ def test_two_processes_form_one_four_device_run(runs):
     assert (one["process_count"], one["devices"], one["where"]) == (1, 4, "single process")
 
 
-@pytest.mark.slow
 def test_each_process_reads_its_own_shard_in_process_order(runs):
     p0, p1 = runs["two"]
     one = runs["one"]
@@ -216,7 +216,6 @@ def test_each_process_reads_its_own_shard_in_process_order(runs):
     assert p0["global_digests"] == p1["global_digests"] == one["global_digests"]
 
 
-@pytest.mark.slow
 def test_losses_and_parameters_match_one_process(runs):
     p0, p1 = runs["two"]
     one = runs["one"]
@@ -230,7 +229,6 @@ def test_losses_and_parameters_match_one_process(runs):
         np.testing.assert_allclose(two_params[k], one_params[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
-@pytest.mark.slow
 def test_two_process_checkpoint_restores_in_one_process(runs):
     step_dir = runs["root"] / "two" / "checkpoints" / "3"
     # Parameters were split over both processes' devices (fsdp), so both wrote shards.

@@ -1,11 +1,12 @@
 """The notebooks run top to bottom (code cells in order, in one namespace) with a few steps."""
 
 import json
-import os
 from pathlib import Path
 
 import gin
 import pytest
+
+pytestmark = pytest.mark.slow  # `make test-fast` skips these
 
 ROOT = Path(__file__).resolve().parent.parent
 

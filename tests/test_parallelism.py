@@ -12,8 +12,11 @@ import pytest
 from jaxmt.checkpoint import Checkpointer
 from jaxmt.config import MeshConfig, ModelConfig, TrainConfig
 from jaxmt.modeling.model import EncoderDecoderModel
-from jaxmt.sharding.partitioning import MESH_PRESETS, Partitioner, mesh_preset
+from jaxmt.gin_files import MESH_PRESETS, mesh_preset
+from jaxmt.sharding.partitioning import Partitioner
 from jaxmt.train.trainer import Trainer
+
+pytestmark = pytest.mark.slow  # `make test-fast` skips these
 
 # Heads, MLP units and vocabulary divide by 8, so even `tp` uses all 8 devices.
 CFG = ModelConfig(vocab_size=256, emb_dim=32, num_heads=8, head_dim=4, mlp_dim=64,
@@ -40,11 +43,10 @@ def _batch(seed=0, batch=BATCH):
 
 def _loss_and_grads(tr: Trainer, state, batch):
     p = tr.partitioner
-    fn = jax.jit(tr.loss_and_grads,
-                 in_shardings=(tr.state_shardings, p.batch_sharding, p.replicated),
-                 out_shardings=(p.replicated, p.replicated, tr.grad_shardings))
-    with p.activate():
-        return fn(state, p.shard_batch(batch, tr.cfg.batch_size), jax.random.PRNGKey(0))
+    fn = p.jit(tr.loss_and_grads,
+               in_shardings=(tr.state_shardings, p.batch_sharding, p.replicated),
+               out_shardings=(p.replicated, p.replicated, tr.grad_shardings))
+    return fn(state, p.shard_batch(batch, tr.cfg.batch_size), jax.random.PRNGKey(0))
 
 
 def _host(tree):
@@ -135,8 +137,8 @@ def test_microbatch_gradients_accumulate_in_float32():
     tr = Trainer(cfg, TrainConfig(**{**TC.__dict__, "batch_size": 32, "num_microbatches": 4}),
                  Partitioner(mesh_preset("fsdp")), SRC, TGT)
     batch = {k: jnp.asarray(v) for k, v in _batch(0, 32).items()}
-    with tr.partitioner.activate():
-        jaxpr = jax.make_jaxpr(tr.loss_and_grads)(tr.abstract_state, batch, jax.random.PRNGKey(0))
+    jaxpr = tr.partitioner.jit(tr.loss_and_grads).trace(
+        tr.abstract_state, batch, jax.random.PRNGKey(0)).jaxpr
     scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
     assert len(scans) == 1 and scans[0].params["length"] == 4
     n_params = len(jax.tree.leaves(tr.abstract_state.params))

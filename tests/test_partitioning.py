@@ -25,11 +25,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxmt.sharding import axes
-from jaxmt.cli import GIN_DIR
 from jaxmt.config import MeshConfig, ModelConfig, TrainConfig
+from jaxmt.gin_files import GIN_DIR, MESH_PRESETS, mesh_preset
 from jaxmt.modeling.model import EncoderDecoderModel
-from jaxmt.sharding.partitioning import (MESH_PRESETS, Partitioner, mesh_preset, resolve_mesh_shape,
-                                resolve_rules)
+from jaxmt.sharding.partitioning import Partitioner, resolve_mesh_shape, resolve_rules
 from jaxmt.train.trainer import Trainer
 
 CFG = ModelConfig(vocab_size=256, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
@@ -174,8 +173,7 @@ def mesh_222():
 def test_param_shardings_follow_rules(mesh_222):
     tr, state, _ = mesh_222
     p = tr.partitioner
-    with p.activate():
-        boxed = jax.eval_shape(tr._init_boxed, jax.random.PRNGKey(0)).params
+    boxed = p.eval_shape(tr._init_boxed, jax.random.PRNGKey(0)).params
     flat_boxed = jax.tree_util.tree_leaves_with_path(
         boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     flat_real = dict(jax.tree_util.tree_leaves_with_path(state.params))
@@ -229,8 +227,7 @@ def _sharding_table(mesh_cfg: MeshConfig, model_kw: dict) -> dict:
     own shardings (``state_shardings``, ``grad_shardings``); no array is initialised."""
     p = Partitioner(mesh_cfg)
     tr = Trainer(ModelConfig(**model_kw), TrainConfig(**GOLDEN_TRAIN), p, 8, 8)
-    with p.activate():
-        boxed = jax.eval_shape(tr._init_boxed, jax.random.PRNGKey(0)).params
+    boxed = p.eval_shape(tr._init_boxed, jax.random.PRNGKey(0)).params
     params = dict(jax.tree_util.tree_flatten_with_path(tr.state_shardings.params)[0])
     grads = dict(jax.tree_util.tree_flatten_with_path(tr.grad_shardings)[0])
     mu = _under_attr(tr.state_shardings.opt_state, "mu")

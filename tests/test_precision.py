@@ -13,7 +13,8 @@ from jaxmt.checkpoint import Checkpointer
 from jaxmt.config import PRECISIONS, MeshConfig, ModelConfig, TrainConfig
 from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.sharding.partitioning import Partitioner
-from jaxmt.train.trainer import Trainer, train_loop
+from jaxmt.train.loop import train_loop
+from jaxmt.train.trainer import Trainer
 
 TINY = dict(vocab_size=320, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
             num_encoder_layers=1, num_decoder_layers=1)
@@ -121,8 +122,7 @@ def test_each_policy_trains_with_its_dtypes(policy):
     floats = [x for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert floats and {x.dtype for x in floats} == {jnp.dtype(param_dtype)}
 
-    module = EncoderDecoderModel(tr.model.cfg).module
-    logits = jax.eval_shape(module.apply, {"params": state.params}, _batch())  # types only
+    logits = jax.eval_shape(tr.model.logits, state.params, _batch())  # types only
     assert logits.shape == (B, L, TINY["vocab_size"]) and logits.dtype == jnp.float32
 
     losses = []

@@ -5,9 +5,10 @@
     t.translate(["In the beginning was the Word."], src_lang="en", tgt_lang="de")
     Translator.from_pretrained("opus-mt-en-de").translate(["Good morning."])  # Hugging Face dir
 
-Text goes through SentencePiece directly (:mod:`jaxmt.inference.tokenizer`); the model runs
-with greedy KV-cache decoding. Inputs are bucketed by length (powers of two) and
-padded to a fixed batch, so a long job compiles only a handful of shapes.
+Text goes through SentencePiece directly (:mod:`jaxmt.inference.tokenizer`); the Model
+decodes (``EncoderDecoderModel.predict_batch``, greedy with a KV cache). Inputs are
+bucketed by length (powers of two) and padded to a fixed batch, so a long job compiles
+only a handful of shapes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import sys
 import unicodedata
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +28,7 @@ import sentencepiece as spm
 from jaxmt import config as cfglib
 from jaxmt.checkpoint import Checkpointer
 from jaxmt.config import AttentionConfig, DataConfig, ModelConfig
-from jaxmt.modeling.decoding import EOS_ID, greedy_decode
+from jaxmt.data.vocab import EOS_ID
 from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.inference.tokenizer import TaggedTokenizer, Tokenizer, load_tokenizer
 
@@ -125,9 +125,7 @@ class Translator:
         step = step if step is not None else ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to load.")
-        model = EncoderDecoderModel(model_cfg)
-        shapes = jax.eval_shape(lambda: nn.unbox(
-            model.init(jax.random.PRNGKey(0), model.dummy_batch(1, 8, 8))))
+        shapes = EncoderDecoderModel(model_cfg).param_shapes()
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                 shapes)
         params = ckpt.restore_params(step, abstract)
@@ -180,8 +178,9 @@ class Translator:
             arr = np.zeros((bs, src_len), np.int32)
             for r, (_, ids) in enumerate(chunk):
                 arr[r, : len(ids)] = ids
-            gen = np.asarray(greedy_decode(self.model.module, self.params, arr, dec_len,
-                                           self.tokenizer.num_ids))
+            gen = np.asarray(self.model.predict_batch(
+                self.params, {"encoder_input_tokens": arr}, max_decode_len=dec_len,
+                num_ids=self.tokenizer.num_ids))
             for r, (i, _) in enumerate(chunk):
                 out[i] = clean_text(self.tokenizer.decode(gen[r]))
         return out

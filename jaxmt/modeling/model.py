@@ -1,26 +1,28 @@
 """EncoderDecoderModel: the loss, scoring and decoding around the network (T5X's split).
 
-The Module (:class:`jaxmt.modeling.network.EncoderDecoder`) only computes logits; this class
-owns what a training or inference loop needs from it.
+The Module (:class:`jaxmt.modeling.network.EncoderDecoder`) only computes logits; this
+class owns what a training or inference loop needs from it: parameters, the loss,
+scores and :meth:`EncoderDecoderModel.predict_batch`. Nothing outside it touches the
+Module; decoding strategies (:mod:`jaxmt.modeling.decoding`) receive it from here.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxmt.config import ModelConfig
+from jaxmt.data.packing import BATCH_KEYS
+from jaxmt.modeling import decoding
 from jaxmt.modeling.network import EncoderDecoder
 
 Array = jax.Array
 PyTree = Any
 
-BATCH_KEYS = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
-              "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
-              "decoder_segment_ids", "decoder_positions")
 
 
 @jax.custom_vjp
@@ -82,7 +84,7 @@ def cross_entropy(logits: Array, targets: Array, weights: Array, label_smoothing
 
 
 class EncoderDecoderModel:
-    """Loss, scoring and parameter initialisation for :class:`EncoderDecoder`."""
+    """Parameters, loss, scoring and decoding for :class:`EncoderDecoder`."""
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -114,6 +116,22 @@ class EncoderDecoderModel:
         """Boxed parameters (``nn.LogicallyPartitioned`` leaves carry logical axes)."""
         return self.module.init(rng, batch, deterministic=True)["params"]
 
+    def param_shapes(self) -> PyTree:
+        """Unboxed ``jax.ShapeDtypeStruct`` parameters: restore targets, import checks."""
+        return jax.eval_shape(lambda: nn.unbox(
+            self.init(jax.random.PRNGKey(0), self.dummy_batch(1, 8, 8))))
+
+    def logits(self, params: PyTree, batch: dict[str, Array],
+               dropout_rng: Array | None = None) -> Array:
+        """[b, t, vocab] next-token logits for a batch (teacher forcing).
+
+        Dropout is on when ``dropout_rng`` is given.
+        """
+        deterministic = dropout_rng is None
+        rngs = None if deterministic else {"dropout": dropout_rng}
+        return self.module.apply({"params": params}, batch, deterministic=deterministic,
+                                 rngs=rngs)
+
     def loss(self, params: PyTree, batch: dict[str, Array], *, dropout_rng: Array | None,
              label_smoothing: float = 0.0, z_loss: float = 0.0,
              normalizer: Array | None = None) -> tuple[Array, dict]:
@@ -124,10 +142,7 @@ class EncoderDecoderModel:
             token count. Gradient accumulation passes the whole batch's count, so the
             microbatches' gradients add up to the full batch's.
         """
-        deterministic = dropout_rng is None
-        rngs = None if deterministic else {"dropout": dropout_rng}
-        logits = self.module.apply({"params": params}, batch, deterministic=deterministic,
-                                   rngs=rngs)
+        logits = self.logits(params, batch, dropout_rng)
         weights = batch["decoder_loss_weights"].astype(jnp.float32)
         (total, zl, nll), tgt_logit, max_logit = _cross_entropy(
             logits, batch["decoder_target_tokens"], weights, label_smoothing, z_loss)
@@ -142,7 +157,26 @@ class EncoderDecoderModel:
 
     def score(self, params: PyTree, batch: dict[str, Array]) -> Array:
         """Log-likelihood of each row's targets, [b]."""
-        logits = self.module.apply({"params": params}, batch, deterministic=True)
+        logits = self.logits(params, batch)
         log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         tok = jnp.take_along_axis(log_p, batch["decoder_target_tokens"][..., None], -1)[..., 0]
         return jnp.sum(tok * batch["decoder_loss_weights"], axis=-1)
+
+    def predict_batch(self, params: PyTree, batch: dict[str, Array],
+                      decode_fn: Callable | None = None, **options) -> Array:
+        """Decoded target ids for a batch of sources (T5X's ``predict_batch``).
+
+        Args:
+          params: the parameters (unboxed).
+          batch: needs ``encoder_input_tokens``, [b, s] ids, 0-padded, each row ending
+            in EOS; other keys are ignored.
+          decode_fn: a strategy ``decode_fn(module, params, encoder_tokens, **options)``
+            returning [b, max_decode_len] ids; default
+            :func:`jaxmt.modeling.decoding.greedy_decode` (KV cache).
+          **options: the strategy's options, e.g. ``max_decode_len`` and ``num_ids``.
+
+        Returns:
+          [b, max_decode_len] ids: EOS then 0s after each row's end.
+        """
+        decode_fn = decoding.greedy_decode if decode_fn is None else decode_fn
+        return decode_fn(self.module, params, batch["encoder_input_tokens"], **options)

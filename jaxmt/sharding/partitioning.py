@@ -6,12 +6,9 @@ batches into global arrays, goes through one object, as in T5X.
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import dataclasses
 import math
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -45,40 +42,6 @@ def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
             f"MeshConfig({named()}) needs {math.prod(sizes)} devices but {num_devices} are "
             f"available; set one axis to -1 or make the product {num_devices}.")
     return tuple(sizes)
-
-
-MESH_PRESET_DIR = Path(__file__).resolve().parents[2] / "gin_configs" / "mesh"
-MESH_PRESETS = ("dp", "zero1", "fsdp", "tp", "fsdp_tp")
-
-
-def mesh_preset(name: str, **overrides) -> MeshConfig:
-    """The MeshConfig of ``gin_configs/mesh/<name>.gin``, read without touching the
-    global gin config (for notebooks, benchmarks and tests; runs include the file).
-
-    Args:
-      name: a preset name (:data:`MESH_PRESETS`) or a path to such a file.
-      **overrides: MeshConfig fields to set after the file's, e.g. ``tensor=4``.
-
-    Raises:
-      ValueError: the file has a line other than ``MeshConfig.<field> = <literal>``.
-    """
-    path = Path(name) if name.endswith(".gin") else MESH_PRESET_DIR / f"{name}.gin"
-    if not path.is_file():
-        raise ValueError(f"no mesh preset {name!r}: {path} does not exist; presets are "
-                         f"{', '.join(MESH_PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(MeshConfig)}
-    values = {}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        key, sep, value = line.partition("=")
-        cls, _, field = key.strip().partition(".")
-        if not sep or cls != "MeshConfig" or field not in fields:
-            raise ValueError(f"{path}:{i}: expected `MeshConfig.<field> = <value>` with a field "
-                             f"in {sorted(fields)}, got {line!r}")
-        values[field] = ast.literal_eval(value.strip())
-    return MeshConfig(**{**values, **overrides})
 
 
 def resolve_rules(rules, sizes: dict[str, int], drop: Sequence[str] = ()) -> tuple:
@@ -162,10 +125,33 @@ class Partitioner:
         return f"Partitioner({mesh}{zero})"
 
     @contextlib.contextmanager
-    def activate(self):
+    def _scope(self):
         """Mesh and rules in scope for tracing (constraints resolve against them)."""
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             yield
+
+    def jit(self, fn: Callable, in_shardings: Any = None, out_shardings: Any = None,
+            donate_argnums: int | Sequence[int] = (), static_argnums: int | Sequence[int] = ()
+            ) -> "PartitionedFunction":
+        """``jax.jit`` of ``fn`` that traces, compiles and runs on this mesh with its rules.
+
+        The one place jaxmt compiles a sharded function: callers never enter the mesh
+        themselves. ``None`` shardings let XLA choose (as in ``jax.jit``).
+
+        Returns:
+          A callable with ``.lower(*args)`` for ahead-of-time compiles and
+          ``.compile_count`` (the shapes compiled so far).
+        """
+        kw = {} if in_shardings is None else {"in_shardings": in_shardings}
+        if out_shardings is not None:
+            kw["out_shardings"] = out_shardings
+        return PartitionedFunction(jax.jit(fn, donate_argnums=donate_argnums,
+                                           static_argnums=static_argnums, **kw), self._scope)
+
+    def eval_shape(self, fn: Callable, *args, **kwargs) -> PyTree:
+        """``jax.eval_shape`` under this mesh and rules (logical constraints resolve)."""
+        with self._scope():
+            return jax.eval_shape(fn, *args, **kwargs)
 
     @property
     def data_parallel_size(self) -> int:
@@ -235,3 +221,30 @@ class Partitioner:
             shape = (global_batch,) + tuple(v.shape[1:])
             out[k] = jax.make_array_from_process_local_data(self.batch_sharding, v, shape)
         return out
+
+
+class PartitionedFunction:
+    """A jitted function bound to a mesh and rule table (:meth:`Partitioner.jit`)."""
+
+    def __init__(self, jitted, scope: Callable):
+        self._jitted = jitted
+        self._scope = scope
+
+    def __call__(self, *args, **kwargs):
+        with self._scope():
+            return self._jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        """Lowers for the given (abstract) arguments; ``.compile()`` the result."""
+        with self._scope():
+            return self._jitted.lower(*args, **kwargs)
+
+    def trace(self, *args, **kwargs):
+        """Traces for the given (abstract) arguments; ``.jaxpr`` is the traced program."""
+        with self._scope():
+            return self._jitted.trace(*args, **kwargs)
+
+    @property
+    def compile_count(self) -> int:
+        """How many argument shapes this function has been compiled for."""
+        return int(self._jitted._cache_size())

@@ -1,0 +1,129 @@
+"""The training loop: steps, metrics (TensorBoard, progress bar), checkpoints.
+
+:func:`train_loop` drives a :class:`jaxmt.train.trainer.Trainer` over a batch
+iterator; :func:`jaxmt.train.run.train` builds both from the run's configs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from jaxmt.checkpoint import Checkpointer
+from jaxmt.train import loss_scale as scaling
+from jaxmt.train.trainer import Trainer, TrainState
+
+
+class MetricWriter:
+    """TensorBoard event files under ``model_dir/train`` (process 0 only)."""
+
+    def __init__(self, model_dir: str):
+        self._writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+            self._writer = SummaryWriter(os.path.join(model_dir, "train"))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is not None:
+            for k, v in values.items():
+                self._writer.add_scalar(k, v, step)
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def checkpoint_meta(state: TrainState, meta: dict | None, step: int) -> dict:
+    """The JSON item of a checkpoint: ``meta``, the step, and the loss scale if any."""
+    out = dict(meta or {}, step=step)
+    if state.loss_scale is not None:
+        out["loss_scale"] = scaling.to_json(state.loss_scale)
+    return out
+
+
+def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model_dir: str,
+               ckpt: Checkpointer, state: TrainState, start_step: int,
+               meta: dict | None = None, progress: bool = True,
+               data_position: dict | None = None) -> tuple[TrainState, dict]:
+    """Runs from ``start_step`` to ``trainer.cfg.steps``; returns final state and metrics.
+
+    ``data_position`` is the position of ``batches`` at ``start_step`` (a
+    :func:`jaxmt.data.pipeline.position_record`). Every checkpoint then stores it as
+    ``meta["data"]``, advanced by the batches taken since (one per step), so a resumed
+    run restarts the stream where this one stopped.
+    """
+    from tqdm import tqdm
+
+    cfg = trainer.cfg
+    step_fn = trainer.step_fn()
+    rng = jax.random.PRNGKey(cfg.seed + 1)
+    writer = MetricWriter(model_dir)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step",
+               disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+    last = {}
+    t0, tok_acc, steps_acc = time.perf_counter(), 0, 0
+    src_slots = tgt_slots = 0  # token slots of the steps since the last log (for fill)
+    skipped_total = 0  # float16 overflow skips in this run
+    pending = []
+    for step in range(start_step, cfg.steps):
+        local = next(batches)
+        # Bucketed batches change shape from step to step: the global rows are this
+        # host's times the process count (every host gets the same shape each step).
+        rows = local["encoder_input_tokens"].shape[0] * jax.process_count()
+        batch = trainer.partitioner.shard_batch(local, rows)
+        # Token slots of each step's global batch, for the non-padding share (fill).
+        src_slots += int(np.prod(batch["encoder_input_tokens"].shape))
+        tgt_slots += int(np.prod(batch["decoder_target_tokens"].shape))
+        state, metrics = step_fn(state, batch, rng)
+        if pending:  # keep one step in flight, so the bar's steps/s and ETA are real
+            jax.block_until_ready(pending[-1]["loss"])
+        pending.append(metrics)
+        bar.update(1)
+        steps_acc += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            host = [jax.device_get(m) for m in pending]  # one sync per log interval
+            pending = []
+            dt = time.perf_counter() - t0
+            tok_acc = sum(float(m["tokens"]) + float(m["source_tokens"]) for m in host)
+            ntok = sum(float(m["tokens"]) for m in host)
+            last = {"loss": sum(float(m["loss_sum"]) for m in host) / max(ntok, 1.0),
+                    "nll": sum(float(m["nll_sum"]) for m in host) / max(ntok, 1.0),
+                    "accuracy": sum(float(m["correct"]) for m in host) / max(ntok, 1.0),
+                    "grad_norm": float(host[-1]["grad_norm"]),
+                    "learning_rate": float(host[-1]["learning_rate"]),
+                    "tokens_per_s": tok_acc / dt, "steps_per_s": steps_acc / dt,
+                    # Share of non-padding tokens: source tokens, loss-weighted targets.
+                    "src_fill": sum(float(m["source_tokens"]) for m in host)
+                    / max(src_slots, 1),
+                    "tgt_fill": ntok / max(tgt_slots, 1),
+                    # Batch shapes compiled so far (one with packing; <= buckets).
+                    "compiled_shapes": trainer.compiled_shapes()}
+            src_slots = tgt_slots = 0
+            postfix = dict(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                           lr=f"{last['learning_rate']:.2e}",
+                           fill=f"{last['src_fill']:.2f}/{last['tgt_fill']:.2f}")
+            if trainer.loss_scaling:
+                skipped = sum(int(m["skipped"]) for m in host)
+                skipped_total += skipped
+                last["loss_scale"] = float(host[-1]["loss_scale"])
+                last["skipped_steps"] = skipped  # in this log interval
+                postfix.update(scale=f"{last['loss_scale']:g}", skipped=skipped_total)
+            writer.scalars(done, last)
+            bar.set_postfix(**postfix)
+            t0, steps_acc = time.perf_counter(), 0
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            step_meta = meta
+            if data_position is not None:
+                step_meta = dict(meta or {}, data=dict(
+                    data_position, batches=data_position["batches"] + done - start_step))
+            ckpt.save(done, state.params, state.opt_state, checkpoint_meta(state, step_meta, done))
+    bar.close()
+    ckpt.wait()
+    writer.close()
+    return state, last

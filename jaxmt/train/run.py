@@ -1,0 +1,145 @@
+"""``jaxmt train``: the gin entry point that builds a run from its configs and trains it.
+
+Vocabulary, seqio mixture, pre-tokenised cache, partitioner, trainer, resume position
+and loop, in that order. seqio and TensorFlow are imported here only, inside
+:func:`train`, so the rest of :mod:`jaxmt.train` stays free of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import gin
+import jax
+from jax.experimental import multihost_utils
+
+from jaxmt import config as cfglib
+from jaxmt.checkpoint import Checkpointer
+from jaxmt.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
+from jaxmt.fileio import write_atomic
+from jaxmt.sharding.partitioning import Partitioner
+from jaxmt.train.loop import train_loop
+from jaxmt.train.trainer import Trainer
+
+
+@gin.configurable
+def train(model_dir: str, model_cfg: ModelConfig | None = None,
+          mesh_cfg: MeshConfig | None = None, data_cfg: DataConfig | None = None,
+          train_cfg: TrainConfig | None = None, progress: bool = True) -> dict:
+    """The ``jaxmt train`` entry point: vocabulary, data, sharded state, loop, checkpoints.
+
+    Rerunning on the same ``model_dir`` resumes from the latest checkpoint.
+
+    Args:
+      model_dir: where the vocabulary, configs, checkpoints and events go.
+      model_cfg, mesh_cfg, data_cfg, train_cfg: the run's configs. Each one left None
+        is built by gin (``ModelConfig()`` with the parsed bindings), so a notebook or
+        test can pass them directly and need no global gin state.
+      progress: show a progress bar.
+
+    Returns:
+      The last logged metrics.
+    """
+    from jaxmt.data import cache, pipeline, tasks, vocab  # seqio/TF only from here on
+
+    model_cfg = ModelConfig() if model_cfg is None else model_cfg
+    mesh_cfg = MeshConfig() if mesh_cfg is None else mesh_cfg
+    data_cfg = DataConfig() if data_cfg is None else data_cfg
+    train_cfg = TrainConfig() if train_cfg is None else train_cfg
+    os.makedirs(model_dir, exist_ok=True)
+    # Files in the model directory come from process 0 only; the others wait for them.
+    lead = jax.process_index() == 0
+    spm_path = os.path.join(model_dir, cfglib.VOCAB_FILE)
+    if lead:
+        write_atomic(os.path.join(model_dir, cfglib.CONFIG_FILE), cfglib.to_json(
+            model=model_cfg, mesh=mesh_cfg, data=data_cfg, train=train_cfg))
+        write_atomic(os.path.join(model_dir, "config.gin"), gin.operative_config_str())
+        if not os.path.exists(spm_path):
+            print(f"training SentencePiece vocabulary ({data_cfg.vocab_size} pieces) -> "
+                  f"{spm_path}", flush=True)
+            vocab.train_for_config(spm_path, data_cfg, train_cfg.seed)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxmt:vocabulary")
+    n_pieces = vocab.load_processor(spm_path).get_piece_size()
+    if n_pieces > model_cfg.vocab_size:
+        raise ValueError(f"{spm_path}: {n_pieces} pieces exceed ModelConfig.vocab_size="
+                         f"{model_cfg.vocab_size}; raise it or lower DataConfig.vocab_size.")
+    # The user's files are read and checked once, here (jaxmt/data/sources.py).
+    mixture = tasks.register_from_config(data_cfg, spm_path, report_dir=model_dir if lead else None)
+    cache_dir = data_cfg.cache_dir or os.path.join(model_dir, cfglib.CACHE_DIR)
+    use_cache = cache.is_usable(cache_dir, mixture, spm_path)  # stale -> error, absent -> False
+    print(f"data: reading the pre-tokenised cache in {cache_dir}" if use_cache else
+          f"data: tokenising on the fly (`jaxmt data cache` writes a cache to {cache_dir})",
+          flush=True)
+    # Nothing is dropped without a count; the two directions of a pair share a report.
+    train_reports = [r["train"] for r in tasks.SKIP_REPORTS.values() if "train" in r]
+    for report in {id(r): r for r in train_reports}.values():
+        print(f"data {report.summary()}", flush=True)
+
+    partitioner = Partitioner(mesh_cfg)
+    trainer = Trainer(model_cfg, train_cfg, partitioner, data_cfg.src_len, data_cfg.tgt_len)
+    local_shapes, bucket_stats = (), None
+    if data_cfg.batching == "bucket":
+        from jaxmt.data import bucketing
+        # Every shape's rows split over the batch mesh axes and microbatches, and over
+        # the processes (each feeds rows // process_count of every batch).
+        multiple = math.lcm(partitioner.data_parallel_size * train_cfg.num_microbatches,
+                            jax.process_count())
+        shapes = bucketing.bucket_shapes(data_cfg.bucket_lengths, train_cfg.batch_size,
+                                         max(data_cfg.src_len, data_cfg.tgt_len), multiple)
+        for rows, _ in shapes:
+            partitioner.check_batch(rows, train_cfg.num_microbatches)
+        local_shapes = [(rows // jax.process_count(), n) for rows, n in shapes]
+        bucket_stats = bucketing.BucketStats()
+        print(f"bucketing: {len(shapes)} shapes (rows x length): "
+              f"{', '.join(f'{r}x{n}' for r, n in shapes)}; at most {len(shapes)} "
+              f"compilations", flush=True)
+    ckpt = Checkpointer(model_dir, keep=train_cfg.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        state, saved_meta = trainer.restore_state(ckpt, start)
+        print(f"resuming from step {start} in {ckpt.directory}", flush=True)
+        # The saved data position (or, for an older checkpoint, a warning and a reseed).
+        position = pipeline.resume_position(saved_meta, seed=train_cfg.seed, step=start,
+                                            process_count=jax.process_count(),
+                                            cached=use_cache)
+    else:
+        state = trainer.init_state(train_cfg.seed)
+        position = pipeline.position_record(train_cfg.seed, 0, jax.process_count(), use_cache)
+    print(f"model: {trainer.num_params() / 1e6:.2f}M parameters; {partitioner} over "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s) in "
+          f"{jax.process_count()} process(es)", flush=True)
+    if start >= train_cfg.steps:
+        ckpt.close()
+        print(f"already trained to step {start} (TrainConfig.steps={train_cfg.steps})")
+        return {}
+    # The stream depends only on (seed, process index, process count); a resumed run
+    # skips the batches it had consumed, so it sees what an uninterrupted run would.
+    if position["batches"]:
+        print(f"data: skipping {position['batches']} batches to the saved position",
+              flush=True)
+    batches = pipeline.train_batches(
+        mixture, data_cfg.src_len, data_cfg.tgt_len,
+        partitioner.host_local_batch_size(train_cfg.batch_size), seed=position["seed"],
+        shard_index=jax.process_index(), num_shards=jax.process_count(),
+        batching=data_cfg.batching, buckets=local_shapes, bucket_stats=bucket_stats,
+        start_batch=position["batches"], cache_dir=cache_dir if use_cache else None)
+    try:
+        _, last = train_loop(trainer, batches, model_dir, ckpt, state, start,
+                             progress=progress, data_position=position)
+    finally:  # on a crash or Ctrl-C too: let an in-flight async save finish
+        ckpt.close()
+    if bucket_stats is not None:
+        print(f"bucketing: compiled {trainer.compiled_shapes()} train-step shape(s) (at most "
+              f"{len(local_shapes)}); batches per bucket {bucket_stats.steps}; at most "
+              f"{bucket_stats.peak_queued} examples queued on this host", flush=True)
+    else:
+        print(f"compiled {trainer.compiled_shapes()} train-step shape(s)", flush=True)
+    if lead:
+        # Rewrite after the run: gin's operative config lists every binding actually used.
+        write_atomic(os.path.join(model_dir, "config.gin"), gin.operative_config_str())
+        write_atomic(os.path.join(model_dir, "train_summary.json"),
+                           json.dumps(dict(last, steps=train_cfg.steps), indent=2))
+    return last
