@@ -92,13 +92,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_translate(args) -> int:
+    from jaxmt.fileio import write_atomic
     from jaxmt.inference.translator import Translator, translate_stream
 
     tr = Translator.from_pretrained(args.model_dir, **_inference_options(args))
     data = Path(args.input).read_bytes() if args.input else sys.stdin.buffer.read()
     out = translate_stream(tr, data, args.src_lang, args.tgt_lang)
     if args.output:
-        Path(args.output).write_bytes(out)
+        write_atomic(args.output, out)
     else:
         sys.stdout.buffer.write(out)
         sys.stdout.buffer.flush()

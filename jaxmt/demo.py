@@ -38,9 +38,10 @@ def main(argv=None) -> int:
 
     parse_gin(args.gin_file or ["runs/demo.gin"], overrides)
     from jaxmt import config as cfglib
+    from jaxmt.fileio import write_atomic
     from jaxmt.inference.evaluation import evaluate, format_table
-    from jaxmt.train.run import train
     from jaxmt.inference.translator import Translator
+    from jaxmt.train.run import train
 
     t0 = time.time()
     train(model_dir=args.model_dir)
@@ -66,8 +67,8 @@ def main(argv=None) -> int:
                 continue
             for s, t in zip(texts, tr.translate(texts, src_lang=src, tgt_lang=tgt)):
                 print(f"  [{src}->{tgt}] {s}  =>  {t}")
-    with open(os.path.join(args.model_dir, "demo_eval.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(result, train_seconds=round(t_train)), f, indent=2, ensure_ascii=False)
+    write_atomic(os.path.join(args.model_dir, "demo_eval.json"), json.dumps(
+        dict(result, train_seconds=round(t_train)), indent=2, ensure_ascii=False))
     print(f"\ndone in {(time.time() - t0) / 60:.1f} min; try:\n"
           f"  echo 'Blessed are the meek.' | .venv/bin/jaxmt translate --model_dir={args.model_dir}"
           f" --src_lang=en --tgt_lang=de")
