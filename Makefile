@@ -22,7 +22,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
 # While you work: everything but the tests marked `slow` (end-to-end runs, notebooks,
-# Hugging Face parity, parallelism and multi-host); `make test` runs them all.
+# Hugging Face parity, parallelism, multi-host, and any test over about 5 s); `make test`
+# runs them all.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=10 -m "not slow" tests
 

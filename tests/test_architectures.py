@@ -51,6 +51,7 @@ def _init(cfg, seed=0):
     return model, nn.unbox(model.init(jax.random.PRNGKey(seed), model.dummy_batch(1, 8, 8)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,scan", [(f, False) for f in FAMILIES]
                          + [("t5_1_1", True), ("marian", True)])
 def test_family_axes_and_cached_decoding(family, scan):
@@ -84,6 +85,7 @@ def test_family_axes_and_cached_decoding(family, scan):
     np.testing.assert_array_equal(cached[~finished], out[~finished])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["t5_1_1", "marian"])
 def test_scanned_stack_equals_unrolled(family):
     unrolled = FAMILIES[family]
@@ -105,6 +107,7 @@ def test_scanned_stack_equals_unrolled(family):
                  unstack_layers(g_s), g_u)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_remat_policies_leave_loss_and_grads_unchanged(scan):
     batch = _batch()
@@ -135,6 +138,7 @@ def _grad_temp_bytes(cfg, batch, sharding=None) -> int:
         ).memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_remat_can_differ_per_stack():
     """Encoder rematerialised, decoder not: the compiled gradient keeps fewer activations
     than without remat, and more than with both stacks rematerialised. (Scanned: XLA's
@@ -148,6 +152,7 @@ def test_remat_can_differ_per_stack():
     assert both < enc_only < none
 
 
+@pytest.mark.slow
 def test_remat_cuts_memory_of_unrolled_stack_on_tpu():
     """Compiled ahead of time for a TPU chip (libtpu, the `tpu_aot` extra), full remat of
     an unrolled stack keeps several times fewer bytes than no remat."""

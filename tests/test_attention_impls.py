@@ -72,6 +72,7 @@ def test_config_validates_resolves_and_round_trips():
         gin.clear_config()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl,scan", [(i, False) for i in EXACT] + [("blockwise", True)])
 def test_exact_impls_match_xla_loss_and_gradients(impl, scan):
     """Packed, padded batch with the relative bias in both stacks, fp32: the loss and every
@@ -96,6 +97,7 @@ def test_exact_impls_match_xla_loss_and_gradients(impl, scan):
     assert np.abs(np.asarray(got["encoder"]["relpos_bias"]["rel_embedding"])).sum() > 0, table.shape
 
 
+@pytest.mark.slow
 def test_auto_switches_by_length():
     """auto = the short implementation up to the threshold, the long one above it."""
     cfg = _with(CFG, encoder="auto", auto_threshold=32, auto_long="local", window=4)
@@ -142,6 +144,7 @@ def _train_copy_model(steps=150, length=48):
     return cfg, params, batch(32), first, float(loss)
 
 
+@pytest.mark.slow
 def test_swapping_impl_in_a_trained_model():
     """Exact implementations keep a trained model's loss within 1e-5; a window covering
     the input is exact too; the approximations stay finite (their error is measured in
@@ -164,6 +167,7 @@ def test_swapping_impl_in_a_trained_model():
         assert np.isfinite(loss(**attention)), attention
 
 
+@pytest.mark.slow
 def test_pallas_flash_under_a_mesh_matches_xla():
     """On a 2x2x2 (data, fsdp, tensor) mesh of 8 devices the Pallas kernel (interpret mode)
     runs per shard in a shard_map over batch and heads, and the network's output equals

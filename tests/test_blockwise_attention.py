@@ -45,14 +45,17 @@ BI = RelPos(NB, 128, bidirectional=True)
 UNI = RelPos(NB, 128, bidirectional=False)
 
 
+@pytest.mark.slow
 def test_no_bias():
     _check(32, 32, BlockSizes(8, 16))
 
 
+@pytest.mark.slow
 def test_bidirectional_relpos():
     _check(48, 48, BlockSizes(16, 8), relpos=RelPos(NB, 16, bidirectional=True))
 
 
+@pytest.mark.slow
 def test_causal_unidirectional_relpos():
     _check(40, 40, BlockSizes(8, 8), relpos=UNI, causal=True)
 
@@ -70,12 +73,14 @@ def test_packed_segments_causal():
            causal=True)
 
 
+@pytest.mark.slow
 def test_ragged_cross_attention():
     qs = _segments([[(1, 37)], [(1, 30), (0, 7)]])
     ks = _segments([[(1, 24), (0, 3)], [(1, 27)]])
     _check(37, 27, BlockSizes(16, 8), q_segment_ids=qs, kv_segment_ids=ks)
 
 
+@pytest.mark.slow
 def test_fully_padded_row():
     seg = _segments([[(1, 24)], [(0, 24)]])
     out, grads = _check(24, 24, BlockSizes(8, 8), relpos=BI, q_segment_ids=seg,

@@ -190,6 +190,7 @@ def _digest(batch):
                           ).hexdigest()
 
 
+@pytest.mark.slow
 def test_bucketed_stream_is_the_same_shape_on_every_host_and_resumes(mixture):
     shapes = bucketing.bucket_shapes((32, 64, 128), 4, 128, 2)
     local = [(r // 2, n) for r, n in shapes]
@@ -216,6 +217,7 @@ def test_bucketed_stream_is_the_same_shape_on_every_host_and_resumes(mixture):
         pipeline.train_batches(mixture, 128, 128, 2, seed=0, batching="packed")
 
 
+@pytest.mark.slow
 def test_bucketing_never_compiles_more_shapes_than_configured(mixture, tmp_path):
     from jaxmt.checkpoint import Checkpointer
     from jaxmt.config import MeshConfig, ModelConfig, TrainConfig

@@ -49,6 +49,7 @@ def _seqio_examples(task, use_cached, cache_dir=None, **kw):
             seqio.utils.set_global_cache_dirs([])
 
 
+@pytest.mark.slow
 def test_cache_holds_exactly_the_on_the_fly_examples(built, spm_path):
     mixture, root, rows = built
     assert [r["status"] for r in rows] == ["built", "built"]
@@ -76,6 +77,7 @@ def test_cache_holds_exactly_the_on_the_fly_examples(built, spm_path):
         assert stats["targets_tokens"] == sum(len(b) - 1 for _, b in fly)  # EOS is post-cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hosts", [2, 4, 8])
 def test_each_host_reads_its_own_files(built, hosts):
     mixture, root, rows = built
@@ -140,6 +142,7 @@ def test_cached_stream_is_deterministic_resumable_and_sampled_at_the_rates(built
     assert len(src) <= 4 and len(tgt) <= 3 and src[-1] == 1 and tgt[-1] == 1
 
 
+@pytest.mark.slow
 def test_stale_partial_and_missing_caches(built, spm_path, tmp_path):
     mixture, root, rows = built
     assert not cache.is_usable(str(tmp_path / "nothing"), mixture, spm_path)
@@ -204,6 +207,7 @@ BINDINGS = [
 ]
 
 
+@pytest.mark.slow
 def test_jaxmt_data_cache_then_train_reads_it(spm_path, tmp_path, capsys):
     model_dir = str(tmp_path / "run")
     os.makedirs(model_dir)

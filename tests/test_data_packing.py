@@ -126,6 +126,7 @@ def mixture(spm_path):
     return tasks.register(spm_path, LANGS, pivot="en", temperature=5.0, prefix="t_pack")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length,floor", [(128, 0.90), (64, 0.85)])
 def test_packed_batches_fill_rows(mixture, length, floor):
     """Past the first batches (which fill best, while the pool of open rows is fresh):

@@ -57,6 +57,7 @@ def mixture(spm_path):
 # ------------------------------------------------------------------ the pipeline
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batching, shards", [("pack", ((0, 1), (0, 2), (1, 2))),
                                               ("pad", ((0, 1), (1, 2)))])
 def test_start_batch_continues_the_same_stream(mixture, batching, shards):
@@ -181,6 +182,7 @@ def _wait_for_checkpoint(model_dir, step, timeout=60.0):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_crash_and_resume_matches_uninterrupted_run(tmp_path, spm_path, monkeypatch, capsys,
                                                     compile_cache):
     straight = Recorder(monkeypatch)

@@ -27,6 +27,7 @@ def sp(spm_path):
     return vocab.load_processor(spm_path)
 
 
+@pytest.mark.slow
 def test_written_exactly_and_atomically(spm_path):
     assert spm_path.name == "spm.model" and spm_path.stat().st_size > 0
     assert [p.name for p in spm_path.parent.iterdir()] == ["spm.model"]
@@ -93,6 +94,7 @@ def test_sample_is_balanced_deterministic_and_per_language():
     assert set(sample[0::3]) <= set(train["en"])
 
 
+@pytest.mark.slow
 def test_training_is_reproducible(spm_path, tmp_path):
     again = vocab.train_vocab(tmp_path / "again.model", embedded.EMBEDDED_LANGS, SIZE, PER_LANG,
                               seed=0)

@@ -39,6 +39,7 @@ def _reference(model, params, enc, steps):
     # A windowed decoder: the cached steps must apply the window the full pass applies.
     AttentionConfig(encoder="blockwise", decoder="local", window=3, block_size=4)],
     ids=["xla", "local_decoder"])
+@pytest.mark.slow
 def test_cached_greedy_matches_full_recompute(attention):
     model = EncoderDecoderModel(dataclasses.replace(CFG, attention=attention))
     params = nn.unbox(model.init(jax.random.PRNGKey(3), model.dummy_batch(1, 8, 8)))

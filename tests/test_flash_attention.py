@@ -20,7 +20,7 @@ B, H, D, NB = 2, 2, 16, 12  # 12 buckets: the kernel pads the table row to 16
 TOL = dict(rtol=1e-5, atol=1e-5)
 BI = RelPos(NB, 24, bidirectional=True)
 UNI = RelPos(NB, 24, bidirectional=False)
-BACKENDS = ["gpu", "tpu"]
+BACKENDS = ["gpu", pytest.param("tpu", marks=pytest.mark.slow)]  # gpu alone in make test-fast
 
 
 def _inputs(lq, lk, d=D, seed=0):

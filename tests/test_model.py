@@ -51,6 +51,7 @@ def test_every_param_has_logical_axes():
         assert set(x.names) <= {"vocab", "embed", "mlp", "heads", "kv", "layers", "relpos_buckets"}
 
 
+@pytest.mark.slow
 def test_logits_shape_and_packing_isolation():
     """Logits are [b, t, vocab]; changing one packed segment leaves the other's logits alone."""
     model = EncoderDecoderModel(TINY)
@@ -111,6 +112,7 @@ def test_label_smoothed_loss_is_zero_for_perfect_prediction():
     assert abs(float(loss)) < 1e-5
 
 
+@pytest.mark.slow
 def test_cross_entropy_fused_backward_matches_autodiff():
     """The loss's hand-written backward equals autodiff of the textbook formula."""
     rng = np.random.default_rng(0)

@@ -50,6 +50,7 @@ SMALL = ["--gin.TRAIN_STEPS=4", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=32",
          "--gin.TrainConfig.checkpoint_every=4"]
 
 
+@pytest.mark.slow
 def test_trains_on_a_dirty_tsv_and_reports_every_skip(corpus_files, tmp_path, capsys):
     import gin
 

@@ -170,6 +170,7 @@ def mesh_222():
     return tr, state, jax.device_get(state)
 
 
+@pytest.mark.slow
 def test_param_shardings_follow_rules(mesh_222):
     tr, state, _ = mesh_222
     p = tr.partitioner

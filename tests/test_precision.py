@@ -55,6 +55,7 @@ def _same_bits(a, b) -> bool:
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 def test_overflow_skips_then_normal_steps_grow_the_scale():
     tr = _trainer("fp16")
     p = tr.partitioner
@@ -109,6 +110,7 @@ def test_train_config_validates_loss_scale_fields(field, value):
         TrainConfig(**{field: value})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", list(PRECISIONS))
 def test_each_policy_trains_with_its_dtypes(policy):
     param_dtype = PRECISIONS[policy][1]

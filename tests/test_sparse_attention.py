@@ -183,6 +183,7 @@ def _temp_bytes(fn, length):
     return jax.jit(grad).lower(x, x, x, t).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_memory_grows_linearly():
     fns = {"local": lambda *a, **kw: local_attention(*a, window=64, global_tokens=4, **kw),
            "bigbird": lambda *a, **kw: bigbird_attention(*a, block_size=64, **kw),
