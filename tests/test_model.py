@@ -134,3 +134,19 @@ def test_cross_entropy_fused_backward_matches_autodiff():
         np.testing.assert_allclose(ours(logits), reference(logits, ls, zl), rtol=1e-5)
         np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits, ls, zl),
                                    rtol=1e-4, atol=1e-6)
+
+
+def test_score_batch_is_each_rows_log_likelihood():
+    """score_batch equals log_softmax picked at the targets, per row, and sums to the
+    negative of the loss's unsmoothed NLL."""
+    model = EncoderDecoderModel(TINY)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), model.dummy_batch(1, 8, 8)))
+    batch = model.random_batch(3, 9, 7, seed=1)
+    batch["decoder_loss_weights"][1, 4:] = 0  # a shorter row
+    got = np.asarray(model.score_batch(params, batch))
+    log_p = jax.nn.log_softmax(model.logits(params, batch), axis=-1)
+    tok = np.take_along_axis(np.asarray(log_p), batch["decoder_target_tokens"][..., None], -1)
+    want = (tok[..., 0] * batch["decoder_loss_weights"]).sum(-1)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    _, metrics = model.loss(params, batch, dropout_rng=None)
+    np.testing.assert_allclose(-got.sum(), float(metrics["nll_sum"]), rtol=1e-5)

@@ -155,12 +155,16 @@ class EncoderDecoderModel:
                    "correct": correct}
         return total / ntok, metrics
 
-    def score(self, params: PyTree, batch: dict[str, Array]) -> Array:
-        """Log-likelihood of each row's targets, [b]."""
-        logits = self.logits(params, batch)
-        log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        tok = jnp.take_along_axis(log_p, batch["decoder_target_tokens"][..., None], -1)[..., 0]
-        return jnp.sum(tok * batch["decoder_loss_weights"], axis=-1)
+    def score_batch(self, params: PyTree, batch: dict[str, Array]) -> Array:
+        """Log-likelihood of each row's targets, [b] (T5X's ``score_batch``).
+
+        Sums ``log p(target)`` over the tokens ``decoder_loss_weights`` selects (all of
+        a packed row's segments), from the same fused statistics as the loss, so no
+        [b, t, vocab] log-softmax is kept.
+        """
+        logits = self.logits(params, batch).astype(jnp.float32)
+        log_z, tgt_logit, _, _ = _ce_stats(logits, batch["decoder_target_tokens"])  # [b, t]
+        return jnp.sum((tgt_logit - log_z) * batch["decoder_loss_weights"], axis=-1)
 
     def predict_batch(self, params: PyTree, batch: dict[str, Array],
                       decode_fn: Callable | None = None, **options) -> Array:
