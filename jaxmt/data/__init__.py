@@ -1,1 +1,2 @@
-"""Data: the embedded corpus, your own corpora, SentencePiece vocabularies, seqio tasks and the input pipeline."""
+"""Data: the embedded corpus, your own corpora, SentencePiece vocabularies, seqio tasks and
+the input pipeline. The only package that touches seqio / TensorFlow."""

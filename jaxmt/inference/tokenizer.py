@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 import sentencepiece as spm
 
-from jaxmt.data.embedded import tag_source
 from jaxmt.config import TokenizerConfig
+from jaxmt.data.embedded import tag_source
 from jaxmt.data.vocab import EOS_ID, PAD_ID, UNK_ID
 
 _BOUNDARY = "\u2581"  # SentencePiece's word-boundary mark

@@ -29,8 +29,8 @@ from jaxmt import config as cfglib
 from jaxmt.checkpoint import Checkpointer
 from jaxmt.config import AttentionConfig, DataConfig, ModelConfig
 from jaxmt.data.vocab import EOS_ID
-from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.inference.tokenizer import TaggedTokenizer, Tokenizer, load_tokenizer
+from jaxmt.modeling.model import EncoderDecoderModel
 
 PyTree = Any
 MIN_BUCKET = 16

@@ -1,1 +1,2 @@
-"""Attention kernels: pure-JAX blockwise reference logic (Pallas kernels build on it)."""
+"""Attention kernels in pure JAX and Pallas; ``common.py`` is their shared contract. Imports
+nothing outside ``jaxmt.kernels``."""

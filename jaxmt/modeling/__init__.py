@@ -1,1 +1,2 @@
-"""Modeling: Flax layers, attention, the encoder-decoder network, decoding, and the Model (loss, scoring, predict_batch)."""
+"""Modeling: Flax layers, attention, the encoder-decoder network, decoding strategies, and
+the Model (loss, scoring, ``predict_batch``)."""

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from jaxmt.sharding import axes
 from jaxmt.config import AttentionConfig
 from jaxmt.kernels.bigbird_attention import bigbird_attention
 from jaxmt.kernels.blockwise_attention import blockwise_attention
@@ -32,6 +31,7 @@ from jaxmt.kernels.flash_attention import flash_attention
 from jaxmt.kernels.local_attention import local_attention
 from jaxmt.kernels.performer_attention import performer_attention
 from jaxmt.modeling.layers import bias_param, constrain, dtype_of, mixed_einsum, normal, param
+from jaxmt.sharding import axes
 
 Array = jax.Array
 NEG_INF = -1e10

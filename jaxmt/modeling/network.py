@@ -25,12 +25,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmt.sharding import axes
-from jaxmt.modeling.attention import Masking, MultiHeadAttention, dense_bias, mask_to_bias
 from jaxmt.config import ModelConfig
 from jaxmt.kernels.common import RelPos
-from jaxmt.modeling.layers import (Embed, MlpBlock, Norm, RelativePositionBias, bias_param, constrain,
-                          dtype_of, mixed_einsum, normal, param, sinusoidal_positions)
+from jaxmt.modeling.attention import Masking, MultiHeadAttention, dense_bias, mask_to_bias
+from jaxmt.modeling.layers import (Embed, MlpBlock, Norm, RelativePositionBias, bias_param,
+                                   constrain, dtype_of, mixed_einsum, normal, param,
+                                   sinusoidal_positions)
+from jaxmt.sharding import axes
 
 Array = jax.Array
 PyTree = Any

@@ -1,1 +1,2 @@
-"""Sharding: the logical-axis rule table, the Partitioner (mesh, shardings, jit) and multi-host start-up."""
+"""Sharding: the logical-axis rule table, the Partitioner (mesh, shardings, jit) and
+multi-host start-up."""

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxmt.sharding import axes
 from jaxmt.config import MeshConfig, ModelConfig
+from jaxmt.sharding import axes
 
 PyTree = Any
 
