@@ -88,7 +88,6 @@ def model_rows(model: str, lengths, impls) -> list[dict]:
     """Compiled temp bytes of the whole model's loss gradient, per encoder implementation."""
     import dataclasses
 
-    import flax.linen as nn
 
     from jaxmt.gin_files import parse_gin
     from jaxmt.config import ModelConfig
@@ -101,8 +100,7 @@ def model_rows(model: str, lengths, impls) -> list[dict]:
         for impl in impls:
             m = EncoderDecoderModel(dataclasses.replace(base, attention=AttentionConfig(
                 encoder=impl)))
-            params = jax.eval_shape(lambda: nn.unbox(
-                m.init(jax.random.PRNGKey(0), m.dummy_batch(1, 8, 8))))
+            params = m.param_shapes()
             batch = jax.eval_shape(lambda: m.dummy_batch(1, length, 128))
             grad = jax.jit(jax.grad(lambda p, b: m.loss(p, b, dropout_rng=None)[0]))
             temp = grad.lower(params, batch).compile().memory_analysis().temp_size_in_bytes

@@ -19,7 +19,6 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import flax.linen as nn
 import jax
 
 from jaxmt.gin_files import parse_gin
@@ -29,8 +28,7 @@ from jaxmt.modeling.model import EncoderDecoderModel
 
 def compile_seconds(cfg: ModelConfig, batch: int, length: int) -> float:
     model = EncoderDecoderModel(cfg)
-    params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0),
-                                                        model.dummy_batch(1, 8, 8))))
+    params = model.param_shapes()
     data = jax.eval_shape(lambda: model.dummy_batch(batch, length, length))
     grad = jax.value_and_grad(lambda p, b: model.loss(p, b, dropout_rng=None)[0])
     t0 = time.perf_counter()

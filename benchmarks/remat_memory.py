@@ -31,7 +31,6 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # no TPU here: libtpu only compiles
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # don't fight other processes' lock
 
-import flax.linen as nn
 import jax
 
 from jaxmt.gin_files import parse_gin
@@ -55,8 +54,7 @@ def measure(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int,
     model = EncoderDecoderModel(cfg)
     put = lambda tree: jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-    params = put(jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0),
-                                                            model.dummy_batch(1, 8, 8)))))
+    params = put(model.param_shapes())
     data = put(jax.eval_shape(lambda: model.dummy_batch(batch, src_len, tgt_len)))
     grad = jax.value_and_grad(lambda p, b: model.loss(p, b, dropout_rng=None)[0])
     t0 = time.perf_counter()

@@ -365,9 +365,7 @@ def _attn_mlp_bytes(trainer: Trainer) -> tuple[int, int]:
 
 def num_params(cfg: ModelConfig) -> int:
     model = EncoderDecoderModel(cfg)
-    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0),
-                                                        model.dummy_batch(1, 8, 8))))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes()))
 
 
 def measure(preset: str, model_cfg: ModelConfig, args, devices) -> dict:

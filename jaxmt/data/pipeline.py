@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from jaxmt.data import bucketing, packing, tfdata  # noqa: E402  (tfdata hides accelerators from TF)
+from jaxmt.data import bucketing, packing, tfdata  # noqa: E402  (tfdata hides GPUs from TF)
 from jaxmt.data.packing import BATCH_KEYS  # noqa: E402
 
 log = logging.getLogger(__name__)
