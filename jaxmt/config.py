@@ -7,19 +7,79 @@ before anything is compiled, with a message that names the field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
+import numbers
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import gin
 
-from jaxmt.data import bucketing, mixture, sources  # pure Python: no TensorFlow
+from jaxmt.data import bucketing, embedded, mixture, sources  # pure Python: no TensorFlow
 from jaxmt.data.mixture import directions
 
 
 def _check(cond: bool, cls: str, field: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{cls}.{field}: {msg}")
+
+
+def _is_int(v: Any) -> bool:  # bool is an int to Python, never to a config
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Annotation -> (accepts, normalise, what it takes). gin and JSON give lists for tuples,
+# ints for floats, numpy gives numpy scalars; the fields hold plain Python values so the
+# configs compare equal and serialise to JSON.
+_KINDS = {
+    "bool": (lambda v: isinstance(v, bool), bool, "True or False"),
+    "int": (_is_int, int, "an int"),
+    "float": (_is_real, float, "a finite number"),
+    "str": (lambda v: isinstance(v, str), str, "a string"),
+    "dict": (lambda v: isinstance(v, Mapping), dict, "a dict"),
+    "tuple": (lambda v: isinstance(v, (tuple, list)), tuple, "a tuple"),
+    "tuple[str, ...]": (lambda v: isinstance(v, (tuple, list)) and all(
+        isinstance(x, str) for x in v), tuple, "a tuple of strings"),
+    "tuple[int, ...]": (lambda v: isinstance(v, (tuple, list)) and all(map(_is_int, v)),
+                        lambda v: tuple(map(int, v)), "a tuple of ints"),
+}
+
+
+def _check_types(obj: Any) -> None:
+    """Checks every field of a config dataclass against its annotation, and normalises it.
+
+    Called first in ``__post_init__``, so a wrong type (``steps=2.5``, ``"5"`` from a
+    quoted gin value, a string in JSON) fails with the field's name instead of a
+    TypeError deep in training. Fields of other types (nested configs) are the class's
+    own checks.
+    """
+    for f in dataclasses.fields(obj):
+        if f.type not in _KINDS:
+            continue
+        accepts, normalise, what = _KINDS[f.type]
+        v = getattr(obj, f.name)
+        _check(accepts(v), type(obj).__name__, f.name,
+               f"must be {what}, got {v!r} ({type(v).__name__})")
+        object.__setattr__(obj, f.name, normalise(v))
+
+
+def _check_min(obj: Any, low: float, *fields: str, strict: bool = False) -> None:
+    """Each of ``fields`` is ``>= low`` (``> low`` when ``strict``); types checked first."""
+    for f in fields:
+        v = getattr(obj, f)
+        _check(v > low if strict else v >= low, type(obj).__name__, f,
+               f"must be {'>' if strict else '>='} {low}, got {v!r}")
+
+
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {sorted(known)}"
 
 
 # precision policy -> (compute dtype, parameter dtype). Logits, softmax, norms' statistics
@@ -31,9 +91,10 @@ ACTIVATIONS = ("gelu", "gelu_exact", "relu", "silu", "linear")
 
 
 # Attention implementations (jaxmt.modeling.attention.attend). Exact: xla (materialised scores, the
-# reference), dot_product (jax.nn.dot_product_attention: cuDNN on GPU), flash (the Pallas
-# kernel on GPU/TPU, blockwise on CPU), blockwise (pure-JAX online softmax, memory linear
-# in length). Approximate: local, bigbird, performer. auto picks by length.
+# reference), dot_product (jax.nn.dot_product_attention: cuDNN on CUDA GPUs for fp16/bf16
+# and the shapes cuDNN takes, else XLA), flash (the Pallas kernel on GPU/TPU, blockwise on
+# CPU), blockwise (pure-JAX online softmax, memory linear in length). Approximate: local,
+# bigbird, performer. auto picks by length.
 ATTENTION_IMPLS = ("xla", "dot_product", "flash", "blockwise", "local", "bigbird", "performer",
                    "auto")
 _EXACT = ("xla", "dot_product", "flash", "blockwise")
@@ -54,10 +115,16 @@ class AttentionConfig:
     Attributes:
       encoder, decoder, cross: an implementation from ``ATTENTION_IMPLS`` for encoder
         self-attention, decoder self-attention and cross-attention. Decode steps (one
-        query against the KV cache) always use the exact cached path; with ``local`` in
-        the decoder they apply the same window. Off the ``xla`` path there is no dropout
-        on attention probabilities (residual and MLP dropout still apply).
-      block_size: flash/blockwise tile size (query and key blocks).
+        query against the KV cache) attend over the whole cache as the teacher-forced
+        decoder does: with ``local`` they apply the same window, with ``performer`` the
+        same FAVOR+ features (cached greedy decoding equals teacher forcing). Off the
+        ``xla`` path there is no dropout on attention probabilities (residual and MLP
+        dropout still apply). ``dot_product`` asks for cuDNN on CUDA GPUs and falls back
+        to XLA, with a logged reason, where cuDNN cannot take the call (float32, head
+        dims not a multiple of 8 or too large, odd lengths with a bias); elsewhere it is XLA.
+      block_size: flash/blockwise tile size (query and key blocks); 0 (the default) picks
+        per backend: flash 64 on GPU (Triton tiles live in registers) and 512 on TPU,
+        blockwise 512.
       window: local attention's reach: keys within ``window`` positions (behind only,
         when causal).
       global_tokens: local attention's global tokens: the first ones see and are seen
@@ -75,7 +142,7 @@ class AttentionConfig:
     encoder: str = "xla"
     decoder: str = "xla"
     cross: str = "xla"
-    block_size: int = 512
+    block_size: int = 0
     window: int = 128
     global_tokens: int = 0
     bigbird_block: int = 64
@@ -94,11 +161,11 @@ class AttentionConfig:
             _check(getattr(self, kind) in allowed, n, kind,
                    f"unknown or unsupported implementation {getattr(self, kind)!r} for {kind} "
                    f"attention; choose one of {allowed}")
-        for f in ("block_size", "window", "bigbird_block", "bigbird_global_blocks",
+        for f in ("window", "bigbird_block", "bigbird_global_blocks",
                   "performer_features", "auto_threshold"):
             _check(isinstance(getattr(self, f), int) and getattr(self, f) > 0, n, f,
                    f"must be a positive int, got {getattr(self, f)!r}")
-        for f in ("global_tokens", "bigbird_random_blocks"):
+        for f in ("block_size", "global_tokens", "bigbird_random_blocks"):  # 0: per backend
             _check(isinstance(getattr(self, f), int) and getattr(self, f) >= 0, n, f,
                    f"must be a non-negative int, got {getattr(self, f)!r}")
         _check(self.auto_short in _EXACT, n, "auto_short", f"must be exact, one of {_EXACT}")
@@ -160,11 +227,11 @@ class ModelConfig:
             object.__setattr__(self, "attention", AttentionConfig(**self.attention))
         _check(isinstance(self.attention, AttentionConfig), n, "attention",
                f"must be an AttentionConfig, got {type(self.attention).__name__}")
-        for f in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
-                  "num_encoder_layers", "num_decoder_layers", "relpos_buckets"):
-            _check(getattr(self, f) > 0, n, f, f"must be positive, got {getattr(self, f)}")
-        _check(0.0 <= self.dropout_rate < 1.0, n, "dropout_rate", "must be in [0, 1)")
-        object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+        _check_types(self)
+        _check_min(self, 1, "vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+                   "num_encoder_layers", "num_decoder_layers", "relpos_buckets")
+        _check(0.0 <= self.dropout_rate < 1.0, n, "dropout_rate",
+               f"must be in [0, 1), got {self.dropout_rate!r}")
         _check(len(self.mlp_activations) >= 1, n, "mlp_activations", "needs at least one")
         for a in self.mlp_activations:
             _check(a in ACTIVATIONS, n, "mlp_activations", f"unknown activation {a!r} {ACTIVATIONS}")
@@ -174,7 +241,7 @@ class ModelConfig:
         for f, allowed in choices.items():
             _check(getattr(self, f) in allowed, n, f,
                    f"unknown value {getattr(self, f)!r}; choose one of {allowed}")
-        _check(self.norm_epsilon > 0, n, "norm_epsilon", "must be positive")
+        _check_min(self, 0, "norm_epsilon", strict=True)
         # T5 bucketing divides by log(max_distance / (buckets / 2)) in the decoder.
         _check(self.relpos_max_distance > self.relpos_buckets // 2, n, "relpos_max_distance",
                f"must exceed relpos_buckets / 2 = {self.relpos_buckets // 2}, "
@@ -216,6 +283,7 @@ class MeshConfig:
     shard_params: bool = True
 
     def __post_init__(self):
+        _check_types(self)
         sizes = (self.replica, self.data, self.fsdp, self.tensor)
         _check(sum(s == -1 for s in sizes) <= 1, "MeshConfig", "replica/data/fsdp/tensor",
                "at most one axis may be -1")
@@ -248,7 +316,7 @@ class DataConfig:
     # "bucket" only: the row lengths, increasing, the last = max(src_len, tgt_len). A
     # bucket of length L gets batch_size * max(src_len, tgt_len) / L rows (rounded down
     # to what the mesh divides).
-    bucket_lengths: tuple = (16, 32, 64)
+    bucket_lengths: tuple[int, ...] = (16, 32, 64)
     max_eval_len: int = 128
     # Your own parallel corpora (jaxmt/data/sources.py): CorpusSources or dicts of their
     # fields, e.g. ({"path": "data/en-de.tsv.gz", "src_lang": "en", "tgt_lang": "de"},).
@@ -270,24 +338,40 @@ class DataConfig:
     cache_dir: str = ""
 
     def __post_init__(self):
-        object.__setattr__(self, "corpora", sources.as_sources(self.corpora))
-        if isinstance(self.clean, dict):  # from gin or jaxmt_config.json
+        n = type(self).__name__
+        _check(isinstance(self.corpora, (tuple, list)), n, "corpora",
+               f"must be a tuple of CorpusSources or dicts, got {self.corpora!r}")
+        try:
+            object.__setattr__(self, "corpora", sources.as_sources(self.corpora))
+        except ValueError as e:
+            raise ValueError(f"{n}.corpora: {e}") from None
+        if isinstance(self.clean, Mapping):  # from gin or jaxmt_config.json
+            names = [f.name for f in dataclasses.fields(sources.CleanConfig)]
+            for k in self.clean:
+                _check(k in names, n, "clean", f"unknown field {k!r}{_did_you_mean(k, names)}")
             object.__setattr__(self, "clean", sources.CleanConfig(**self.clean))
-        object.__setattr__(self, "langs", tuple(self.langs))
-        _check(self.pivot in self.langs, "DataConfig", "pivot",
-               f"{self.pivot!r} is not in langs {self.langs}")
-        _check(len(self.langs) >= 2, "DataConfig", "langs", "need at least two languages")
-        _check(self.temperature > 0, "DataConfig", "temperature", "must be positive")
-        _check(self.src_len > 0 and self.tgt_len > 0, "DataConfig", "src_len/tgt_len",
-               "must be positive")
-        _check(self.batching in bucketing.BATCHINGS, "DataConfig", "batching",
+        _check(isinstance(self.clean, sources.CleanConfig), n, "clean",
+               f"must be a CleanConfig or a dict of its fields, got {self.clean!r}")
+        _check_types(self)
+        for lang in self.langs:
+            err = sources.lang_code_error(lang)
+            _check(err is None, n, "langs", str(err))
+        _check(self.pivot in self.langs, n, "pivot", f"{self.pivot!r} is not in langs {self.langs}")
+        _check(len(self.langs) >= 2, n, "langs", "need at least two languages")
+        _check_min(self, 0, "temperature", strict=True)
+        _check_min(self, 1, "vocab_sample_per_lang", "src_len", "tgt_len", "max_eval_len")
+        _check_min(self, 0, "mixture_cap")
+        # SentencePiece's first pieces are fixed: pad/EOS/UNK, 256 byte-fallback pieces and
+        # one tag per language (every embedded one and the corpora's; jaxmt/data/vocab.py).
+        tags = set(embedded.EMBEDDED_LANGS) | set(self.corpus_langs)
+        _check(self.vocab_size > 3 + 256 + len(tags), n, "vocab_size",
+               f"must exceed {3 + 256 + len(tags)} (pad/EOS/UNK, 256 byte pieces and "
+               f"{len(tags)} language tags come first), got {self.vocab_size}")
+        _check(self.batching in bucketing.BATCHINGS, n, "batching",
                f"unknown value {self.batching!r}; choose one of {bucketing.BATCHINGS}")
-        object.__setattr__(self, "bucket_lengths", tuple(self.bucket_lengths))
         if self.batching == "bucket":
             err = bucketing.lengths_error(self.bucket_lengths, max(self.src_len, self.tgt_len))
-            _check(err is None, "DataConfig", "bucket_lengths", str(err))
-        object.__setattr__(self, "mixture_caps", dict(self.mixture_caps))
-        object.__setattr__(self, "mixture_weights", dict(self.mixture_weights))
+            _check(err is None, n, "bucket_lengths", str(err))
         mixture.resolve(self.directions, self.mixture_cap, self.mixture_caps,
                         self.mixture_weights, owner="DataConfig")
 
@@ -335,13 +419,21 @@ class TrainConfig:
     # the starting scale, and the finite steps after which it doubles (halved on overflow).
     loss_scale_init: float = 2.0 ** 15
     loss_scale_growth_interval: int = 2000
+    # A run stops, with an error, after this many consecutive steps whose loss or
+    # gradients were not finite: one bad batch is skipped, a diverged run is not retried
+    # forever.
+    max_nonfinite_steps: int = 10
+    # After SIGTERM/SIGINT (preemption), the seconds the run has to save a checkpoint
+    # before it exits.
+    preemption_grace_s: float = 30.0
 
     def __post_init__(self):
-        _check(self.steps > 0, "TrainConfig", "steps", "must be positive")
-        _check(self.batch_size > 0, "TrainConfig", "batch_size", "must be positive")
-        _check(isinstance(self.num_microbatches, int) and self.num_microbatches >= 1,
-               "TrainConfig", "num_microbatches",
-               f"must be a positive integer, got {self.num_microbatches!r}")
+        _check_types(self)
+        _check_min(self, 1, "steps", "batch_size", "num_microbatches", "log_every",
+                   "checkpoint_every", "keep_checkpoints", "loss_scale_growth_interval",
+                   "max_nonfinite_steps")
+        _check_min(self, 0, "warmup_steps", "weight_decay", "z_loss", "seed")
+        _check_min(self, 0, "learning_rate", "grad_clip", "preemption_grace_s", strict=True)
         _check(self.batch_size % self.num_microbatches == 0, "TrainConfig", "num_microbatches",
                f"batch_size={self.batch_size} is not divisible by num_microbatches="
                f"{self.num_microbatches}; make batch_size a multiple of {self.num_microbatches}"
@@ -349,14 +441,10 @@ class TrainConfig:
         _check(self.optimizer in ("adamw", "adafactor"), "TrainConfig", "optimizer",
                f"unknown optimizer {self.optimizer!r} (adamw | adafactor)")
         _check(0.0 <= self.label_smoothing < 1.0, "TrainConfig", "label_smoothing",
-               "must be in [0, 1)")
+               f"must be in [0, 1), got {self.label_smoothing!r}")
         # The scale never drops below 1, and must stay a finite float32.
         _check(1.0 <= self.loss_scale_init <= 2.0 ** 127, "TrainConfig", "loss_scale_init",
                f"must be in [1, 2**127], got {self.loss_scale_init}")
-        _check(isinstance(self.loss_scale_growth_interval, int)
-               and self.loss_scale_growth_interval > 0, "TrainConfig",
-               "loss_scale_growth_interval",
-               f"must be a positive integer, got {self.loss_scale_growth_interval!r}")
 
 
 TOKENIZER_KINDS = ("t5", "marian")
@@ -391,8 +479,10 @@ class TokenizerConfig:
     suppressed_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        for f in ("vocab_files", "target_langs", "reordered_ids", "suppressed_ids"):
-            object.__setattr__(self, f, tuple(getattr(self, f)))
+        _check_types(self)
+        for f in ("reordered_ids", "suppressed_ids"):
+            _check(all(i >= 0 for i in getattr(self, f)), "TokenizerConfig", f,
+                   f"ids must be >= 0, got {getattr(self, f)}")
         if self.kind not in TOKENIZER_KINDS:
             raise ValueError(f"TokenizerConfig.kind: unknown value {self.kind!r}; "
                              f"choose one of {TOKENIZER_KINDS}")
@@ -418,28 +508,102 @@ def to_json(**configs: Any) -> str:
     return json.dumps({k: dataclasses.asdict(v) for k, v in configs.items()}, indent=2)
 
 
-def from_json(text: str) -> dict[str, Any]:
-    """Inverse of :func:`to_json`; unknown sections are an error that names them."""
-    raw = json.loads(text)
+# Fields added after the first jaxmt_config.json layout. A directory written before them
+# lacks them, and they take their defaults; any other missing field is an error (a
+# truncated or hand-edited file). A field added to a config class belongs here too.
+# (model.precision and data.batching replaced older keys: from_json migrates those.)
+_ADDED_LATER = {
+    "ModelConfig": {"position_embedding", "norm_type", "norm_position", "norm_epsilon",
+                    "use_bias", "scale_embeddings", "tie_embeddings", "rescale_logits",
+                    "final_logits_bias", "scan_layers", "encoder_remat", "decoder_remat",
+                    "attention"},
+    "MeshConfig": {"replica", "shard_params"},
+    "DataConfig": {"corpora", "clean", "mixture_cap", "mixture_caps", "mixture_weights",
+                   "bucket_lengths", "cache_dir"},
+    "TrainConfig": {"num_microbatches", "loss_scale_init", "loss_scale_growth_interval",
+                    "max_nonfinite_steps", "preemption_grace_s"},
+}
+_NESTED = {("ModelConfig", "attention"): AttentionConfig,
+           ("DataConfig", "clean"): sources.CleanConfig}
+
+
+def _fields_from(cls: type, raw: Any, where: str) -> dict[str, Any]:
+    """``raw`` checked against ``cls``'s fields (nested configs too), ready for ``cls(**)``.
+
+    Raises:
+      ValueError: not an object, an unknown key (with the closest field), or a missing one.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected an object of {cls.__name__} fields, got "
+                         f"{type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in fields:
+            raise ValueError(f"{where}: unknown field {k!r}{_did_you_mean(k, fields)}")
+    missing = [k for k in fields if k not in raw and k not in _ADDED_LATER.get(cls.__name__, ())]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}")
+    out = dict(raw)
+    for k, v in raw.items():
+        nested = _NESTED.get((cls.__name__, k))
+        if nested and isinstance(v, dict):
+            out[k] = nested(**_fields_from(nested, v, f"{where}.{k}"))
+    return out
+
+
+def from_json(text: str, source: str = CONFIG_FILE) -> dict[str, Any]:
+    """Inverse of :func:`to_json`, for files from any directory: validates everything.
+
+    Args:
+      text: the JSON text.
+      source: the file it came from, first in every error message.
+
+    Raises:
+      ValueError: invalid JSON (with line and column), an unknown section or field (with
+        the closest name), a missing field (other than :data:`_ADDED_LATER`'s) or a value
+        its config class rejects; the message starts with ``source``.
+    """
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: invalid JSON at line {e.lineno} column {e.colno}: "
+                         f"{e.msg}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a JSON object of sections "
+                         f"{sorted(_TYPES)}, got {type(raw).__name__}")
     out = {}
     for k, v in raw.items():
         if k not in _TYPES:
-            raise ValueError(f"{CONFIG_FILE}: unknown section {k!r}")
-        if k == "model" and "dtype" in v:  # written before precision policies existed
+            raise ValueError(f"{source}: unknown section {k!r}{_did_you_mean(k, _TYPES)}")
+        if k == "model" and isinstance(v, dict) and "dtype" in v:  # before precision policies
             v = dict(v)
             pair = (v.pop("dtype"), v.pop("param_dtype", "float32"))
             v["precision"] = {p: k for k, p in PRECISIONS.items()}.get(pair, "bf16")
-        if k == "data" and "pack" in v:  # written before DataConfig.batching existed
+        if k == "data" and isinstance(v, dict) and "pack" in v:  # before DataConfig.batching
             v = dict(v)
             v["batching"] = "pack" if v.pop("pack") else "pad"
-        out[k] = _TYPES[k](**v)
+        try:
+            out[k] = _TYPES[k](**_fields_from(_TYPES[k], v, f"{source}: {k}"))
+        except (TypeError, ValueError) as e:  # gin appends a line ("In call to ...")
+            msg = (str(e).splitlines() or [repr(e)])[0]
+            raise ValueError(msg if msg.startswith(source) else f"{source}: {msg}") from None
     return out
 
 
 def load(model_dir: str) -> dict[str, Any]:
-    """The configs a model directory was trained with (``jaxmt train`` writes them)."""
+    """The configs a model directory was trained with (``jaxmt train`` writes them).
+
+    Raises:
+      FileNotFoundError: no ``jaxmt_config.json`` there.
+      ValueError: the file is not valid (see :func:`from_json`); the message starts with
+        its path.
+    """
     path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: not a jaxmt model directory (run `jaxmt train`).")
-    with open(path, encoding="utf-8") as f:
-        return from_json(f.read())
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return from_json(text, source=path)
