@@ -91,7 +91,8 @@ def test_strict_mode_stops_at_the_first_bad_record(corpus_files, tmp_path):
 
     d, _, _ = corpus_files
     try:
-        with pytest.raises(ValueError, match=r"en-pt.train.tsv.gz:2: invalid_utf8"):
+        # The CLI answers with one line: SystemExit("error: ...").
+        with pytest.raises(SystemExit, match=r"en-pt.train.tsv.gz:2: invalid_utf8"):
             cli.main(["train", "--gin_file=runs/own_corpus.gin", f"--model_dir={tmp_path}",
                       _corpora_binding(d), *SMALL,
                       "--gin.DataConfig.clean={'strict': True}"])

@@ -149,9 +149,17 @@ class CorpusSource:
 
     def __post_init__(self):
         # Strings, not Paths, so the source serialises to JSON with the run config.
-        object.__setattr__(self, "path", os.fspath(self.path))
-        if self.tgt_path is not None:
-            object.__setattr__(self, "tgt_path", os.fspath(self.tgt_path))
+        for field in ("path", "tgt_path"):
+            value = getattr(self, field)
+            if value is None and field == "tgt_path":
+                continue
+            if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+                raise ValueError(f"CorpusSource.{field}: must be a non-empty path, got "
+                                 f"{value!r}")
+            object.__setattr__(self, field, os.fspath(value))
+        if not isinstance(self.both_directions, bool):
+            raise ValueError(f"CorpusSource.both_directions: must be True or False, got "
+                             f"{self.both_directions!r}")
         for field in ("src_lang", "tgt_lang"):
             err = lang_code_error(getattr(self, field))
             if err:
@@ -242,18 +250,27 @@ class CleanConfig:
     max_examples: int = 5
 
     def __post_init__(self):
-        if not (isinstance(self.max_chars, int) and self.max_chars > 0):
+        def is_int(v):  # bool is an int to Python, not here
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not (is_int(self.max_chars) and self.max_chars > 0):
             raise ValueError(f"CleanConfig.max_chars: must be a positive integer, got "
                              f"{self.max_chars!r}")
-        if self.max_length_ratio is not None and not self.max_length_ratio >= 1.0:
-            raise ValueError(f"CleanConfig.max_length_ratio: must be >= 1 or None, got "
-                             f"{self.max_length_ratio!r}")
-        if not (isinstance(self.ratio_min_chars, int) and self.ratio_min_chars >= 1):
+        ratio = self.max_length_ratio
+        if ratio is not None and not (isinstance(ratio, (int, float)) and not isinstance(
+                ratio, bool) and 1.0 <= ratio < float("inf")):
+            raise ValueError(f"CleanConfig.max_length_ratio: must be a number >= 1 or None, "
+                             f"got {ratio!r}")
+        if not (is_int(self.ratio_min_chars) and self.ratio_min_chars >= 1):
             raise ValueError(f"CleanConfig.ratio_min_chars: must be a positive integer, "
                              f"got {self.ratio_min_chars!r}")
-        if not (isinstance(self.max_examples, int) and self.max_examples >= 0):
+        if not (is_int(self.max_examples) and self.max_examples >= 0):
             raise ValueError(f"CleanConfig.max_examples: must be >= 0, got "
                              f"{self.max_examples!r}")
+        for field in ("dedup", "strict"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"CleanConfig.{field}: must be True or False, got "
+                                 f"{getattr(self, field)!r}")
 
 
 # ---------------------------------------------------------------- report
@@ -568,6 +585,7 @@ def _lines(path: str) -> Iterator[tuple[int, bytes]]:
     """``(line_number, raw_line)`` from 1, without the LF (or CRLF); gzip transparently."""
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
+    _check_text(path, gz)
     n = 0
     try:
         with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
@@ -583,6 +601,23 @@ def _lines(path: str) -> Iterator[tuple[int, bytes]]:
         # The whole file, not one line: a truncated or corrupt gzip stops the read.
         raise ValueError(f"{path}: unreadable after line {n} ({e}); is the gzip file "
                          "complete?") from e
+
+
+def _check_text(path: str, gz: bool, sniff: int = 8192) -> None:
+    """Raises ValueError when the file's first ``sniff`` bytes (after gunzip) are mostly
+    not text: binary data (an executable, a model file) or another encoding than UTF-8
+    (UTF-16, a legacy code page). A few bad lines in a text file are counted, not this."""
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(sniff)
+    except (OSError, EOFError, zlib.error):
+        return  # the read itself reports it
+    text = head.decode("utf-8", "replace")
+    bad = sum(1 for c in text if c == "\ufffd" or (c < " " and c not in "\t\n\r\f\v\x1b"))
+    if bad >= 16 and bad > 0.3 * len(text):
+        raise ValueError(f"{path}: not a UTF-8 text corpus ({bad} of its first {len(text)} "
+                         "characters are NUL, control or non-UTF-8 bytes: binary data or "
+                         "another encoding); pass a UTF-8 TSV, JSONL or text file")
 
 
 def _decode(raw: bytes) -> str | _Bad:

@@ -18,6 +18,8 @@ from jaxmt.inference.translator import Translator
 
 def pick(n_total: int, max_examples: int | None) -> list[int]:
     """Evenly spaced indices, so a capped evaluation still spans every test book."""
+    if max_examples is not None and max_examples < 0:
+        raise ValueError(f"max_examples={max_examples}: must be positive (None or 0: all)")
     if not max_examples or max_examples >= n_total:
         return list(range(n_total))
     return sorted(set(np.linspace(0, n_total - 1, max_examples).round().astype(int).tolist()))

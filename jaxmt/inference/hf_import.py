@@ -91,8 +91,12 @@ def is_hf_checkpoint(path: str) -> bool:
 # ----------------------------------------------------------------------------- reading
 
 def _load_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HFImportError(f"{path}: not a JSON file ({e}); the Hugging Face checkpoint "
+                            "is damaged, download it again") from e
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -231,7 +235,8 @@ class _Fields:
 
 def _check_architecture(f: _Fields, model_type: str) -> None:
     if model_type not in ARCHITECTURES:
-        f.fail("model_type", f"unsupported; jaxmt imports {', '.join(ARCHITECTURES)}")
+        f.fail("model_type", f"unsupported; jaxmt imports {', '.join(ARCHITECTURES)} "
+               "checkpoints only")
     for arch in f.get("architectures", []):
         if arch not in ARCHITECTURES[model_type]:
             f.fail("architectures", f"{arch!r} is not an encoder-decoder with a language-model "
@@ -516,6 +521,42 @@ def check_params(params: PyTree, cfg: ModelConfig) -> None:
 
 # ----------------------------------------------------------------------------- entry points
 
+def read_configs(hf_dir: str, precision: str = "fp32", scan_layers: bool = False,
+                 input_prefix: str | None = None) -> tuple[ModelConfig, TokenizerConfig]:
+    """The model and tokenizer records :func:`import_checkpoint` would make, without
+    reading the weights: a cheap check of a directory (and of the languages it takes)."""
+    _, cfg, tok = _records(hf_dir, precision, scan_layers, input_prefix)
+    return cfg, tok
+
+
+def _records(hf_dir: str, precision: str, scan_layers: bool, input_prefix: str | None
+             ) -> tuple[_Fields, ModelConfig, TokenizerConfig]:
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"{hf_dir}: no such directory; pass a Hugging Face model "
+                                "folder (config.json, weights, tokenizer files)")
+    cfg_path = os.path.join(hf_dir, HF_CONFIG)
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{hf_dir}: not a Hugging Face checkpoint (no {HF_CONFIG}); "
+                                "pass a folder written by save_pretrained() of a T5, mT5 or "
+                                "MarianMT model")
+    raw = _load_json(cfg_path)
+    if not isinstance(raw, dict):
+        raise HFImportError(f"{cfg_path}: a JSON {type(raw).__name__}, expected an object "
+                            "with model_type; is this a Hugging Face model config?")
+    f = _Fields(raw, cfg_path)
+    model_type = f.get("model_type")
+    _check_architecture(f, model_type)
+    overrides = {"precision": precision, "scan_layers": scan_layers}
+    cfg = _marian_config(f, **overrides) if model_type == "marian" else _t5_config(
+        f, model_type, **overrides)
+    gen = _generation_fields(hf_dir, f)
+    if model_type == "marian":
+        tok = _marian_tokenizer(hf_dir, cfg, f, gen, input_prefix)
+    else:
+        tok = _t5_tokenizer(hf_dir, cfg, gen, input_prefix)
+    return f, cfg, tok
+
+
 def import_checkpoint(hf_dir: str, precision: str = "fp32", scan_layers: bool = False,
                       input_prefix: str | None = None) -> ImportedModel:
     """Converts a Hugging Face T5 / mT5 / MarianMT directory in memory.
@@ -535,21 +576,8 @@ def import_checkpoint(hf_dir: str, precision: str = "fp32", scan_layers: bool = 
         HFImportError: An unsupported architecture, config option or tensor mismatch.
         FileNotFoundError: Weights or tokenizer files are missing.
     """
-    cfg_path = os.path.join(hf_dir, HF_CONFIG)
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{cfg_path}: not a Hugging Face model directory")
-    f = _Fields(_load_json(cfg_path), cfg_path)
+    f, cfg, tok = _records(hf_dir, precision, scan_layers, input_prefix)
     model_type = f.get("model_type")
-    _check_architecture(f, model_type)
-    overrides = {"precision": precision, "scan_layers": scan_layers}
-    cfg = _marian_config(f, **overrides) if model_type == "marian" else _t5_config(
-        f, model_type, **overrides)
-    gen = _generation_fields(hf_dir, f)
-    if model_type == "marian":
-        tok = _marian_tokenizer(hf_dir, cfg, f, gen, input_prefix)
-    else:
-        tok = _t5_tokenizer(hf_dir, cfg, gen, input_prefix)
-
     tensors, source = read_weights(hf_dir)
     ts = _Tensors(tensors, source)
     if model_type == "marian":

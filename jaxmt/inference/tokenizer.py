@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import sentencepiece as spm
 
-from jaxmt.config import TokenizerConfig
+from jaxmt.config import DataConfig, TokenizerConfig
 from jaxmt.data.embedded import tag_source
 from jaxmt.data.vocab import EOS_ID, PAD_ID, UNK_ID
 
@@ -74,6 +74,46 @@ class Tokenizer:
         raise NotImplementedError
 
 
+def check_tagged_langs(langs: Sequence[str], src_lang: str | None, tgt_lang: str | None,
+                       names: tuple[str, str] = ("src_lang", "tgt_lang")) -> None:
+    """A jaxmt-trained model needs both languages, each one it was trained on.
+
+    ``names`` are what the message calls the two arguments (the CLI's ``--src_lang``).
+    """
+    for lang, name in zip((src_lang, tgt_lang), names):
+        if not lang:
+            raise ValueError(f"{name} is required: this model translates between "
+                             f"{', '.join(langs)}; pass one of them")
+        if lang not in langs:
+            raise ValueError(f"{name}={lang!r} is not one of this model's languages; choose "
+                             f"one of {', '.join(langs)}")
+
+
+def check_prefixed_langs(cfg: TokenizerConfig, src_lang: str | None, tgt_lang: str | None,
+                         names: tuple[str, str] = ("src_lang", "tgt_lang")) -> None:
+    """An imported model needs the languages its input prefix names (``{src}``/``{tgt}``),
+    and a ``tgt_lang`` among its ``target_langs`` when it lists them."""
+    choices = f" (one of {', '.join(cfg.target_langs)})" if cfg.target_langs else ""
+    for key, lang, name in (("src", src_lang, names[0]), ("tgt", tgt_lang, names[1])):
+        if "{" + key + "}" in cfg.input_prefix and not lang:
+            raise ValueError(f"{name} is required: this model's input prefix is "
+                             f"{cfg.input_prefix!r}; pass {name}=CODE"
+                             f"{choices if key == 'tgt' else ''}")
+    if cfg.target_langs and tgt_lang is not None and tgt_lang not in cfg.target_langs:
+        raise ValueError(f"{names[1]}={tgt_lang!r} is not one of this model's target languages; "
+                         f"choose one of {', '.join(cfg.target_langs)}")
+
+
+def check_model_langs(cfgs: dict, src_lang: str | None, tgt_lang: str | None,
+                      names: tuple[str, str] = ("src_lang", "tgt_lang")) -> None:
+    """The language check of the tokenizer a model directory's configs describe
+    (``jaxmt_config.json``'s sections), without loading any vocabulary or weights."""
+    if "tokenizer" in cfgs:
+        check_prefixed_langs(cfgs["tokenizer"], src_lang, tgt_lang, names)
+    else:
+        check_tagged_langs(cfgs.get("data", DataConfig()).corpus_langs, src_lang, tgt_lang, names)
+
+
 class TaggedTokenizer(Tokenizer):
     """jaxmt-trained models: ``"<2xx> text"`` through the shared ``spm.model``."""
 
@@ -83,10 +123,7 @@ class TaggedTokenizer(Tokenizer):
         self.num_ids = sp.get_piece_size()
 
     def check_langs(self, src_lang, tgt_lang):
-        for lang, field in ((src_lang, "src_lang"), (tgt_lang, "tgt_lang")):
-            if lang not in self.langs:
-                raise ValueError(f"{field}={lang!r} is not one of this model's languages "
-                                 f"{self.langs}")
+        check_tagged_langs(self.langs, src_lang, tgt_lang)
 
     def encode(self, text, src_lang, tgt_lang):
         return self.sp.encode(tag_source(text, tgt_lang))
@@ -108,13 +145,7 @@ class _Prefixed(Tokenizer):
         self.langs = cfg.target_langs
 
     def check_langs(self, src_lang, tgt_lang):
-        for name, lang in (("src", src_lang), ("tgt", tgt_lang)):
-            if "{" + name + "}" in self.cfg.input_prefix and not lang:
-                raise ValueError(f"{name}_lang is required: this model's input prefix is "
-                                 f"{self.cfg.input_prefix!r}")
-        if self.langs and tgt_lang is not None and tgt_lang not in self.langs:
-            raise ValueError(f"tgt_lang={tgt_lang!r} is not one of this model's target "
-                             f"languages {self.langs}")
+        check_prefixed_langs(self.cfg, src_lang, tgt_lang)
 
     def prefix(self, src_lang, tgt_lang) -> str:
         prefix = self.cfg.input_prefix.replace("{src}", src_lang or "")

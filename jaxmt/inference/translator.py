@@ -27,7 +27,7 @@ import sentencepiece as spm
 
 from jaxmt import config as cfglib
 from jaxmt.checkpoint import Checkpointer
-from jaxmt.config import AttentionConfig, DataConfig, ModelConfig
+from jaxmt.config import DataConfig, ModelConfig
 from jaxmt.data.vocab import EOS_ID
 from jaxmt.inference.tokenizer import TaggedTokenizer, Tokenizer, load_tokenizer
 from jaxmt.modeling.model import EncoderDecoderModel
@@ -59,6 +59,15 @@ def suppress_ids(params: PyTree, ids: Sequence[int]) -> PyTree:
     # -1e10 like the attention masks: never the argmax, and no inf to poison a softmax.
     bias = jnp.asarray(dec["final_logits_bias"]).at[jnp.asarray(ids)].set(-1e10)
     return {**params, "decoder": {**dec, "final_logits_bias": bias}}
+
+
+def with_encoder_attention(model_cfg: ModelConfig, impl: str | None) -> ModelConfig:
+    """``model_cfg`` with only its encoder's attention implementation replaced (None:
+    unchanged); the trained windows, decoder and cross-attention settings stay."""
+    if impl is None:
+        return model_cfg
+    return dataclasses.replace(
+        model_cfg, attention=dataclasses.replace(model_cfg.attention, encoder=impl))
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -96,16 +105,19 @@ class Translator:
     @classmethod
     def from_pretrained(cls, model_dir: str, step: int | None = None,
                         input_prefix: str | None = None, precision: str = "fp32",
-                        attention: AttentionConfig | None = None, **kwargs) -> "Translator":
+                        encoder_attention: str | None = None, **kwargs) -> "Translator":
         """Loads config, vocabulary and the (latest) checkpoint's parameters onto one device.
 
         ``model_dir`` is a jaxmt model directory (trained, or written by ``jaxmt
         convert``) or a Hugging Face T5 / mT5 / MarianMT directory, converted in memory
-        (:mod:`jaxmt.inference.hf_import`) with the given ``precision`` policy.
-        ``input_prefix`` replaces an imported model's source prefix (e.g.
-        ``"translate English to German: "`` for T5); other keyword arguments go to
-        the constructor. ``attention`` replaces the model's attention settings (e.g.
-        a long-input encoder implementation; the parameters are the same).
+        (:mod:`jaxmt.inference.hf_import`) with the given ``precision`` policy. Nothing
+        is written into it. Without ``step``, the newest readable checkpoint is used (an
+        unreadable newer one is skipped with a warning). ``input_prefix`` replaces an
+        imported model's source prefix (e.g. ``"translate English to German: "`` for
+        T5); other keyword arguments go to the constructor. ``encoder_attention``
+        replaces only the encoder's attention implementation (e.g. ``"local"`` for long
+        inputs; the parameters are the same); every other trained attention setting
+        (windows, decoder, cross-attention) is kept.
         """
         from jaxmt.inference import hf_import
 
@@ -114,22 +126,21 @@ class Translator:
             imported = hf_import.import_checkpoint(model_dir, precision=precision,
                                                    input_prefix=input_prefix)
             params = jax.device_put(imported.params, device)
-            model_cfg = imported.model if attention is None else dataclasses.replace(
-                imported.model, attention=attention)
+            model_cfg = with_encoder_attention(imported.model, encoder_attention)
             return cls._imported(model_dir, model_cfg, imported.tokenizer, params, **kwargs)
         cfgs = cfglib.load(model_dir)
-        model_cfg = cfgs["model"]
-        if attention is not None:
-            model_cfg = dataclasses.replace(model_cfg, attention=attention)
-        ckpt = Checkpointer(model_dir, async_save=False)
-        step = step if step is not None else ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to load.")
-        shapes = EncoderDecoderModel(model_cfg).param_shapes()
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                shapes)
-        params = ckpt.restore_params(step, abstract)
-        ckpt.close()
+        model_cfg = with_encoder_attention(cfgs["model"], encoder_attention)
+        ckpt = Checkpointer(model_dir, async_save=False, read_only=True)  # writes nothing
+        try:
+            shapes = EncoderDecoderModel(model_cfg).param_shapes()
+            abstract = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+            if step is None:
+                step, params = ckpt.restore_latest_params(abstract)
+            else:
+                params = ckpt.restore_params(step, abstract)
+        finally:
+            ckpt.close()
         if "tokenizer" in cfgs:  # written by `jaxmt convert`
             tok_cfg = cfgs["tokenizer"]
             if input_prefix is not None:

@@ -1,0 +1,226 @@
+"""`jaxmt train | eval | translate | convert`: the commands that run a model.
+
+Inference (eval, translate) checks its arguments, the model directory and the
+languages before anything is loaded, and never writes into the model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from jaxmt.cli.checks import load_vocab
+from jaxmt.gin_files import parse_gin  # imports gin and the configs, no JAX
+from jaxmt.sharding.multihost import CLUSTER_DETECTION  # jax only when initialising
+
+
+def cmd_train(args, gin_overrides) -> int:
+    from jaxmt.sharding import multihost
+
+    # Before gin (whose imports may build configs) and before anything touches devices.
+    try:
+        where = multihost.initialize(args.coordinator_address, args.num_processes,
+                                     args.process_id, args.cluster_detection)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"jax.distributed: {where}", flush=True)
+    parse_gin(args.gin_file or [], gin_overrides)
+    from jaxmt.train.run import train
+
+    t0 = time.time()
+    last = train(model_dir=args.model_dir)
+    if "stopped_at" in last:  # SIGTERM/SIGINT: saved; exit 0 so schedulers requeue
+        print(f"train stopped by {last['stopped_by']} after {time.time() - t0:.0f}s at step "
+              f"{last['stopped_at']}; rerun the same command to resume", flush=True)
+        return 0
+    print(f"train finished in {time.time() - t0:.0f}s; model directory {args.model_dir}",
+          flush=True)
+    return 0
+
+
+def inference_options(args) -> dict:
+    """Translator keywords from --max_len / --attention (long inputs at inference)."""
+    opts = {}
+    if args.max_len is not None:
+        opts.update(max_src_len=args.max_len, max_decode_len=args.max_len)
+    if args.attention is not None:
+        opts["encoder_attention"] = args.attention  # the rest of AttentionConfig stays
+    return opts
+
+
+def check_inference_flags(args) -> None:
+    """--max_len, --max_examples and --attention, before anything is loaded."""
+    from jaxmt.config import ATTENTION_IMPLS
+
+    if args.max_len is not None and args.max_len <= 0:
+        raise SystemExit(f"error: --max_len={args.max_len}: must be a positive number of "
+                         "tokens, e.g. --max_len=512 (or leave it out for the model's limit)")
+    n = getattr(args, "max_examples", None)
+    if n is not None and n <= 0:
+        raise SystemExit(f"error: --max_examples={n}: must be a positive number of "
+                         "sentences per direction (or leave it out to score them all)")
+    if args.attention is not None and args.attention not in ATTENTION_IMPLS:
+        raise SystemExit(f"error: --attention={args.attention}: unknown implementation; "
+                         f"choose one of {', '.join(ATTENTION_IMPLS)}")
+
+
+def model_configs(model_dir: str) -> dict:
+    """The configs of a model directory, read cheaply: no weights, no JAX (a Hugging
+    Face folder: its config and tokenizer files only). A bad directory exits."""
+    from jaxmt import config as cfglib
+
+    flag = f"--model_dir={model_dir}"
+    pass_one = ("pass a directory written by `jaxmt train` or `jaxmt convert`, or a "
+                "Hugging Face T5/mT5/MarianMT folder")
+    if not os.path.isdir(model_dir):
+        what = "a file, not a directory" if os.path.exists(model_dir) else "no such directory"
+        raise SystemExit(f"error: {flag}: {what}; {pass_one}")
+    if not os.path.exists(os.path.join(model_dir, cfglib.CONFIG_FILE)):
+        if not os.path.exists(os.path.join(model_dir, "config.json")):
+            raise SystemExit(f"error: {flag}: not a model directory (no {cfglib.CONFIG_FILE}); "
+                             f"{pass_one}")
+        from jaxmt.inference import hf_import  # the same records Translator converts
+
+        model, tokenizer = hf_import.read_configs(model_dir)
+        return {"model": model, "tokenizer": tokenizer}
+    try:
+        cfgs = cfglib.load(model_dir)
+    except ValueError as e:  # the message names the file and the field
+        raise SystemExit(f"error: {e}; fix the file, or copy it again from where the model "
+                         "was trained or converted") from e
+    if "tokenizer" in cfgs:
+        for name in cfgs["tokenizer"].vocab_files:
+            if not os.path.isfile(os.path.join(model_dir, name)):
+                raise SystemExit(f"error: {os.path.join(model_dir, name)}: missing; the model "
+                                 "directory is incomplete (run `jaxmt convert` again)")
+    else:
+        load_vocab(os.path.join(model_dir, cfglib.VOCAB_FILE), "the model directory is "
+                   "incomplete (copy spm.model from the training run)")
+    return cfgs
+
+
+def _add_inference_flags(p: argparse.ArgumentParser, model_dir_help: str) -> None:
+    p.add_argument("--model_dir", required=True, help=model_dir_help + "; read only")
+    p.add_argument("--max_len", type=int, default=None,
+                   help="source and output token limit (default: DataConfig.max_eval_len)")
+    p.add_argument("--attention", default=None,
+                   help="encoder attention implementation for long inputs, e.g. auto, local, "
+                        "flash (AttentionConfig.encoder; the other attention settings stay "
+                        "as trained; default: the trained setting)")
+
+
+def cmd_eval(args, gin_overrides) -> int:
+    check_inference_flags(args)
+    cfgs = model_configs(args.model_dir)
+    if "data" not in cfgs:
+        raise SystemExit(f"error: --model_dir={args.model_dir}: no data section (an imported "
+                         "model); `jaxmt eval` scores the directions a model was trained on, "
+                         "use `jaxmt translate` instead")
+    from jaxmt.inference.evaluation import evaluate, format_table
+    from jaxmt.inference.translator import Translator
+
+    tr = Translator.from_pretrained(args.model_dir, **inference_options(args))
+    data_cfg = cfgs["data"]
+    log = lambda d, r: print(f"{d}: BLEU {r['bleu']:.1f} chrF {r['chrf']:.1f} (n={r['n']})",
+                             file=sys.stderr, flush=True)
+    result = evaluate(tr, data_cfg.directions, split=args.split, max_examples=args.max_examples,
+                      progress=log, corpus=data_cfg.corpora, limits=data_cfg.clean)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_table(result))
+    return 0
+
+
+def cmd_translate(args, gin_overrides) -> int:
+    check_inference_flags(args)
+    from jaxmt.inference.tokenizer import check_model_langs
+
+    check_model_langs(model_configs(args.model_dir), args.src_lang, args.tgt_lang,
+                      names=("--src_lang", "--tgt_lang"))
+    if args.input and not os.path.isfile(args.input):
+        raise SystemExit(f"error: --input={args.input}: no such file; pass a text file, one "
+                         "sentence per line, or leave --input out to read stdin")
+    out_dir = os.path.dirname(os.path.abspath(args.output)) if args.output else None
+    if out_dir and not os.path.isdir(out_dir):
+        raise SystemExit(f"error: --output={args.output}: no directory {out_dir}; create it "
+                         "first")
+    from jaxmt.fileio import write_atomic
+    from jaxmt.inference.translator import Translator, translate_stream
+
+    tr = Translator.from_pretrained(args.model_dir, **inference_options(args))
+    data = Path(args.input).read_bytes() if args.input else sys.stdin.buffer.read()
+    out = translate_stream(tr, data, args.src_lang, args.tgt_lang)
+    if args.output:
+        write_atomic(args.output, out)
+    else:
+        sys.stdout.buffer.write(out)
+        sys.stdout.buffer.flush()
+    return 0
+
+
+def cmd_convert(args, gin_overrides) -> int:
+    from jaxmt.inference.hf_import import convert
+
+    imported = convert(args.from_hf, args.out, precision=args.precision,
+                       scan_layers=args.scan_layers, input_prefix=args.input_prefix)
+    m, tok = imported.model, imported.tokenizer
+    print(f"converted {args.from_hf} -> {args.out}: {tok.kind}, vocab {m.vocab_size}, "
+          f"{m.num_encoder_layers}+{m.num_decoder_layers} layers, d_model {m.emb_dim}, "
+          f"input prefix {tok.input_prefix!r}", flush=True)
+    return 0
+
+
+def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "multi-process", "Run the same command once per process (host). Unset flags fall back "
+        "to JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; with none of them "
+        "set, SLURM job steps (srun) and multi-host Cloud TPUs are detected, else the run is "
+        "a single process. See jaxmt/sharding/multihost.py.")
+    g.add_argument("--coordinator_address", default=None,
+                   help="host:port of process 0, the same on every process")
+    g.add_argument("--num_processes", type=int, default=None, help="processes in the run")
+    g.add_argument("--process_id", type=int, default=None,
+                   help="this process's index, 0 .. num_processes-1")
+    g.add_argument("--cluster_detection", default=None, choices=CLUSTER_DETECTION,
+                   help="'off': never start jax.distributed; 'auto': let JAX detect the "
+                        "cluster (e.g. a GCE TPU VM); or force one JAX detection method")
+
+
+
+def add_parsers(sub) -> None:
+    """The train, eval, translate and convert subcommands."""
+    t = sub.add_parser("train", help="train (or resume) a model")
+    t.add_argument("--gin_file", action="append", help="gin file; repeatable")
+    t.add_argument("--model_dir", required=True)
+    _add_distributed_flags(t)
+    t.set_defaults(func=cmd_train, takes_gin=True)
+    e = sub.add_parser("eval", help="BLEU/chrF per direction on a split")
+    e.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    e.add_argument("--max_examples", type=int, default=None)
+    e.add_argument("--json", action="store_true", help="last line is one JSON object")
+    _add_inference_flags(e, "a directory written by `jaxmt train`")
+    e.set_defaults(func=cmd_eval)
+    tr = sub.add_parser("translate", help="translate lines from stdin or --input")
+    tr.add_argument("--src_lang", default=None, help="required by jaxmt-trained models")
+    tr.add_argument("--tgt_lang", default=None,
+                    help="required by jaxmt-trained and multilingual imported models")
+    tr.add_argument("--input", default=None)
+    tr.add_argument("--output", default=None)
+    _add_inference_flags(tr, "a directory written by `jaxmt train` or `jaxmt convert`, or "
+                         "a Hugging Face T5/mT5/MarianMT folder")
+    tr.set_defaults(func=cmd_translate)
+    c = sub.add_parser("convert", help="import a Hugging Face T5 / mT5 / MarianMT checkpoint")
+    c.add_argument("--from_hf", required=True, help="directory with config.json, weights and "
+                   "tokenizer files")
+    c.add_argument("--out", required=True, help="new jaxmt model directory")
+    c.add_argument("--precision", default="fp32", help="ModelConfig.precision of the result")
+    c.add_argument("--scan_layers", action="store_true", help="stack layers for nn.scan")
+    c.add_argument("--input_prefix", default=None,
+                   help="text before every source sentence; {src}/{tgt} become the language "
+                        "codes (e.g. 'translate English to German: ' for T5)")
+    c.set_defaults(func=cmd_convert)
