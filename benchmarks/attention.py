@@ -11,8 +11,12 @@ memory doubles, quadratic memory quadruples).
 
 ``flash`` is the Pallas kernel on GPU/TPU; on CPU it is the blockwise kernel, so the
 CPU run lists ``blockwise`` only (Pallas runs on CPU only in interpret mode, which
-measures nothing). On a GPU, ``flash`` and ``dot_product`` (cuDNN) also get TFLOP/s
-from the standard attention flop count (forward 4*b*h*L^2*d, backward 2.5x that).
+measures nothing). On a GPU, ``flash`` and ``dot_product`` also get TFLOP/s from the
+standard attention flop count (forward 4*b*h*L^2*d, backward 2.5x that). ``dot_product``
+asks for cuDNN only on CUDA GPUs and only for float16/bfloat16 (and head dims cuDNN
+takes): pass ``--dtype bfloat16`` to measure cuDNN; each ``dot_product`` row records the
+``implementation`` it asked for. ``flash`` uses the kernel's default tiles (64x64 on
+GPU, 512x512 on TPU).
 
 ``--model small`` adds what the switch buys a whole model: the compiled temp memory of the
 gradient of the ``gin_configs/models/small.gin`` model (T5.1.1-small shape, bf16, scanned
@@ -38,6 +42,7 @@ import numpy as np
 from jaxmt.modeling.attention import Masking, attend
 from jaxmt.config import AttentionConfig
 from jaxmt.kernels.common import RelPos
+from jaxmt.kernels.dot_product import dot_product_implementation, platform
 
 CPU_IMPLS = ("xla", "dot_product", "blockwise", "local", "bigbird", "performer")
 ACCEL_IMPLS = ("xla", "dot_product", "flash", "blockwise", "local", "bigbird", "performer")
@@ -78,6 +83,9 @@ def measure(impl, length, relative_bias, heads, head_dim, dtype, repeats, option
         jax.block_until_ready(compiled(*args))
         best = min(best, time.perf_counter() - t)
     row["seconds"] = round(best, 4)
+    if impl == "dot_product":  # what attend asked jax.nn.dot_product_attention for
+        row["implementation"] = dot_product_implementation(
+            platform()[0], dtype, head_dim, length, length, True, platform()[1])[0]
     if jax.default_backend() == "gpu" and impl in ("flash", "dot_product", "xla"):
         flops = 4 * heads * length * length * head_dim * 3.5  # fwd + 2.5x fwd for bwd
         row["tflops"] = round(flops / best / 1e12, 2)
@@ -126,7 +134,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     impls = a.impls or (CPU_IMPLS if jax.default_backend() == "cpu" else ACCEL_IMPLS)
-    options = AttentionConfig()  # the defaults: 512 tiles, window 128, 64-token BigBird blocks
+    options = AttentionConfig()  # defaults: per-backend tiles, window 128, 64-token BigBird blocks
     dtype = jnp.dtype(a.dtype)
     print(f"encoder self-attention fwd+bwd, batch 1, {a.heads} heads, head_dim {a.head_dim}, "
           f"{a.dtype}, on {jax.devices()[0].device_kind}")

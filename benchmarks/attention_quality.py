@@ -3,9 +3,9 @@
 The tiny demo model (``gin_configs/runs/demo.gin``, trained once with exact attention;
 ``--model_dir`` is reused if it holds a checkpoint, as ``make demo`` leaves it) is
 evaluated with each implementation in its encoder self-attention, the attention that
-sees the whole source. Decoding is greedy; decode steps attend exactly over the KV
-cache whatever the setting (see ``AttentionConfig``), so the rows differ only in how
-the encoder reads the source.
+sees the whole source. Decoding is greedy; the decoder stays ``xla``, so decode steps
+attend exactly over the KV cache and the rows differ only in how the encoder reads the
+source.
 
 Two test sets per direction (en->de, de->en), from books never seen in training:
   short: ``--short`` test verses, evenly spaced (the model's training lengths);

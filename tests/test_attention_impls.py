@@ -17,6 +17,8 @@ import optax
 import pytest
 
 from jaxmt.config import AttentionConfig, MeshConfig, ModelConfig, from_json, to_json
+from jaxmt.kernels import dot_product
+from jaxmt.kernels.dot_product import dot_product_implementation
 from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.modeling.network import EncoderDecoder
 from jaxmt.sharding.partitioning import Partitioner
@@ -70,6 +72,51 @@ def test_config_validates_resolves_and_round_trips():
         assert ModelConfig().attention.encoder == "performer"  # no ModelConfig binding needed
     finally:
         gin.clear_config()
+
+
+BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
+
+
+@pytest.mark.parametrize("args,want", [
+    (("cpu", BF16, 64, 8, 8, True), ("xla", "CUDA GPU")),
+    (("tpu", BF16, 64, 8, 8, True), ("xla", "CUDA GPU")),
+    (("rocm", BF16, 64, 8, 8, True), ("xla", "CUDA GPU")),
+    (("cuda", F32, 64, 8, 8, True), ("xla", "float16/bfloat16 inputs, got float32")),
+    (("cuda", BF16, 60, 8, 8, True), ("xla", "multiple of 8, <= 128, got 60")),
+    (("cuda", BF16, 192, 8, 8, True, "8.0"), ("xla", "<= 128, got 192")),
+    (("cuda", BF16, 192, 8, 8, True, "9.0"), ("cudnn", "")),
+    (("cuda", BF16, 264, 8, 8, True, "9.0"), ("xla", "<= 256, got 264")),
+    (("cuda", BF16, 64, 7, 8, True), ("xla", "even lengths, got q 7, k 8")),
+    (("cuda", BF16, 64, 7, 9, False), ("cudnn", "")),
+    (("cuda", F16, 64, 8, 8, True), ("cudnn", "")),
+], ids=["cpu", "tpu", "rocm", "float32", "head_dim_60", "head_dim_192_ampere",
+        "head_dim_192_hopper", "head_dim_264", "odd_len_bias", "odd_len_no_bias", "float16"])
+def test_dot_product_implementation_choice(args, want):
+    impl, reason = dot_product_implementation(*args)
+    assert impl == want[0] and want[1] in reason and bool(reason) == (impl == "xla")
+
+
+def test_dot_product_asks_for_what_it_decides(monkeypatch, caplog):
+    """XLA on this CPU; on a (simulated) CUDA device cuDNN for bf16, XLA for float32 with
+    the reason logged once."""
+    asked = []
+
+    def spy(q, k, v, *, bias, scale, implementation):
+        asked.append(implementation)
+        return jnp.zeros_like(q)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    q, bias = jnp.ones((1, 8, 2, 64), F32), jnp.zeros((1, 1, 8, 8))
+    dot_product.dot_product_attention(q, q, q, bias)
+    monkeypatch.setattr(dot_product, "platform", lambda: ("cuda", "9.0"))
+    monkeypatch.setattr(dot_product, "_logged", set())
+    dot_product.dot_product_attention(q.astype(BF16), q.astype(BF16), q.astype(BF16), bias)
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            dot_product.dot_product_attention(q, q, q, bias)
+    assert asked == ["xla", "cudnn", "xla", "xla"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "dot_product attention runs on XLA: cuDNN takes float16/bfloat16 inputs, got float32"]
 
 
 @pytest.mark.slow
@@ -185,15 +232,22 @@ def test_pallas_flash_under_a_mesh_matches_xla():
 
 
 def test_cli_inference_flags_choose_the_encoder_attention():
-    from jaxmt.cli import _inference_options, build_parser
+    # Only the encoder's implementation: the trained windows, decoder and cross settings
+    # stay (tests/test_cli_errors.py checks that on a model directory).
+    from jaxmt.cli import build_parser
+    from jaxmt.cli.model_commands import check_inference_flags, inference_options
+    from jaxmt.inference.translator import with_encoder_attention
 
     args = build_parser().parse_args(["translate", "--model_dir", "m", "--attention", "local",
                                       "--max_len", "1024"])
-    assert _inference_options(args) == dict(max_src_len=1024, max_decode_len=1024,
-                                            attention=AttentionConfig(encoder="local"))
+    assert inference_options(args) == dict(max_src_len=1024, max_decode_len=1024,
+                                           encoder_attention="local")
+    trained = ModelConfig(attention=AttentionConfig(decoder="flash", window=64))
+    assert with_encoder_attention(trained, "local").attention == AttentionConfig(
+        encoder="local", decoder="flash", window=64)
     bad = build_parser().parse_args(["eval", "--model_dir", "m", "--attention", "sparse"])
-    with pytest.raises(ValueError, match="AttentionConfig.encoder: .*'sparse'"):
-        _inference_options(bad)
+    with pytest.raises(SystemExit, match="--attention=sparse: unknown implementation"):
+        check_inference_flags(bad)
 
 
 def test_long_inputs_gin_file_binds_the_switch():

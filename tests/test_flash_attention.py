@@ -2,7 +2,8 @@
 
 Everything runs in Pallas interpret mode on CPU: backend="gpu" is the Triton-style
 kernel, backend="tpu" the Mosaic one (TPU interpret mode). The last two tests lower
-the real kernels ahead of time: Mosaic through libtpu, Triton to its IR.
+the real kernels ahead of time (Mosaic through libtpu, Triton to its IR), with 64x32
+tiles and with each backend's default tiles.
 """
 
 import jax
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxmt.config import AttentionConfig
 from jaxmt.kernels.common import BlockSizes, RelPos, reference_attention
-from jaxmt.kernels.flash_attention import far_config, flash_attention
+from jaxmt.kernels.flash_attention import default_block_sizes, far_config, flash_attention
+from jaxmt.modeling.attention import Masking, attend
 
 from attention_cases import make_inputs, segments as _segments
 
@@ -160,14 +163,18 @@ AOT_CASES = [False, True]  # causal unidirectional; bidirectional (both far side
 AOT_IDS = ["causal-unidirectional", "bidirectional"]
 
 
-def _aot_grad_fn(backend, bidirectional=False):
+AOT_BLOCKS = BlockSizes(64, 32)
+
+
+def _aot_grad_fn(backend, bidirectional=False, blocks=AOT_BLOCKS, length=456, d=48):
     """Forward + backward of a packed, biased bf16 call with ragged lengths: causal and
     unidirectional, or bidirectional. Length 456 reaches past bucket saturation
-    (max_distance 128), so the far-tile branch is lowered too."""
+    (max_distance 128), so the far-tile branch is lowered too. ``blocks=None``: the
+    backend's default tiles."""
     relpos = RelPos(32, 128, bidirectional=bidirectional)
-    length, blocks = 456, BlockSizes(64, 32)
-    far = far_config(relpos, not bidirectional, 64, 32, 8, 15)
-    assert far is not None and far[2] is not None and (far[0] is None) != bidirectional
+    if blocks == AOT_BLOCKS and length == 456:
+        far = far_config(relpos, not bidirectional, 64, 32, 8, 15)
+        assert far is not None and far[2] is not None and (far[0] is None) != bidirectional
 
     def loss(q, k, v, table, seg):
         out = flash_attention(q, k, v, bias_table=table, relpos=relpos, q_segment_ids=seg,
@@ -176,7 +183,7 @@ def _aot_grad_fn(backend, bidirectional=False):
         return jnp.sum(out.astype(jnp.float32))
 
     s = jax.ShapeDtypeStruct
-    args = ((s((2, length, 2, 48), jnp.bfloat16),) * 3
+    args = ((s((2, length, 2, d), jnp.bfloat16),) * 3
             + (s((32, 2), jnp.float32), s((2, length), jnp.int32)))
     return jax.grad(loss, (0, 1, 2, 3)), args
 
@@ -199,3 +206,49 @@ def test_triton_lowering_without_gpu(bidirectional):
     fn, args = _aot_grad_fn("gpu", bidirectional)
     lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 3  # forward, dq, dk/dv
+
+
+def test_default_tiles_per_backend():
+    """Default tiles: 64x64 for Triton (a 512x512 tile's logits alone would need 2,048
+    float32 registers per thread at 4 warps), 512x512 for Mosaic; AttentionConfig's
+    block_size 0 (the default) leaves the choice to the kernel."""
+    assert default_block_sizes("gpu") == BlockSizes(64, 64)
+    assert default_block_sizes("tpu") == BlockSizes(512, 512)
+    with pytest.raises(ValueError, match="backend"):
+        default_block_sizes("cpu")
+    assert AttentionConfig().block_size == 0
+    with pytest.raises(ValueError, match="AttentionConfig.block_size"):
+        AttentionConfig(block_size=-1)
+    x = jax.ShapeDtypeStruct((1, 256, 2, 16), jnp.float32)
+    seg = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+    def grid(block_size):  # interpret mode runs the Triton flavour
+        opts = AttentionConfig(flash_interpret=True, block_size=block_size)
+        return str(jax.make_jaxpr(lambda q, s: attend(q, q, q, Masking(
+            s, s, None, impl="flash", causal=True, options=opts)))(x, seg))
+
+    assert "GridMapping(grid=(1, 2, 4)" in grid(0)  # 256 / 64
+    assert "GridMapping(grid=(1, 2, 8)" in grid(32)
+
+
+def test_triton_lowering_with_default_tiles():
+    """The default GPU tiles reach the Triton kernels: length 1024 lowers to grids of
+    1024 / 64 = 16 query blocks (forward, dq) and key blocks (dk/dv), not 2 of 512."""
+    fn, args = _aot_grad_fn("gpu", blocks=None, length=1024, d=64)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 3
+    assert text.count("grid_z = 16 : i32") == 3, "tiles are not 64"
+    assert "tensor<2x16x1x64xi32>" in text  # key segments split into 64-key blocks
+
+
+@pytest.mark.slow
+def test_mosaic_compiles_default_tiles_ahead_of_time():
+    """Mosaic compiles the default 512x512 tiles for a v5e chip (length 1024: 2 blocks)."""
+    pytest.importorskip("libtpu", reason="needs the tpu_aot extra (pip install -e '.[tpu_aot]')")
+    from jaxmt.sharding.partitioning import topology_devices
+
+    sharding = jax.sharding.SingleDeviceSharding(topology_devices("v5e:2x2")[0])
+    fn, args = _aot_grad_fn("tpu", blocks=None, length=1024, d=64)
+    compiled = jax.jit(fn, in_shardings=(sharding,) * len(args)).lower(*args).compile()
+    text = compiled.as_text()
+    assert text.count("tpu_custom_call") == 3
+    assert "s32[2,2,1,512]" in text  # key segments split into 512-key blocks

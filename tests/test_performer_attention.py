@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmt.kernels.common import RelPos, reference_attention
-from jaxmt.kernels.performer_attention import (performer_attention, performer_reference,
-                                               random_features)
+from jaxmt.kernels.common import RelPos, bias_of, reference_attention
+from jaxmt.kernels.performer_attention import (performer_attention, performer_cached,
+                                               performer_reference, random_features)
 
 from attention_cases import make_inputs, segments as _segments
 
@@ -86,6 +86,30 @@ def test_ragged_cross_attention(lq, lk):
     kseg = _segments([[(1, lk - 10), (0, 10)], [(1, lk // 2), (0, lk - lk // 2)]])
     qseg = _segments([[(1, lq)], [(1, lq - 7), (0, 7)]])
     _check(lq, lk, 16, qseg=qseg, kseg=kseg)
+
+
+def test_cached_steps_equal_causal_kernel():
+    """A decode step over a KV cache (one query against all cached slots, the future and a
+    window masked in its dense bias) equals the causal linear kernel at that position: the
+    same features, bias weights, and a key stabiliser that cancels."""
+    length, relpos = 40, RelPos(NB, 20, bidirectional=False)
+    q, k, v, table, _ = _inputs(length, length)
+    full = performer_attention(q, k, v, bias_table=table, relpos=relpos, causal=True,
+                               num_features=M, chunk_size=16)
+    pos = jnp.arange(length)
+    rel_bias = jnp.transpose(bias_of(table, relpos, pos[None, :] - pos[:, None]),
+                             (2, 0, 1))  # [h, q, k]
+
+    @jax.jit
+    def step(i):  # the cache holds every key; those past position i are masked
+        bias = jnp.where(pos <= i, rel_bias[:, i], -1e10)[None, :, None]  # [1, h, 1, k]
+        return performer_cached(jax.lax.dynamic_slice_in_dim(q, i, 1, 1), k, v, bias,
+                                num_features=M)[:, 0]
+
+    got = jnp.stack([step(i) for i in range(length)], 1)
+    np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
+    none = performer_cached(q[:, :1], k, v, jnp.full((1, 1, 1, length), -1e10), num_features=M)
+    assert np.all(np.asarray(none) == 0)  # no visible key: zeros, as the kernels
 
 
 def test_approximates_exact_softmax():

@@ -47,7 +47,7 @@ from jax.experimental.pallas import triton as pltriton
 from jaxmt.kernels.common import (BlockSizes, RelPos, fill_defaults, pad_axis1, relative_bucket,
                                   saturation, validate)
 
-__all__ = ["flash_attention", "far_config"]
+__all__ = ["default_block_sizes", "far_config", "flash_attention"]
 
 Array = jax.Array
 _MASKED = -1e30  # finite: masked logits never produce inf - inf = NaN
@@ -430,6 +430,21 @@ def _resolve_backend(backend, interpret):
     return backend, bool(interpret)
 
 
+# Default tiles per kernel flavour. Triton keeps a tile's logits, probabilities, mask and
+# buckets in registers (4 warps here), so 64x64 (jax's own Pallas GPU attention uses 128x128
+# forward, 32x32 backward); a 512x512 tile would far exceed the register file. Mosaic
+# tiles live in VMEM, where 512x512 fits and amortises the per-step overhead.
+_DEFAULT_BLOCKS = {"gpu": BlockSizes(64, 64), "tpu": BlockSizes(512, 512)}
+
+
+def default_block_sizes(backend: str) -> BlockSizes:
+    """The tiles ``flash_attention`` uses when none are given: 64x64 for ``backend="gpu"``
+    (Triton), 512x512 for ``"tpu"`` (Mosaic). Not tuned on hardware."""
+    if backend not in _DEFAULT_BLOCKS:
+        raise ValueError(f"backend must be 'gpu' or 'tpu', got {backend!r}")
+    return _DEFAULT_BLOCKS[backend]
+
+
 def _block_len(block, length, backend, name):
     """Clamps a block to the (rounded-up) length, checking per-backend tile legality."""
     if backend == "gpu":  # Triton: power-of-two tiles, tl.dot needs >= 16
@@ -461,7 +476,8 @@ def flash_attention(q: Array, k: Array, v: Array, *, bias_table: Array | None = 
         causal: mask keys whose index exceeds the query's index.
         scale: multiplies q.k before the bias (1.0 for T5).
         block_sizes: tiles; GPU needs powers of two >= 16, TPU multiples of 8 (and, on real
-            TPUs, block_k a multiple of 128 unless it covers the whole key length).
+            TPUs, block_k a multiple of 128 unless it covers the whole key length). Default
+            ``default_block_sizes(backend)``: 64x64 on GPU, 512x512 on TPU.
         backend: "gpu" (Triton) or "tpu" (Mosaic); default from ``jax.default_backend()``.
         interpret: run the kernels in Pallas interpret mode (the only option on CPU).
 
@@ -470,7 +486,7 @@ def flash_attention(q: Array, k: Array, v: Array, *, bias_table: Array | None = 
     """
     validate(q, k, v, bias_table, relpos, q_segment_ids, kv_segment_ids)
     backend, interpret = _resolve_backend(backend, interpret)
-    block_sizes = block_sizes or BlockSizes()
+    block_sizes = block_sizes or default_block_sizes(backend)
     if not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
     qseg, kseg, _, _ = fill_defaults(q, k, q_segment_ids, kv_segment_ids)

@@ -11,7 +11,15 @@ A_ij = w_ij phi(q_i).phi(k_j) over the visible pairs, where w_ij = exp(T5 bias_i
 there is no bias). Because A factorises, sums over keys can be carried as the states
 S = sum_j phi(k_j) v_j^T [m, d] and z = sum_j phi(k_j) [m], so no [q, k] matrix is built.
 The stabilisers are constants per query row (queries) or per (batch, head) over all keys
-(keys), so they cancel between numerator and denominator, also across segments.
+(keys), so they cancel between numerator and denominator, also across segments. In causal
+mode the key stabiliser still spans the whole row: being one constant, it changes no output
+beyond float rounding (and no gradient: it is under stop_gradient).
+
+Decoding. ``performer_cached`` is the same quadratic form for a decode step: the new query
+against the KV cache with a dense additive bias (causal mask, window and T5 bias together),
+with the same random features and feature map; its key stabiliser spans the keys the step
+sees. A cached greedy decoder built on it reproduces the teacher-forced causal
+``performer_attention`` to float rounding, at O(cache length x features) per step.
 
 Segment-reset scan. Lengths are split into chunks of ``chunk_size``; a ``lax.scan`` over the
 chunks carries (S, z, seg): the sums over the run of the last non-padding key segment seen so
@@ -58,6 +66,7 @@ from jaxmt.kernels.common import RelPos, bias_of, fill_defaults, saturation, val
 
 Array = jax.Array
 _F32 = jnp.float32
+MASKED_BELOW = -1e9  # performer_cached: bias entries at or below this are masked keys
 
 
 # ----------------------------------------------------------------------------- features
@@ -107,13 +116,14 @@ def _feature_map(x: Array, proj: Array, valid: Array | None) -> Array:
     return jnp.exp(expo - jax.lax.stop_gradient(stab)) / math.sqrt(proj.shape[0])
 
 
-def _features(q, k, kseg, scale, num_features, seed):
-    """phi(q), phi(k) [b, len, h, m] in float32 approximating exp(scale * q.k)."""
+def _features(q, k, kvalid, scale, num_features, seed):
+    """phi(q), phi(k) [b, len, h, m] in float32 approximating exp(scale * q.k); ``kvalid``
+    [b, k_len] bool marks the keys the key stabiliser is taken over."""
     proj = random_features(q.shape[-1], num_features, seed)
     root = math.sqrt(abs(scale))
     xq = q.astype(_F32) * root
     xk = k.astype(_F32) * (root if scale >= 0 else -root)  # exp(-|s| q.k) = exp(q'.(-k'))
-    return _feature_map(xq, proj, None), _feature_map(xk, proj, kseg > 0)
+    return _feature_map(xq, proj, None), _feature_map(xk, proj, kvalid)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -141,7 +151,7 @@ def performer_reference(q: Array, k: Array, v: Array, *, bias_table: Array | Non
     _check_args(q, k, v, bias_table, relpos, q_segment_ids, kv_segment_ids, num_features,
                 chunk_size, seed)
     qseg, kseg, _, _ = fill_defaults(q, k, q_segment_ids, kv_segment_ids)
-    fq, fk = _features(q, k, kseg, scale, num_features, seed)
+    fq, fk = _features(q, k, kseg > 0, scale, num_features, seed)
     a = jnp.einsum("bqhm,bkhm->bhqk", fq, fk)  # [b, h, q, k]
     qi, kj = jnp.arange(q.shape[1]), jnp.arange(k.shape[1])
     if relpos is not None:
@@ -150,10 +160,43 @@ def performer_reference(q: Array, k: Array, v: Array, *, bias_table: Array | Non
     mask = (qseg[:, :, None] == kseg[:, None, :]) & (kseg[:, None, :] > 0)  # [b, q, k]
     if causal:
         mask = mask & (kj[None, None, :] <= qi[None, :, None])
-    a = jnp.where(mask[:, None], a, 0.0)
+    return _normalise(jnp.where(mask[:, None], a, 0.0), v).astype(q.dtype)
+
+
+def performer_cached(q: Array, k: Array, v: Array, bias: Array, *, scale: float = 1.0,
+                     num_features: int = 256, seed: int = 0) -> Array:
+    """FAVOR+ attention over an explicit key set with a dense additive bias: a decode step.
+
+    A_qk = exp(bias_qk) phi(q).phi(k) with the features of ``performer_attention``, so one
+    query against the cached keys gives what the teacher-forced causal Performer gives at
+    that position (the key stabiliser, a constant, spans the keys this call sees).
+
+    Args:
+        q: [b, q_len, h, d] queries (one token per decode step).
+        k: [b, k_len, h, d] keys (the KV cache).
+        v: [b, k_len, h, d] values.
+        bias: additive float32 bias broadcastable to [b, h, q_len, k_len]: the T5 bias plus
+            the causal/window mask; entries <= ``MASKED_BELOW`` are masked (weight 0).
+        scale: multiplies q.k inside the approximated exp (1.0 for T5).
+        num_features: number of random features m.
+        seed: seed of the fixed random features.
+
+    Returns:
+        [b, q_len, h, d] in q's dtype; rows without any visible key are 0.
+    """
+    b, lq, h, _ = q.shape
+    bias = jnp.broadcast_to(bias.astype(_F32), (b, h, lq, k.shape[1]))  # [b, h, q, k]
+    seen = bias > MASKED_BELOW  # [b, h, q, k]
+    fq, fk = _features(q, k, seen.any((1, 2)), scale, num_features, seed)  # [b, len, h, m]
+    a = jnp.einsum("bqhm,bkhm->bhqk", fq, fk)  # [b, h, q, k]
+    return _normalise(jnp.where(seen, a * jnp.exp(bias), 0.0), v).astype(q.dtype)
+
+
+def _normalise(a, v):
+    """out [b, q, h, d] = sum_k a v / sum_k a for the masked weights a [b, h, q, k]."""
     num = jnp.einsum("bhqk,bkhd->bqhd", a, v.astype(_F32))  # [b, q, h, d]
     den = jnp.transpose(a.sum(-1), (0, 2, 1))[..., None]  # [b, q, h, 1]
-    return _divide(num, den).astype(q.dtype)
+    return _divide(num, den)
 
 
 def _divide(num, den):
@@ -245,7 +288,7 @@ def performer_attention(q: Array, k: Array, v: Array, *, bias_table: Array | Non
     b, lq, h, d = q.shape
     lk = k.shape[1]
     qseg, kseg, _, _ = fill_defaults(q, k, q_segment_ids, kv_segment_ids)
-    fq, fk = _features(q, k, kseg, scale, num_features, seed)  # [b, len, h, m]
+    fq, fk = _features(q, k, kseg > 0, scale, num_features, seed)  # [b, len, h, m]
     c = min(chunk_size, max(lq, lk))
     n = -(-max(lq, lk) // c)
 

@@ -10,6 +10,8 @@ The layer takes either a dense additive bias [b, 1|h, q, k] (the ``xla`` referen
 path, and every decode step) or a :class:`Masking`: segment ids plus the relative
 position table, from which :func:`attend` runs one of the memory-efficient or
 approximate implementations in :mod:`jaxmt.kernels` without ever building [q, k].
+A decode step of a ``performer`` decoder gets its dense bias wrapped in a
+:class:`PerformerStep`, so it attends over the cache with FAVOR+ as training did.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from jaxmt.config import AttentionConfig
 from jaxmt.kernels.bigbird_attention import bigbird_attention
 from jaxmt.kernels.blockwise_attention import blockwise_attention
 from jaxmt.kernels.common import BlockSizes, RelPos, bias_of
+from jaxmt.kernels.dot_product import dot_product_attention
 from jaxmt.kernels.flash_attention import flash_attention
 from jaxmt.kernels.local_attention import local_attention
-from jaxmt.kernels.performer_attention import performer_attention
+from jaxmt.kernels.performer_attention import performer_attention, performer_cached
 from jaxmt.modeling.layers import bias_param, constrain, dtype_of, mixed_einsum, normal, param
 from jaxmt.sharding import axes
 
@@ -110,7 +113,17 @@ def dense_attention(q: Array, k: Array, v: Array, bias: Array | None, dt,
     return mixed_einsum("bhqk,bkhd->bqhd", probs, v, dt)  # [b, q, h, d]
 
 
-def _flash_sharded(q, k, v, m: Masking, block: BlockSizes) -> Array:
+@flax.struct.dataclass
+class PerformerStep:
+    """A decode step's self-attention input when the decoder trained with ``performer``:
+    the dense bias over the cache plus the FAVOR+ options (static)."""
+
+    bias: Array  # [b|1, h|1, 1, T] additive float32: window/mask and relative position bias
+    num_features: int = flax.struct.field(pytree_node=False, default=256)
+    seed: int = flax.struct.field(pytree_node=False, default=0)
+
+
+def _flash_sharded(q, k, v, m: Masking, block: BlockSizes | None) -> Array:
     """The Pallas kernel per device: pallas_call does not partition itself, so under a
     mesh it runs in a shard_map over the batch and head shards (length is never split)."""
     interpret = m.options.flash_interpret
@@ -140,19 +153,19 @@ def attend(q: Array, k: Array, v: Array, m: Masking) -> Array:
     common = dict(bias_table=m.bias_table, relpos=m.relpos, q_segment_ids=m.q_segment_ids,
                   kv_segment_ids=m.kv_segment_ids)
     impl = m.impl
+    block = BlockSizes(o.block_size, o.block_size) if o.block_size else None  # 0: per backend
     if impl == "xla":
         bias = dense_bias(m, q.shape[1], k.shape[1])  # [b, h|1, q, k]
         return dense_attention(q, k, v, bias, q.dtype).astype(q.dtype)
     if impl == "flash" and jax.default_backend() not in ("gpu", "tpu") and not o.flash_interpret:
         impl = "blockwise"  # Pallas compiles only for GPU/TPU; same maths, same memory order
     if impl == "flash":
-        return _flash_sharded(q, k, v, m, BlockSizes(o.block_size, o.block_size))
+        return _flash_sharded(q, k, v, m, block)  # None: the kernel's per-backend tiles
     if impl == "blockwise":
-        return blockwise_attention(q, k, v, **common, causal=m.causal,
-                                   block_sizes=BlockSizes(o.block_size, o.block_size))
-    if impl == "dot_product":
+        return blockwise_attention(q, k, v, **common, causal=m.causal, block_sizes=block)
+    if impl == "dot_product":  # cuDNN where it can take the call, else XLA (logged)
         bias = dense_bias(m, q.shape[1], k.shape[1])  # [b, h|1, q, k]
-        out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), scale=1.0)
+        out = dot_product_attention(q, k, v, bias)
         seen = (m.q_segment_ids > 0)[:, :, None, None]  # padding rows -> 0, as the others
         return jnp.where(seen, out, 0).astype(q.dtype)
     if impl == "local":
@@ -193,7 +206,8 @@ class MultiHeadAttention(nn.Module):
             bias: additive float32 bias broadcastable to [b, h, q, k] (mask and position
               bias together), or None. In decode mode it must cover the whole cache
               length k = max_len; positions past the current index are masked here.
-              A :class:`Masking` instead runs its implementation (not in decode mode).
+              A :class:`Masking` instead runs its implementation (not in decode mode);
+              a :class:`PerformerStep` (decode mode) attends over the cache with FAVOR+.
             deterministic: disables dropout.
             decode: one-token autoregressive step using the cache.
         """
@@ -216,15 +230,22 @@ class MultiHeadAttention(nn.Module):
         q = project(q_input, wq, "query")
         k, v = project(kv_input, wk, "key"), project(kv_input, wv, "value")
 
+        favor = bias if isinstance(bias, PerformerStep) else None
         if decode:
             if isinstance(bias, Masking):
                 raise ValueError("decode steps take a dense bias, not a Masking")
+            bias = bias.bias if favor is not None else bias
             k, v, cache_bias = self._update_cache(k, v)
             if cache_bias is not None:
                 bias = cache_bias if bias is None else bias + cache_bias
+        elif favor is not None:
+            raise ValueError("a PerformerStep is a decode-step input")
 
         if isinstance(bias, Masking):  # no attention-probability dropout off the xla path
             ctx = attend(q, k, v, bias)  # [b, q, h, d]
+        elif favor is not None:  # the teacher-forced causal Performer's weights, over the cache
+            ctx = performer_cached(q, k, v, bias, num_features=favor.num_features,
+                                   seed=favor.seed)  # [b, q, h, d]
         else:
             drop = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
             ctx = dense_attention(q, k, v, bias, dt, drop)  # [b, q, h, d]

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 
 from jaxmt.config import ModelConfig
 from jaxmt.kernels.common import RelPos
-from jaxmt.modeling.attention import Masking, MultiHeadAttention, dense_bias, mask_to_bias
+from jaxmt.modeling.attention import (Masking, MultiHeadAttention, PerformerStep, dense_bias,
+                                      mask_to_bias)
 from jaxmt.modeling.layers import (Embed, MlpBlock, Norm, RelativePositionBias, bias_param,
                                    constrain, dtype_of, mixed_einsum, normal, param,
                                    sinusoidal_positions)
@@ -211,7 +212,9 @@ class Decoder(nn.Module):
         """Returns float32 logits [b, t, vocab].
 
         In decode mode ``tokens`` is [b, 1], ``positions`` is the step's position [b, 1]
-        and the self-attention bias spans the cache length ``max_decode_len``.
+        and the self-attention bias spans the cache length ``max_decode_len``. A step
+        attends exactly over the cache, with the decoder's window under ``local`` and with
+        the same FAVOR+ features under ``performer``, so it equals the teacher-forced pass.
         """
         cfg = self.cfg
         x = _embed(cfg, self.embed, tokens, positions, deterministic)
@@ -227,6 +230,9 @@ class Decoder(nn.Module):
                     cfg.relpos_buckets, cfg.relpos_max_distance, cfg.num_heads,
                     bidirectional=False, param_dtype=cfg.param_dtype,
                     name="relpos_bias")(q_pos, k_pos)  # [1, h, 1, T]
+            a = cfg.attention
+            if a.resolve("decoder", max_decode_len) == "performer":  # decode as it trained
+                self_bias = PerformerStep(self_bias, a.performer_features, a.seed)
         else:
             self_bias = _masking(cfg, "decoder", decoder_segment_ids, decoder_segment_ids,
                                  _relpos_table(cfg, bidirectional=False), bidirectional=False)
