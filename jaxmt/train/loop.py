@@ -7,14 +7,16 @@ iterator; :func:`jaxmt.train.run.train` builds both from the run's configs.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Iterator
 
 import jax
 import numpy as np
 
-from jaxmt.checkpoint import Checkpointer
+from jaxmt.checkpoint import CheckpointError, Checkpointer
 from jaxmt.train import loss_scale as scaling
+from jaxmt.train.preemption import StopSignals
 from jaxmt.train.trainer import Trainer, TrainState
 
 
@@ -24,7 +26,16 @@ class MetricWriter:
     def __init__(self, model_dir: str):
         self._writer = None
         if jax.process_index() == 0:
-            from tensorboardX import SummaryWriter
+            # tensorboardX imports torch when it is installed (2 s per run start) only to
+            # accept torch tensors; jaxmt logs floats, so hide torch from that import.
+            hide = "torch" not in sys.modules
+            if hide:
+                sys.modules["torch"] = None
+            try:
+                from tensorboardX import SummaryWriter
+            finally:
+                if hide:
+                    del sys.modules["torch"]
             self._writer = SummaryWriter(os.path.join(model_dir, "train"))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -46,6 +57,10 @@ def checkpoint_meta(state: TrainState, meta: dict | None, step: int) -> dict:
     return out
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradients."""
+
+
 def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model_dir: str,
                ckpt: Checkpointer, state: TrainState, start_step: int,
                meta: dict | None = None, progress: bool = True,
@@ -56,6 +71,16 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
     :func:`jaxmt.data.pipeline.position_record`). Every checkpoint then stores it as
     ``meta["data"]``, advanced by the batches taken since (one per step), so a resumed
     run restarts the stream where this one stopped.
+
+    On SIGTERM or SIGINT (:class:`~jaxmt.train.preemption.StopSignals`) the loop saves
+    the step it has reached, waits for the save and returns early, with
+    ``metrics["stopped_by"]`` and ``metrics["stopped_at"]`` set.
+
+    Raises:
+      NonFiniteError: ``TrainConfig.max_nonfinite_steps`` steps in a row were skipped
+        for a non-finite loss or gradients. Each skipped step kept the parameters.
+      CheckpointError: a save failed, or the parameters are no longer finite (such a
+        checkpoint is never written).
     """
     from tqdm import tqdm
 
@@ -68,62 +93,118 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
     last = {}
     t0, tok_acc, steps_acc = time.perf_counter(), 0, 0
     src_slots = tgt_slots = 0  # token slots of the steps since the last log (for fill)
-    skipped_total = 0  # float16 overflow skips in this run
+    skipped_total = 0  # steps skipped for a non-finite loss or gradients in this run
+    nonfinite = []  # the current run of consecutive skipped steps
     pending = []
-    for step in range(start_step, cfg.steps):
-        local = next(batches)
-        # Bucketed batches change shape from step to step: the global rows are this
-        # host's times the process count (every host gets the same shape each step).
-        rows = local["encoder_input_tokens"].shape[0] * jax.process_count()
-        batch = trainer.partitioner.shard_batch(local, rows)
-        # Token slots of each step's global batch, for the non-padding share (fill).
-        src_slots += int(np.prod(batch["encoder_input_tokens"].shape))
-        tgt_slots += int(np.prod(batch["decoder_target_tokens"].shape))
-        state, metrics = step_fn(state, batch, rng)
-        if pending:  # keep one step in flight, so the bar's steps/s and ETA are real
-            jax.block_until_ready(pending[-1]["loss"])
-        pending.append(metrics)
-        bar.update(1)
-        steps_acc += 1
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            host = [jax.device_get(m) for m in pending]  # one sync per log interval
-            pending = []
-            dt = time.perf_counter() - t0
-            tok_acc = sum(float(m["tokens"]) + float(m["source_tokens"]) for m in host)
-            ntok = sum(float(m["tokens"]) for m in host)
-            last = {"loss": sum(float(m["loss_sum"]) for m in host) / max(ntok, 1.0),
-                    "nll": sum(float(m["nll_sum"]) for m in host) / max(ntok, 1.0),
-                    "accuracy": sum(float(m["correct"]) for m in host) / max(ntok, 1.0),
-                    "grad_norm": float(host[-1]["grad_norm"]),
-                    "learning_rate": float(host[-1]["learning_rate"]),
-                    "tokens_per_s": tok_acc / dt, "steps_per_s": steps_acc / dt,
-                    # Share of non-padding tokens: source tokens, loss-weighted targets.
-                    "src_fill": sum(float(m["source_tokens"]) for m in host)
-                    / max(src_slots, 1),
-                    "tgt_fill": ntok / max(tgt_slots, 1),
-                    # Batch shapes compiled so far (one with packing; <= buckets).
-                    "compiled_shapes": trainer.compiled_shapes()}
-            src_slots = tgt_slots = 0
-            postfix = dict(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                           lr=f"{last['learning_rate']:.2e}",
-                           fill=f"{last['src_fill']:.2f}/{last['tgt_fill']:.2f}")
-            if trainer.loss_scaling:
+    saved = start_step
+
+    def save(done: int) -> None:
+        if not trainer.params_finite(state.params):  # never write a diverged model
+            raise CheckpointError(
+                f"step {done}: the parameters are not finite, so no checkpoint was written; "
+                f"the last good checkpoint is {_last_good(ckpt)}")
+        step_meta = meta
+        if data_position is not None:
+            step_meta = dict(meta or {}, data=dict(
+                data_position, batches=data_position["batches"] + done - start_step))
+        ckpt.save(done, state.params, state.opt_state, checkpoint_meta(state, step_meta, done))
+
+    with StopSignals() as signals:
+        for step in range(start_step, cfg.steps):
+            local = next(batches)
+            # Bucketed batches change shape from step to step: the global rows are this
+            # host's times the process count (every host gets the same shape each step).
+            rows = local["encoder_input_tokens"].shape[0] * jax.process_count()
+            batch = trainer.partitioner.shard_batch(local, rows)
+            # Token slots of each step's global batch, for the non-padding share (fill).
+            src_slots += int(np.prod(batch["encoder_input_tokens"].shape))
+            tgt_slots += int(np.prod(batch["decoder_target_tokens"].shape))
+            state, metrics = step_fn(state, batch, rng)
+            if pending:  # keep one step in flight, so the bar's steps/s and ETA are real
+                _count_nonfinite(pending[-1], step - 1, nonfinite, cfg, ckpt)
+            pending.append(metrics)
+            bar.update(1)
+            steps_acc += 1
+            done = step + 1
+            log_now = done % cfg.log_every == 0 or done == cfg.steps
+            if log_now:
+                host = [jax.device_get(m) for m in pending]  # one sync per log interval
+                _count_nonfinite(host[-1], step, nonfinite, cfg, ckpt)
+                pending = []
+                dt = time.perf_counter() - t0
+                tok_acc = sum(float(m["tokens"]) + float(m["source_tokens"]) for m in host)
+                ntok = sum(float(m["tokens"]) for m in host)
                 skipped = sum(int(m["skipped"]) for m in host)
                 skipped_total += skipped
-                last["loss_scale"] = float(host[-1]["loss_scale"])
-                last["skipped_steps"] = skipped  # in this log interval
-                postfix.update(scale=f"{last['loss_scale']:g}", skipped=skipped_total)
-            writer.scalars(done, last)
-            bar.set_postfix(**postfix)
-            t0, steps_acc = time.perf_counter(), 0
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            step_meta = meta
-            if data_position is not None:
-                step_meta = dict(meta or {}, data=dict(
-                    data_position, batches=data_position["batches"] + done - start_step))
-            ckpt.save(done, state.params, state.opt_state, checkpoint_meta(state, step_meta, done))
+                last = {"loss": sum(float(m["loss_sum"]) for m in host) / max(ntok, 1.0),
+                        "nll": sum(float(m["nll_sum"]) for m in host) / max(ntok, 1.0),
+                        "accuracy": sum(float(m["correct"]) for m in host) / max(ntok, 1.0),
+                        "grad_norm": float(host[-1]["grad_norm"]),
+                        "learning_rate": float(host[-1]["learning_rate"]),
+                        "tokens_per_s": tok_acc / dt, "steps_per_s": steps_acc / dt,
+                        # Share of non-padding tokens: source tokens, loss-weighted targets.
+                        "src_fill": sum(float(m["source_tokens"]) for m in host)
+                        / max(src_slots, 1),
+                        "tgt_fill": ntok / max(tgt_slots, 1),
+                        # Batch shapes compiled so far (one with packing; <= buckets).
+                        "compiled_shapes": trainer.compiled_shapes(),
+                        # Non-finite loss or gradients: in this interval, and in this run.
+                        "skipped_steps": skipped, "skipped_steps_total": skipped_total}
+                src_slots = tgt_slots = 0
+                postfix = dict(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                               lr=f"{last['learning_rate']:.2e}",
+                               fill=f"{last['src_fill']:.2f}/{last['tgt_fill']:.2f}",
+                               skipped=skipped_total)
+                if trainer.loss_scaling:
+                    last["loss_scale"] = float(host[-1]["loss_scale"])
+                    postfix.update(scale=f"{last['loss_scale']:g}")
+                writer.scalars(done, last)
+                bar.set_postfix(**postfix)
+                t0, steps_acc = time.perf_counter(), 0
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                save(done)
+                saved = done
+            if done < cfg.steps and signals.should_stop(done, synced=log_now):
+                if saved != done:
+                    save(done)
+                t_save = time.perf_counter()
+                ckpt.wait()
+                waited = time.perf_counter() - t_save
+                bar.close()
+                where = f"checkpoint step {done} in {ckpt.directory}"
+                print(f"{signals.received}: stopped at step {done}; saved {where} "
+                      f"(waited {waited:.1f}s); rerun the same command to resume",
+                      file=sys.stderr, flush=True)
+                if waited > cfg.preemption_grace_s:
+                    print(f"warning: the save took {waited:.0f}s, over "
+                          f"TrainConfig.preemption_grace_s={cfg.preemption_grace_s:g}; a "
+                          "preempted machine may be gone before it ends", file=sys.stderr,
+                          flush=True)
+                last = dict(last, stopped_by=signals.received, stopped_at=done)
+                break
     bar.close()
     ckpt.wait()
     writer.close()
     return state, last
+
+
+def _last_good(ckpt: Checkpointer) -> str:
+    step = ckpt.latest_step()
+    return f"step {step} in {ckpt.directory}" if step is not None else "none (no checkpoint yet)"
+
+
+def _count_nonfinite(metrics: dict, step: int, run: list, cfg, ckpt: Checkpointer) -> None:
+    """Tracks consecutive skipped steps (``step`` is 0-based); too many is an error."""
+    if not int(metrics["skipped"]):
+        run.clear()
+        return
+    if step in run:
+        return  # already counted (the last step of a log interval is seen twice)
+    run.append(step)
+    if len(run) >= cfg.max_nonfinite_steps:
+        raise NonFiniteError(
+            f"steps {run[0] + 1}-{run[-1] + 1}: the loss or gradients were not finite "
+            f"{len(run)} times in a row (TrainConfig.max_nonfinite_steps="
+            f"{cfg.max_nonfinite_steps}); the parameters are those of step {run[0]}, and the "
+            f"last good checkpoint is {_last_good(ckpt)}. Lower the learning rate, raise "
+            "warmup_steps or use precision='bf16' or 'fp32', then resume")

@@ -7,9 +7,11 @@ and loop, in that order. seqio and TensorFlow are imported here only, inside
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import sys
 
 import gin
 import jax
@@ -21,7 +23,7 @@ from jaxmt.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
 from jaxmt.fileio import write_atomic
 from jaxmt.sharding.partitioning import Partitioner
 from jaxmt.train.loop import train_loop
-from jaxmt.train.trainer import Trainer
+from jaxmt.train.trainer import Trainer, TrainState
 
 
 @gin.configurable
@@ -40,7 +42,8 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
       progress: show a progress bar.
 
     Returns:
-      The last logged metrics.
+      The last logged metrics; after a SIGTERM/SIGINT, with ``stopped_by`` (the
+      signal) and ``stopped_at`` (the step saved).
     """
     from jaxmt.data import cache, pipeline, tasks, vocab  # seqio/TF only from here on
 
@@ -48,6 +51,26 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
     mesh_cfg = MeshConfig() if mesh_cfg is None else mesh_cfg
     data_cfg = DataConfig() if data_cfg is None else data_cfg
     train_cfg = TrainConfig() if train_cfg is None else train_cfg
+    # Everything that can refuse the run does so before the first file is written.
+    check_resumable(model_dir, model_cfg, data_cfg, train_cfg)
+    partitioner = Partitioner(mesh_cfg)
+    trainer = Trainer(model_cfg, train_cfg, partitioner, data_cfg.src_len, data_cfg.tgt_len)
+    local_shapes, bucket_stats = (), None
+    if data_cfg.batching == "bucket":
+        from jaxmt.data import bucketing
+        # Every shape's rows split over the batch mesh axes and microbatches, and over
+        # the processes (each feeds rows // process_count of every batch).
+        multiple = math.lcm(partitioner.data_parallel_size * train_cfg.num_microbatches,
+                            jax.process_count())
+        shapes = bucketing.bucket_shapes(data_cfg.bucket_lengths, train_cfg.batch_size,
+                                         max(data_cfg.src_len, data_cfg.tgt_len), multiple)
+        for rows, _ in shapes:
+            partitioner.check_batch(rows, train_cfg.num_microbatches)
+        local_shapes = [(rows // jax.process_count(), n) for rows, n in shapes]
+        bucket_stats = bucketing.BucketStats()
+        print(f"bucketing: {len(shapes)} shapes (rows x length): "
+              f"{', '.join(f'{r}x{n}' for r, n in shapes)}; at most {len(shapes)} "
+              f"compilations", flush=True)
     os.makedirs(model_dir, exist_ok=True)
     # Files in the model directory come from process 0 only; the others wait for them.
     lead = jax.process_index() == 0
@@ -78,35 +101,14 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
     for report in {id(r): r for r in train_reports}.values():
         print(f"data {report.summary()}", flush=True)
 
-    partitioner = Partitioner(mesh_cfg)
-    trainer = Trainer(model_cfg, train_cfg, partitioner, data_cfg.src_len, data_cfg.tgt_len)
-    local_shapes, bucket_stats = (), None
-    if data_cfg.batching == "bucket":
-        from jaxmt.data import bucketing
-        # Every shape's rows split over the batch mesh axes and microbatches, and over
-        # the processes (each feeds rows // process_count of every batch).
-        multiple = math.lcm(partitioner.data_parallel_size * train_cfg.num_microbatches,
-                            jax.process_count())
-        shapes = bucketing.bucket_shapes(data_cfg.bucket_lengths, train_cfg.batch_size,
-                                         max(data_cfg.src_len, data_cfg.tgt_len), multiple)
-        for rows, _ in shapes:
-            partitioner.check_batch(rows, train_cfg.num_microbatches)
-        local_shapes = [(rows // jax.process_count(), n) for rows, n in shapes]
-        bucket_stats = bucketing.BucketStats()
-        print(f"bucketing: {len(shapes)} shapes (rows x length): "
-              f"{', '.join(f'{r}x{n}' for r, n in shapes)}; at most {len(shapes)} "
-              f"compilations", flush=True)
     ckpt = Checkpointer(model_dir, keep=train_cfg.keep_checkpoints)
-    start = ckpt.latest_step() or 0
+    state, start, saved_meta = resume_state(trainer, ckpt)
     if start:
-        state, saved_meta = trainer.restore_state(ckpt, start)
-        print(f"resuming from step {start} in {ckpt.directory}", flush=True)
         # The saved data position (or, for an older checkpoint, a warning and a reseed).
         position = pipeline.resume_position(saved_meta, seed=train_cfg.seed, step=start,
                                             process_count=jax.process_count(),
                                             cached=use_cache)
     else:
-        state = trainer.init_state(train_cfg.seed)
         position = pipeline.position_record(train_cfg.seed, 0, jax.process_count(), use_cache)
     print(f"model: {trainer.num_params() / 1e6:.2f}M parameters; {partitioner} over "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s) in "
@@ -131,6 +133,8 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
                              progress=progress, data_position=position)
     finally:  # on a crash or Ctrl-C too: let an in-flight async save finish
         ckpt.close()
+    if "stopped_at" in last:
+        return last
     if bucket_stats is not None:
         print(f"bucketing: compiled {trainer.compiled_shapes()} train-step shape(s) (at most "
               f"{len(local_shapes)}); batches per bucket {bucket_stats.steps}; at most "
@@ -143,3 +147,75 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
         write_atomic(os.path.join(model_dir, "train_summary.json"),
                            json.dumps(dict(last, steps=train_cfg.steps), indent=2))
     return last
+
+
+def resume_state(trainer: Trainer, ckpt: Checkpointer) -> tuple[TrainState, int, dict]:
+    """``(state, step, meta)`` of the newest checkpoint that restores, else a new state
+    at step 0 (``TrainConfig.seed``) and empty meta.
+
+    Unreadable newer steps are warned about and set aside (kept, see
+    :meth:`~jaxmt.checkpoint.Checkpointer.set_aside`) so this run can write their step
+    numbers again; when steps exist but none restores, the CheckpointError stops the
+    run: never a silent start from scratch over existing checkpoints.
+    """
+    found = ckpt.restore_latest(lambda step: trainer.restore_state(ckpt, step))
+    if not found:
+        return trainer.init_state(trainer.cfg.seed), 0, {}
+    step, (state, meta) = found
+    bad = [s for s in ckpt.all_steps() if s > step]
+    if bad:
+        print(f"warning: set aside unreadable step(s) {bad} in {ckpt.set_aside(bad)}",
+              file=sys.stderr, flush=True)
+    print(f"resuming from step {step} in {ckpt.directory}", flush=True)
+    return state, step, meta
+
+
+# ModelConfig fields a resumed run may change: they do not change the parameters or
+# what they compute (the attention implementation is the user's speed/accuracy choice).
+RESUMABLE_MODEL_FIELDS = ("dropout_rate", "encoder_remat", "decoder_remat", "attention",
+                          "precision")
+# DataConfig fields that made the directory's spm.model.
+VOCAB_FIELDS = ("vocab_size", "vocab_sample_per_lang")
+
+
+def check_resumable(model_dir: str, model_cfg: ModelConfig, data_cfg: DataConfig,
+                    train_cfg: TrainConfig) -> None:
+    """Refuses a run whose configs do not fit what ``model_dir`` already holds.
+
+    Checkpoints fix the parameters (every ModelConfig field but
+    :data:`RESUMABLE_MODEL_FIELDS`, and the parameter dtype) and the optimizer state
+    (``TrainConfig.optimizer``); ``spm.model`` fixes :data:`VOCAB_FIELDS`. Anything
+    else (steps, schedule, mesh, data mixture) may change on a resume.
+
+    Raises:
+      ValueError: one line listing every differing field, before any file is touched.
+    """
+    path = os.path.join(model_dir, cfglib.CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    old = cfglib.load(model_dir)  # a corrupt file is an error too: never overwritten
+    diffs = []
+    if os.path.isdir(os.path.join(model_dir, "checkpoints")) and "model" in old:
+        for f in dataclasses.fields(ModelConfig):
+            a, b = getattr(old["model"], f.name), getattr(model_cfg, f.name)
+            if f.name not in RESUMABLE_MODEL_FIELDS and a != b:
+                diffs.append(f"ModelConfig.{f.name}: {a!r} there, {b!r} now")
+        if old["model"].param_dtype != model_cfg.param_dtype:
+            diffs.append(f"ModelConfig.precision: {old['model'].precision!r} there, "
+                         f"{model_cfg.precision!r} now (parameters in "
+                         f"{old['model'].param_dtype}, not {model_cfg.param_dtype})")
+        if "train" in old and old["train"].optimizer != train_cfg.optimizer:
+            diffs.append(f"TrainConfig.optimizer: {old['train'].optimizer!r} there, "
+                         f"{train_cfg.optimizer!r} now")
+    if os.path.exists(os.path.join(model_dir, cfglib.VOCAB_FILE)) and "data" in old:
+        for name in VOCAB_FIELDS:
+            a, b = getattr(old["data"], name), getattr(data_cfg, name)
+            if a != b:
+                diffs.append(f"DataConfig.{name}: {a!r} there, {b!r} now (spm.model was "
+                             "trained with it)")
+    if diffs:
+        raise ValueError(
+            f"{model_dir} holds a model trained with other settings, so this run would not "
+            f"fit its checkpoints; nothing was changed. Differences: {'; '.join(diffs)}. "
+            f"Rerun with the run's --gin_file and --gin.* settings (its operative config is "
+            f"{os.path.join(model_dir, 'config.gin')}) or use a new --model_dir")

@@ -34,7 +34,7 @@ class TrainState:
 
     Attributes:
       step: batches consumed. It advances on every step, including one skipped for a
-        float16 overflow, so it keeps matching the loop, checkpoints and data position.
+        non-finite loss or gradients (e.g. a float16 overflow), so it keeps matching the loop, checkpoints and data position.
         The optimizer's own count (inside ``opt_state``, which drives the learning-rate
         schedule) does not advance on a skipped step.
       params: the model parameters.
@@ -105,7 +105,7 @@ class Trainer:
             self.state_shardings = self.state_shardings.replace(loss_scale=jax.tree.map(
                 lambda _: partitioner.replicated, self.state_shardings.loss_scale))
         self.abstract_state = abstract_like(nn.unbox(boxed), self.state_shardings)
-        self._init_fn = self._step_fn = self._scalars_fn = None
+        self._init_fn = self._step_fn = self._scalars_fn = self._finite_fn = None
 
     @property
     def loss_scaling(self) -> bool:
@@ -156,6 +156,13 @@ class Trainer:
             self._init_fn = self.partitioner.jit(lambda r: nn.unbox(self._init_boxed(r)),
                                                  out_shardings=self.state_shardings)
         return self._init_fn(jax.random.PRNGKey(seed))
+
+    def params_finite(self, params: PyTree) -> bool:
+        """Whether every parameter is finite (checked before each checkpoint is written)."""
+        if self._finite_fn is None:
+            self._finite_fn = self.partitioner.jit(scaling.all_finite,
+                                                   out_shardings=self.partitioner.replicated)
+        return bool(self._finite_fn(params))
 
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
@@ -251,24 +258,25 @@ class Trainer:
     def _train_step(self, state: TrainState, batch: dict, rng: jax.Array):
         loss, metrics, grads = self.loss_and_grads(state, batch, rng)
         grads = jax.lax.with_sharding_constraint(grads, self.grad_shardings)
-        if self.loss_scaling:
-            finite = scaling.all_finite(grads)
+        # Under every policy a step whose loss or gradients are not finite is skipped
+        # (float16 overflow is only the common case; bf16 and fp32 runs diverge too).
+        finite = jnp.isfinite(loss) & scaling.all_finite(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A skipped step keeps the old parameters and optimizer state: a leaf-wise
+        # select (Flax's DynamicScale recipe), so the step has no data-dependent
+        # control flow; the update is computed either way.
+        params = scaling.select_tree(finite, params, state.params)
+        opt_state = scaling.select_tree(finite, opt_state, state.opt_state)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
                        learning_rate=self.schedule(state.step),
-                       source_tokens=jnp.sum(batch["encoder_input_tokens"] > 0))
+                       source_tokens=jnp.sum(batch["encoder_input_tokens"] > 0),
+                       skipped=1 - finite.astype(jnp.int32))
         loss_scale = None
         if self.loss_scaling:
-            # An overflowed step keeps the old parameters and optimizer state: a leaf-wise
-            # select (Flax's DynamicScale recipe), so the step has no data-dependent
-            # control flow; the update is computed either way.
-            params = scaling.select_tree(finite, params, state.params)
-            opt_state = scaling.select_tree(finite, opt_state, state.opt_state)
             loss_scale = scaling.update_loss_scale(state.loss_scale, finite,
                                                      self.cfg.loss_scale_growth_interval)
-            metrics = dict(metrics, loss_scale=loss_scale.scale,
-                           skipped=1 - finite.astype(jnp.int32))
+            metrics = dict(metrics, loss_scale=loss_scale.scale)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                           loss_scale=loss_scale), metrics
 
