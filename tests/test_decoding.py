@@ -43,7 +43,9 @@ DECODERS = [
 DECODER_IDS = ["xla", "local_decoder", "performer_decoder"]
 
 
-@pytest.mark.parametrize("attention", DECODERS, ids=DECODER_IDS)
+# predict_batch's loop (EOS stop, padded rows) against recomputation; 12 compiles, so
+# xla only: the cached step of every decoder is checked below, against teacher forcing.
+@pytest.mark.parametrize("attention", DECODERS[:1], ids=DECODER_IDS[:1])
 @pytest.mark.slow
 def test_cached_greedy_matches_full_recompute(attention):
     model = EncoderDecoderModel(dataclasses.replace(CFG, attention=attention))

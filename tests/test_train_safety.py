@@ -118,7 +118,7 @@ def _restore(d, step, tr):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("policy", ["bf16", "fp16"])  # fp32 skips as bf16 does
 def test_nonfinite_steps_are_skipped_counted_and_too_many_stop(policy, tmp_path, monkeypatch):
     tr = _poisoned_trainer(policy, monkeypatch, steps=12, max_nonfinite_steps=3)
     ckpt = Checkpointer(str(tmp_path), keep=20, async_save=False)

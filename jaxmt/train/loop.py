@@ -57,8 +57,9 @@ def checkpoint_meta(state: TrainState, meta: dict | None, step: int) -> dict:
     return out
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradients."""
+class NonFiniteError(ValueError):
+    """Too many consecutive steps had a non-finite loss or gradients: a diverged run
+    (a ValueError, like other bad settings: the CLI reports it in one line)."""
 
 
 def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model_dir: str,

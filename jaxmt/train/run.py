@@ -214,8 +214,10 @@ def check_resumable(model_dir: str, model_cfg: ModelConfig, data_cfg: DataConfig
                 diffs.append(f"DataConfig.{name}: {a!r} there, {b!r} now (spm.model was "
                              "trained with it)")
     if diffs:
+        # The remedy first: the CLI shortens long messages from the end.
         raise ValueError(
             f"{model_dir} holds a model trained with other settings, so this run would not "
-            f"fit its checkpoints; nothing was changed. Differences: {'; '.join(diffs)}. "
-            f"Rerun with the run's --gin_file and --gin.* settings (its operative config is "
-            f"{os.path.join(model_dir, 'config.gin')}) or use a new --model_dir")
+            f"fit its checkpoints; nothing was changed. Rerun with the run's --gin_file and "
+            f"--gin.* settings (its operative config is "
+            f"{os.path.join(model_dir, 'config.gin')}) or use a new --model_dir. "
+            f"Differences: {'; '.join(diffs)}")
