@@ -19,6 +19,8 @@ from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.modeling.network import stack_layers, unstack_layers
 from jaxmt.sharding.partitioning import topology_devices
 
+from greedy_reference import full_recompute_greedy
+
 BASE = dict(vocab_size=96, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
             num_encoder_layers=2, num_decoder_layers=2, precision="fp32")
 T5_1_1 = ModelConfig(**BASE)
@@ -73,14 +75,7 @@ def test_family_axes_and_cached_decoding(family, scan):
     enc = _batch()["encoder_input_tokens"]
     steps = 5
     cached = np.asarray(model.predict_batch(params, {"encoder_input_tokens": enc}, max_decode_len=steps))
-    # Reference: rerun the teacher-forced network on the growing prefix.
-    out = np.zeros((enc.shape[0], steps), np.int32)
-    for i in range(steps):
-        dec_in = np.concatenate([np.zeros((enc.shape[0], 1), np.int32), out[:, :i]], 1)
-        logits = model.logits(params, dict(
-            encoder_input_tokens=enc, encoder_segment_ids=(enc > 0).astype(np.int32),
-            decoder_input_tokens=dec_in, decoder_segment_ids=np.ones_like(dec_in)))
-        out[:, i] = np.asarray(jnp.argmax(logits[:, -1], -1))
+    out = full_recompute_greedy(model, params, np.asarray(enc), steps)
     finished = np.cumsum(out == 1, axis=1) - (out == 1) > 0  # after the first EOS
     np.testing.assert_array_equal(cached[~finished], out[~finished])
 

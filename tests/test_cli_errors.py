@@ -292,3 +292,32 @@ def test_attention_flag_replaces_only_the_encoder(trained, tmp_path, monkeypatch
     # Without --attention the trained settings, whole; an explicit step restores too.
     assert translator.Translator.from_pretrained(trained, step=1).model.cfg.attention == (
         TRAINED_ATTENTION)
+
+
+def test_failed_save_noise_from_libraries_is_dropped_without_debug():
+    """A failed Orbax save is reported by jaxmt in one line; without --debug the
+    libraries' own reports of it (absl ERRORs with tracebacks from Orbax's threads,
+    asyncio's unawaited futures, the closed loop's unraisable errors) are dropped,
+    while other warnings still print, without tracebacks."""
+    script = r'''
+import logging, sys
+from jaxmt.cli import _quiet_library_noise
+_quiet_library_noise()
+from absl import logging as absl_logging
+exec(compile("from absl import logging as a\ntry:\n    1 / 0\nexcept Exception:\n"
+             "    a.exception('writer thread failed')", "/x/orbax/checkpoint/fake.py", "exec"))
+try:
+    1 / 0
+except Exception:
+    absl_logging.warning("kept, without its traceback", exc_info=True)
+logging.getLogger("asyncio").error("Task exception was never retrieved")
+class U: pass
+u = U(); u.exc_type, u.exc_value, u.exc_traceback = RuntimeError, RuntimeError("Event loop is closed"), None
+u.err_msg, u.object = None, None
+sys.unraisablehook(u)
+'''
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == ["WARNING:absl:kept, without its traceback"], r.stderr

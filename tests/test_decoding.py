@@ -12,26 +12,10 @@ from jaxmt.config import AttentionConfig, ModelConfig
 from jaxmt.modeling.decoding import EOS_ID, init_cache, strip_eos
 from jaxmt.modeling.model import EncoderDecoderModel
 
+from greedy_reference import full_recompute_greedy
+
 CFG = ModelConfig(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
                   num_encoder_layers=2, num_decoder_layers=2, precision="fp32")
-
-
-def _reference(model, params, enc, steps):
-    """No cache: rerun the whole decoder on the growing prefix at every step."""
-    b = enc.shape[0]
-    out = np.zeros((b, steps), np.int32)
-    enc_seg = (enc > 0).astype(np.int32)
-    finished = np.zeros(b, bool)
-    for i in range(steps):
-        dec_in = np.concatenate([np.zeros((b, 1), np.int32), out[:, :i]], 1)
-        logits = model.logits(params, dict(
-            encoder_input_tokens=enc, encoder_segment_ids=enc_seg, decoder_input_tokens=dec_in,
-            decoder_segment_ids=np.ones_like(dec_in)))
-        nxt = np.asarray(jnp.argmax(logits[:, -1], -1))
-        nxt = np.where(finished, 0, nxt)
-        out[:, i] = nxt
-        finished |= nxt == EOS_ID
-    return out
 
 
 DECODERS = [
@@ -43,9 +27,7 @@ DECODERS = [
 DECODER_IDS = ["xla", "local_decoder", "performer_decoder"]
 
 
-# predict_batch's loop (EOS stop, padded rows) against recomputation; 12 compiles, so
-# xla only: the cached step of every decoder is checked below, against teacher forcing.
-@pytest.mark.parametrize("attention", DECODERS[:1], ids=DECODER_IDS[:1])
+@pytest.mark.parametrize("attention", DECODERS, ids=DECODER_IDS)
 @pytest.mark.slow
 def test_cached_greedy_matches_full_recompute(attention):
     model = EncoderDecoderModel(dataclasses.replace(CFG, attention=attention))
@@ -56,7 +38,7 @@ def test_cached_greedy_matches_full_recompute(attention):
     enc[:, -1] = np.where(enc[:, -1] > 0, EOS_ID, 0)
     enc[1, 5] = EOS_ID
     got = np.asarray(model.predict_batch(params, {"encoder_input_tokens": enc}, max_decode_len=12))
-    want = _reference(model, params, enc, 12)
+    want = full_recompute_greedy(model, params, enc, 12)
     np.testing.assert_array_equal(got, want)
 
 

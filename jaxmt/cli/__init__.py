@@ -22,6 +22,7 @@ JAXMT_DEBUG=1) shows the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -61,11 +62,37 @@ def _run(argv: list[str]) -> int:
     return args.func(args, gin_overrides)
 
 
+def _quiet_library_noise() -> None:
+    """Without --debug. A failed Orbax save (e.g. a full disk) reaches the user as one
+    jaxmt line, but first Orbax's writer threads log ERRORs with tracebacks, asyncio
+    logs the futures nobody awaited, and the closed event loop raises "unraisable"
+    errors: drop those, and the tracebacks of other library log records."""
+    from absl import logging as _  # noqa: F401  (the absl logger must be absl's own class)
+
+    def absl_filter(record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+            return False
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+    def unraisable(u) -> None:
+        if not (isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in
+                str(u.exc_value)):
+            sys.__unraisablehook__(u)
+
+    logging.getLogger("absl").addFilter(absl_filter)
+    logging.getLogger("asyncio").addFilter(
+        lambda r: "exception was never retrieved" not in str(r.msg))
+    sys.unraisablehook = unraisable
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; every error becomes one ``error: ...`` line (a SystemExit)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     argv = [a for a in argv if a != DEBUG_FLAG]
+    if not debug:
+        _quiet_library_noise()
     try:
         return _run(argv)
     except SystemExit as e:

@@ -110,82 +110,84 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
                 data_position, batches=data_position["batches"] + done - start_step))
         ckpt.save(done, state.params, state.opt_state, checkpoint_meta(state, step_meta, done))
 
-    with StopSignals() as signals:
-        for step in range(start_step, cfg.steps):
-            local = next(batches)
-            # Bucketed batches change shape from step to step: the global rows are this
-            # host's times the process count (every host gets the same shape each step).
-            rows = local["encoder_input_tokens"].shape[0] * jax.process_count()
-            batch = trainer.partitioner.shard_batch(local, rows)
-            # Token slots of each step's global batch, for the non-padding share (fill).
-            src_slots += int(np.prod(batch["encoder_input_tokens"].shape))
-            tgt_slots += int(np.prod(batch["decoder_target_tokens"].shape))
-            state, metrics = step_fn(state, batch, rng)
-            if pending:  # keep one step in flight, so the bar's steps/s and ETA are real
-                _count_nonfinite(pending[-1], step - 1, nonfinite, cfg, ckpt)
-            pending.append(metrics)
-            bar.update(1)
-            steps_acc += 1
-            done = step + 1
-            log_now = done % cfg.log_every == 0 or done == cfg.steps
-            if log_now:
-                host = [jax.device_get(m) for m in pending]  # one sync per log interval
-                _count_nonfinite(host[-1], step, nonfinite, cfg, ckpt)
-                pending = []
-                dt = time.perf_counter() - t0
-                tok_acc = sum(float(m["tokens"]) + float(m["source_tokens"]) for m in host)
-                ntok = sum(float(m["tokens"]) for m in host)
-                skipped = sum(int(m["skipped"]) for m in host)
-                skipped_total += skipped
-                last = {"loss": sum(float(m["loss_sum"]) for m in host) / max(ntok, 1.0),
-                        "nll": sum(float(m["nll_sum"]) for m in host) / max(ntok, 1.0),
-                        "accuracy": sum(float(m["correct"]) for m in host) / max(ntok, 1.0),
-                        "grad_norm": float(host[-1]["grad_norm"]),
-                        "learning_rate": float(host[-1]["learning_rate"]),
-                        "tokens_per_s": tok_acc / dt, "steps_per_s": steps_acc / dt,
-                        # Share of non-padding tokens: source tokens, loss-weighted targets.
-                        "src_fill": sum(float(m["source_tokens"]) for m in host)
-                        / max(src_slots, 1),
-                        "tgt_fill": ntok / max(tgt_slots, 1),
-                        # Batch shapes compiled so far (one with packing; <= buckets).
-                        "compiled_shapes": trainer.compiled_shapes(),
-                        # Non-finite loss or gradients: in this interval, and in this run.
-                        "skipped_steps": skipped, "skipped_steps_total": skipped_total}
-                src_slots = tgt_slots = 0
-                postfix = dict(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                               lr=f"{last['learning_rate']:.2e}",
-                               fill=f"{last['src_fill']:.2f}/{last['tgt_fill']:.2f}",
-                               skipped=skipped_total)
-                if trainer.loss_scaling:
-                    last["loss_scale"] = float(host[-1]["loss_scale"])
-                    postfix.update(scale=f"{last['loss_scale']:g}")
-                writer.scalars(done, last)
-                bar.set_postfix(**postfix)
-                t0, steps_acc = time.perf_counter(), 0
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save(done)
-                saved = done
-            if done < cfg.steps and signals.should_stop(done, synced=log_now):
-                if saved != done:
+    try:
+        with StopSignals() as signals:
+            for step in range(start_step, cfg.steps):
+                local = next(batches)
+                # Bucketed batches change shape from step to step: the global rows are this
+                # host's times the process count (every host gets the same shape each step).
+                rows = local["encoder_input_tokens"].shape[0] * jax.process_count()
+                batch = trainer.partitioner.shard_batch(local, rows)
+                # Token slots of each step's global batch, for the non-padding share (fill).
+                src_slots += int(np.prod(batch["encoder_input_tokens"].shape))
+                tgt_slots += int(np.prod(batch["decoder_target_tokens"].shape))
+                state, metrics = step_fn(state, batch, rng)
+                if pending:  # keep one step in flight, so the bar's steps/s and ETA are real
+                    _count_nonfinite(pending[-1], step - 1, nonfinite, cfg, ckpt)
+                pending.append(metrics)
+                bar.update(1)
+                steps_acc += 1
+                done = step + 1
+                log_now = done % cfg.log_every == 0 or done == cfg.steps
+                if log_now:
+                    host = [jax.device_get(m) for m in pending]  # one sync per log interval
+                    _count_nonfinite(host[-1], step, nonfinite, cfg, ckpt)
+                    pending = []
+                    dt = time.perf_counter() - t0
+                    tok_acc = sum(float(m["tokens"]) + float(m["source_tokens"]) for m in host)
+                    ntok = sum(float(m["tokens"]) for m in host)
+                    skipped = sum(int(m["skipped"]) for m in host)
+                    skipped_total += skipped
+                    last = {"loss": sum(float(m["loss_sum"]) for m in host) / max(ntok, 1.0),
+                            "nll": sum(float(m["nll_sum"]) for m in host) / max(ntok, 1.0),
+                            "accuracy": sum(float(m["correct"]) for m in host) / max(ntok, 1.0),
+                            "grad_norm": float(host[-1]["grad_norm"]),
+                            "learning_rate": float(host[-1]["learning_rate"]),
+                            "tokens_per_s": tok_acc / dt, "steps_per_s": steps_acc / dt,
+                            # Share of non-padding tokens: source tokens, loss-weighted targets.
+                            "src_fill": sum(float(m["source_tokens"]) for m in host)
+                            / max(src_slots, 1),
+                            "tgt_fill": ntok / max(tgt_slots, 1),
+                            # Batch shapes compiled so far (one with packing; <= buckets).
+                            "compiled_shapes": trainer.compiled_shapes(),
+                            # Non-finite loss or gradients: in this interval, and in this run.
+                            "skipped_steps": skipped, "skipped_steps_total": skipped_total}
+                    src_slots = tgt_slots = 0
+                    postfix = dict(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                   lr=f"{last['learning_rate']:.2e}",
+                                   fill=f"{last['src_fill']:.2f}/{last['tgt_fill']:.2f}",
+                                   skipped=skipped_total)
+                    if trainer.loss_scaling:
+                        last["loss_scale"] = float(host[-1]["loss_scale"])
+                        postfix.update(scale=f"{last['loss_scale']:g}")
+                    writer.scalars(done, last)
+                    bar.set_postfix(**postfix)
+                    t0, steps_acc = time.perf_counter(), 0
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     save(done)
-                t_save = time.perf_counter()
-                ckpt.wait()
-                waited = time.perf_counter() - t_save
-                bar.close()
-                where = f"checkpoint step {done} in {ckpt.directory}"
-                print(f"{signals.received}: stopped at step {done}; saved {where} "
-                      f"(waited {waited:.1f}s); rerun the same command to resume",
-                      file=sys.stderr, flush=True)
-                if waited > cfg.preemption_grace_s:
-                    print(f"warning: the save took {waited:.0f}s, over "
-                          f"TrainConfig.preemption_grace_s={cfg.preemption_grace_s:g}; a "
-                          "preempted machine may be gone before it ends", file=sys.stderr,
-                          flush=True)
-                last = dict(last, stopped_by=signals.received, stopped_at=done)
-                break
-    bar.close()
+                    saved = done
+                if done < cfg.steps and signals.should_stop(done, synced=log_now):
+                    if saved != done:
+                        save(done)
+                    t_save = time.perf_counter()
+                    ckpt.wait()
+                    waited = time.perf_counter() - t_save
+                    bar.close()
+                    where = f"checkpoint step {done} in {ckpt.directory}"
+                    print(f"{signals.received}: stopped at step {done}; saved {where} "
+                          f"(waited {waited:.1f}s); rerun the same command to resume",
+                          file=sys.stderr, flush=True)
+                    if waited > cfg.preemption_grace_s:
+                        print(f"warning: the save took {waited:.0f}s, over "
+                              f"TrainConfig.preemption_grace_s={cfg.preemption_grace_s:g}; a "
+                              "preempted machine may be gone before it ends", file=sys.stderr,
+                              flush=True)
+                    last = dict(last, stopped_by=signals.received, stopped_at=done)
+                    break
+    finally:  # on an error too: end the bar's line before the error is printed
+        bar.close()
+        writer.close()
     ckpt.wait()
-    writer.close()
     return state, last
 
 
