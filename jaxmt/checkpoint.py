@@ -117,8 +117,9 @@ class Checkpointer:
         try:
             yield
         except Exception as e:
-            full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
-                "No space left" in str(e))
+            # TensorStore reports ENOSPC as RESOURCE_EXHAUSTED with the OS error code.
+            full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or any(
+                m in str(e) for m in ("No space left", "os_error_code='28'", "RESOURCE_EXHAUSTED"))
             self._in_flight = None
             if jax.process_index() == 0:  # free the space the failed step took
                 for name in os.listdir(self.directory):

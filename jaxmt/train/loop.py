@@ -25,6 +25,7 @@ class MetricWriter:
 
     def __init__(self, model_dir: str):
         self._writer = None
+        self._warned = False
         if jax.process_index() == 0:
             # tensorboardX imports torch when it is installed (2 s per run start) only to
             # accept torch tensors; jaxmt logs floats, so hide torch from that import.
@@ -39,14 +40,24 @@ class MetricWriter:
             self._writer = SummaryWriter(os.path.join(model_dir, "train"))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self._writer is not None:
+        if self._writer is None:
+            return
+        try:
             for k, v in values.items():
                 self._writer.add_scalar(k, v, step)
             self._writer.flush()
+        except OSError as e:  # e.g. a full disk: the next checkpoint save reports it
+            if not self._warned:
+                print(f"warning: step {step}: could not write TensorBoard events "
+                      f"({e}); training goes on", file=sys.stderr, flush=True)
+                self._warned = True
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except OSError:
+                pass  # already warned about in scalars()
 
 
 def checkpoint_meta(state: TrainState, meta: dict | None, step: int) -> dict:
