@@ -212,8 +212,6 @@ def _count_nonfinite(metrics: dict, step: int, run: list, cfg, ckpt: Checkpointe
     if not int(metrics["skipped"]):
         run.clear()
         return
-    if step in run:
-        return  # already counted (the last step of a log interval is seen twice)
     run.append(step)
     if len(run) >= cfg.max_nonfinite_steps:
         raise NonFiniteError(
