@@ -17,6 +17,7 @@ from typing import Any
 
 import gin
 
+from jaxmt import hardware  # imports JAX only when "auto" is resolved
 from jaxmt.data import bucketing, embedded, mixture, sources  # pure Python: no TensorFlow
 from jaxmt.data.mixture import directions
 
@@ -86,6 +87,9 @@ def _did_you_mean(name: str, known) -> str:
 # and the loss are float32 under every policy; "fp16" adds dynamic loss scaling.
 PRECISIONS = {"fp32": ("float32", "float32"), "bf16": ("bfloat16", "float32"),
               "bf16_params": ("bfloat16", "bfloat16"), "fp16": ("float16", "float32")}
+# ModelConfig.precision's values: "auto" is bf16 where the backend computes it natively,
+# else fp32 (jaxmt/hardware.py); `jaxmt train` stores the concrete policy it chose.
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 REMAT_POLICIES = ("none", "full", "dots_saveable", "save_attention_out", "offload")
 ACTIVATIONS = ("gelu", "gelu_exact", "relu", "silu", "linear")
 
@@ -217,7 +221,7 @@ class ModelConfig:
     scan_layers: bool = False  # nn.scan over a stacked `layers` axis, not unrolled
     encoder_remat: str = "none"  # one of REMAT_POLICIES
     decoder_remat: str = "none"
-    precision: str = "bf16"  # one of PRECISIONS
+    precision: str = "auto"  # one of PRECISION_CHOICES
     # A factory, so gin bindings of AttentionConfig apply without naming it here.
     attention: AttentionConfig = dataclasses.field(default_factory=lambda: AttentionConfig())
 
@@ -237,7 +241,7 @@ class ModelConfig:
             _check(a in ACTIVATIONS, n, "mlp_activations", f"unknown activation {a!r} {ACTIVATIONS}")
         choices = {"position_embedding": ("relative", "sinusoidal"), "norm_type": ("rms", "layer"),
                    "norm_position": ("pre", "post"), "encoder_remat": REMAT_POLICIES,
-                   "decoder_remat": REMAT_POLICIES, "precision": tuple(PRECISIONS)}
+                   "decoder_remat": REMAT_POLICIES, "precision": PRECISION_CHOICES}
         for f, allowed in choices.items():
             _check(getattr(self, f) in allowed, n, f,
                    f"unknown value {getattr(self, f)!r}; choose one of {allowed}")
@@ -250,13 +254,21 @@ class ModelConfig:
             _check(self.emb_dim % 2 == 0, n, "emb_dim", "sinusoidal positions need an even size")
 
     @property
+    def resolved_precision(self) -> str:
+        """The concrete policy (a key of PRECISIONS): ``precision``, or for "auto" what
+        this machine computes natively, decided once per process on first use."""
+        if self.precision == "auto":
+            return hardware.auto_precision().policy
+        return self.precision
+
+    @property
     def dtype(self) -> str:
         """Compute dtype of matmul operands and activations."""
-        return PRECISIONS[self.precision][0]
+        return PRECISIONS[self.resolved_precision][0]
 
     @property
     def param_dtype(self) -> str:
-        return PRECISIONS[self.precision][1]
+        return PRECISIONS[self.resolved_precision][1]
 
 
 @gin.configurable
@@ -426,13 +438,19 @@ class TrainConfig:
     # After SIGTERM/SIGINT (preemption), the seconds the run has to save a checkpoint
     # before it exits.
     preemption_grace_s: float = 30.0
+    # A wall-clock budget for training (fairseq's --stop-time-hours), counted across
+    # resumes; 0 = none. Training stops at ``steps`` or when the budget is spent, whichever
+    # comes first, with a checkpoint. The learning rate decays over whichever of the two
+    # is nearer (see jaxmt/train/trainer.py: learning_rate_schedule), so a budget never
+    # cuts the schedule off half-way.
+    max_minutes: float = 0.0
 
     def __post_init__(self):
         _check_types(self)
         _check_min(self, 1, "steps", "batch_size", "num_microbatches", "log_every",
                    "checkpoint_every", "keep_checkpoints", "loss_scale_growth_interval",
                    "max_nonfinite_steps")
-        _check_min(self, 0, "warmup_steps", "weight_decay", "z_loss", "seed")
+        _check_min(self, 0, "warmup_steps", "weight_decay", "z_loss", "seed", "max_minutes")
         _check_min(self, 0, "learning_rate", "grad_clip", "preemption_grace_s", strict=True)
         _check(self.batch_size % self.num_microbatches == 0, "TrainConfig", "num_microbatches",
                f"batch_size={self.batch_size} is not divisible by num_microbatches="
@@ -521,7 +539,7 @@ _ADDED_LATER = {
     "DataConfig": {"corpora", "clean", "mixture_cap", "mixture_caps", "mixture_weights",
                    "bucket_lengths", "cache_dir"},
     "TrainConfig": {"num_microbatches", "loss_scale_init", "loss_scale_growth_interval",
-                    "max_nonfinite_steps", "preemption_grace_s"},
+                    "max_nonfinite_steps", "preemption_grace_s", "max_minutes"},
 }
 _NESTED = {("ModelConfig", "attention"): AttentionConfig,
            ("DataConfig", "clean"): sources.CleanConfig}

@@ -165,6 +165,8 @@ def test_mistakes_are_one_line_before_anything_loads(bad_inputs):
          "--max_len=0: must be a positive number"),
         (["eval", f"--model_dir={model}", "--max_examples=-1"],
          "--max_examples=-1: must be a positive number"),
+        (["eval", f"--model_dir={model}", "--step=7"],
+         "--step=7: .*model has no checkpoint step 7 \\(it has none\\)"),
         (tr + ["--src_lang=en", "--tgt_lang=de", f"--input={tmp / 'none.txt'}"],
          "--input=.*none.txt: no such file"),
         (["translate", f"--model_dir={tmp / 'marian'}"],

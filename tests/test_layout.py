@@ -28,9 +28,9 @@ PKG = ROOT / "jaxmt"
 
 # A module may import modules of its own layer or lower ones. Root modules are named
 # whole; folders by their package. ``fileio`` is standard library only, so ``data``
-# may use it.
+# may use it; ``hardware`` (what the machine computes natively) imports no jaxmt module.
 LAYERS = {
-    "jaxmt.fileio": 0, "jaxmt.hostmem": 0, "jaxmt.checkpoint": 0,
+    "jaxmt.fileio": 0, "jaxmt.hostmem": 0, "jaxmt.checkpoint": 0, "jaxmt.hardware": 0,
     "jaxmt.data": 1, "jaxmt.kernels": 1,
     "jaxmt.config": 2,
     "jaxmt.sharding": 3,

@@ -1,7 +1,14 @@
 """Precision policies: fp16 dynamic loss scaling (skip on overflow, back-off, growth,
-checkpoint round trip), and that every policy trains with the dtypes it promises."""
+checkpoint round trip), that every policy trains with the dtypes it promises, and what
+`train` does with "auto" (prints and records the choice; a resume keeps the stored one).
+The auto rule itself is tests/test_hardware.py's."""
 
 import functools
+import json
+import os
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -173,3 +180,118 @@ def test_loss_scale_survives_checkpoint_and_resume(tmp_path):
     # The restored state steps like the original (same shardings, donation and all).
     restored, m = tr.step_fn()(restored, tr.partitioner.shard_batch(_batch(), B), RNG)
     assert int(m["skipped"]) == 0 and float(restored.loss_scale.scale) == 2.0 ** 11
+
+
+def _tiny_train(model_dir, steps, precision="auto"):
+    """A real `train` on the embedded corpus: 2 languages, a 1-layer model, few steps."""
+    import gin
+    from jaxmt.config import DataConfig
+    from jaxmt.train.run import train
+
+    gin.clear_config()
+    model = ModelConfig(vocab_size=1024, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
+                        num_encoder_layers=1, num_decoder_layers=1, precision=precision)
+    data = DataConfig(langs=("en", "de"), vocab_size=1000, vocab_sample_per_lang=2000,
+                      src_len=32, tgt_len=32, max_eval_len=32)
+    steps = TrainConfig(steps=steps, batch_size=8, warmup_steps=1, checkpoint_every=2,
+                        log_every=1)
+    return train(str(model_dir), model_cfg=model, mesh_cfg=MeshConfig(), data_cfg=data,
+                 train_cfg=steps, progress=False)
+
+
+def _saved(model_dir, name):
+    return json.loads((model_dir / name).read_text())
+
+
+@pytest.mark.slow
+def test_train_prints_and_records_the_auto_choice_and_a_resume_keeps_it(tmp_path, capsys):
+    from jaxmt import hardware
+    from jaxmt.train.run import PRECISION_FILE
+
+    auto = hardware.auto_precision()
+    other = "fp32" if auto.policy == "bf16" else "bf16"  # both keep float32 parameters
+    d = tmp_path / "model"
+    _tiny_train(d, 2)
+    assert f"precision: {auto.policy} ({auto.reason})\n" in capsys.readouterr().out
+    assert _saved(d, "jaxmt_config.json")["model"]["precision"] == auto.policy  # concrete
+    assert _saved(d, PRECISION_FILE) == {"requested": "auto", "precision": auto.policy,
+                                         "reason": auto.reason, "device": "cpu"}
+
+    # As if step 2 had been trained on a machine where auto picked the other policy.
+    raw = _saved(d, "jaxmt_config.json")
+    raw["model"]["precision"] = other
+    (d / "jaxmt_config.json").write_text(json.dumps(raw))
+    _tiny_train(d, 3)
+    out = capsys.readouterr().out
+    kept = (f"precision: {other} (kept from {d / 'jaxmt_config.json'}: the checkpoints were "
+            f"trained with it; auto would pick {auto.policy} here: {auto.reason})\n")
+    assert kept in out and "resuming from step 2" in out
+    assert _saved(d, "jaxmt_config.json")["model"]["precision"] == other
+    assert _saved(d, PRECISION_FILE)["precision"] == other
+    assert _saved(d, PRECISION_FILE)["requested"] == "auto"
+
+
+def test_resolve_precision_rules(tmp_path, monkeypatch):
+    """Which policy a run gets, without training: explicit, fresh "auto", resumed "auto"."""
+    from jaxmt import config as cfglib
+    from jaxmt import hardware
+    from jaxmt.train.run import resolve_precision
+
+    monkeypatch.setattr(hardware, "auto_precision",
+                        lambda: hardware.PrecisionChoice("fp32", "this CPU has no native bf16"))
+    d = tmp_path / "m"
+    d.mkdir()
+    cfg = ModelConfig(**TINY)
+    got, why = resolve_precision(str(d), cfg)
+    assert (got.precision, why) == ("fp32", "this CPU has no native bf16")
+    assert got == ModelConfig(**TINY, precision="fp32")
+    assert resolve_precision(str(d), ModelConfig(precision="fp32"))[1] == (
+        "set by ModelConfig.precision")
+    assert resolve_precision(str(d), ModelConfig(precision="bf16_params"))[1] == (
+        "set by ModelConfig.precision; auto would pick fp32 here: this CPU has no native bf16")
+
+    # A stored concrete policy counts only where checkpoints were trained with it.
+    (d / cfglib.CONFIG_FILE).write_text(cfglib.to_json(model=ModelConfig(**TINY,
+                                                                         precision="bf16")))
+    assert resolve_precision(str(d), cfg)[0].precision == "fp32"
+    (d / "checkpoints").mkdir()
+    got, why = resolve_precision(str(d), cfg)
+    assert got.precision == "bf16" and why.startswith(f"kept from {d / cfglib.CONFIG_FILE}")
+    assert resolve_precision(str(d), ModelConfig(**TINY, precision="fp32"))[0].precision == "fp32"
+    (d / cfglib.CONFIG_FILE).write_text(cfglib.to_json(model=cfg))  # "auto" stored: decide again
+    assert resolve_precision(str(d), cfg)[0].precision == "fp32"
+
+
+# Two processes whose machines disagree: both must compile process 0's policy.
+_TWO_HOSTS = """
+import os, sys
+pid, port, d = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=pid)
+from jaxmt import hardware
+from jaxmt.config import ModelConfig
+from jaxmt.train.run import resolve_precision
+mine = hardware.PrecisionChoice("bf16" if pid == 0 else "fp32", f"host {pid}")
+hardware.auto_precision = lambda: mine
+cfg, why = resolve_precision(os.path.join(d, str(pid)), ModelConfig())
+print(f"{cfg.precision} | {why}")
+"""
+
+
+def test_hosts_that_disagree_take_process_0s_choice(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_HOSTS, str(i), port, str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    assert outs[0][0].strip().splitlines()[-1] == "bf16 | host 0"
+    assert outs[1][0].strip().splitlines()[-1] == (
+        "bf16 | process 0's choice, so every process compiles the same program; auto would "
+        "pick fp32 here: host 1")

@@ -120,10 +120,17 @@ def cmd_eval(args, gin_overrides) -> int:
         raise SystemExit(f"error: --model_dir={args.model_dir}: no data section (an imported "
                          "model); `jaxmt eval` scores the directions a model was trained on, "
                          "use `jaxmt translate` instead")
+    if args.step is not None:  # checked from the listing: no JAX loaded for a typo
+        ckdir = os.path.join(args.model_dir, "checkpoints")
+        steps = sorted(int(n) for n in (os.listdir(ckdir) if os.path.isdir(ckdir) else ())
+                       if n.isdigit())
+        if args.step not in steps:
+            raise SystemExit(f"error: --step={args.step}: {args.model_dir} has no checkpoint "
+                             f"step {args.step} (it has {steps or 'none'})")
     from jaxmt.inference.evaluation import evaluate, format_table
     from jaxmt.inference.translator import Translator
 
-    tr = Translator.from_pretrained(args.model_dir, **inference_options(args))
+    tr = Translator.from_pretrained(args.model_dir, step=args.step, **inference_options(args))
     data_cfg = cfgs["data"]
     log = lambda d, r: print(f"{d}: BLEU {r['bleu']:.1f} chrF {r['chrf']:.1f} (n={r['n']})",
                              file=sys.stderr, flush=True)
@@ -202,6 +209,8 @@ def add_parsers(sub) -> None:
     e = sub.add_parser("eval", help="BLEU/chrF per direction on a split")
     e.add_argument("--split", default="test", choices=("train", "validation", "test"))
     e.add_argument("--max_examples", type=int, default=None)
+    e.add_argument("--step", type=int, default=None,
+                   help="score this checkpoint step (default: the newest readable one)")
     e.add_argument("--json", action="store_true", help="last line is one JSON object")
     _add_inference_flags(e, "a directory written by `jaxmt train`")
     e.set_defaults(func=cmd_eval)

@@ -68,11 +68,12 @@ def evaluate(translator: Translator, directions: Sequence[tuple[str, str]], spli
 
 def format_table(result: dict) -> str:
     """Plain-text table: model vs copy-the-source baseline per direction."""
-    rows = ["| direction | n | BLEU | chrF | copy BLEU | copy chrF |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| direction | n | BLEU | chrF | copy BLEU | copy chrF | chrF over copy |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
     for d, r in result["directions"].items():
         rows.append(f"| {d} | {r['n']} | {r['bleu']:.1f} | {r['chrf']:.1f} | "
-                    f"{r['copy_bleu']:.1f} | {r['copy_chrf']:.1f} |")
+                    f"{r['copy_bleu']:.1f} | {r['copy_chrf']:.1f} | "
+                    f"{r['chrf'] - r['copy_chrf']:+.1f} |")
     return "\n".join(rows) + f"\n\nsacreBLEU {result['signature']}"
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxmt.checkpoint import CheckpointError, Checkpointer
 from jaxmt.train import loss_scale as scaling
+from jaxmt.train.budget import WallClockBudget
 from jaxmt.train.preemption import StopSignals
 from jaxmt.train.trainer import Trainer, TrainState
 
@@ -76,8 +77,14 @@ class NonFiniteError(ValueError):
 def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model_dir: str,
                ckpt: Checkpointer, state: TrainState, start_step: int,
                meta: dict | None = None, progress: bool = True,
-               data_position: dict | None = None) -> tuple[TrainState, dict]:
+               data_position: dict | None = None,
+               train_seconds: float = 0.0) -> tuple[TrainState, dict]:
     """Runs from ``start_step`` to ``trainer.cfg.steps``; returns final state and metrics.
+
+    With ``TrainConfig.max_minutes`` (:class:`~jaxmt.train.budget.WallClockBudget`), it
+    stops earlier when the budget is spent (``train_seconds`` were spent by earlier runs),
+    saves that step and sets ``metrics["budget_spent_at"]``; at each log step it moves the
+    learning rate's horizon to the step the budget is expected to end at.
 
     ``data_position`` is the position of ``batches`` at ``start_step`` (a
     :func:`jaxmt.data.pipeline.position_record`). Every checkpoint then stores it as
@@ -100,7 +107,9 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
     step_fn = trainer.step_fn()
     rng = jax.random.PRNGKey(cfg.seed + 1)
     writer = MetricWriter(model_dir)
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step",
+    budget = WallClockBudget(cfg.max_minutes, cfg.steps, train_seconds)
+    horizon = int(state.lr_horizon) if state.lr_horizon is not None else cfg.steps
+    bar = tqdm(total=horizon if budget.active else cfg.steps, initial=start_step, desc="train", unit="step",
                disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
     last = {}
     t0, tok_acc, steps_acc = time.perf_counter(), 0, 0
@@ -115,7 +124,8 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
             raise CheckpointError(
                 f"step {done}: the parameters are not finite, so no checkpoint was written; "
                 f"the last good checkpoint is {_last_good(ckpt)}")
-        step_meta = meta
+        step_meta = dict(meta or {}, train_seconds=round(budget.spent(), 3),
+                         lr_horizon=horizon)
         if data_position is not None:
             step_meta = dict(meta or {}, data=dict(
                 data_position, batches=data_position["batches"] + done - start_step))
@@ -133,6 +143,9 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
                 src_slots += int(np.prod(batch["encoder_input_tokens"].shape))
                 tgt_slots += int(np.prod(batch["decoder_target_tokens"].shape))
                 state, metrics = step_fn(state, batch, rng)
+                if step == start_step and budget.active:  # the compile is over: time steps
+                    jax.block_until_ready(metrics["loss"])
+                    budget.start_rate(step + 1)
                 if pending:  # keep one step in flight, so the bar's steps/s and ETA are real
                     _count_nonfinite(pending[-1], step - 1, nonfinite, cfg, ckpt)
                 pending.append(metrics)
@@ -171,12 +184,30 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
                     if trainer.loss_scaling:
                         last["loss_scale"] = float(host[-1]["loss_scale"])
                         postfix.update(scale=f"{last['loss_scale']:g}")
+                    if budget.active:
+                        budget.sync(done)
+                        new = budget.horizon(done)
+                        if new is not None and new != horizon:
+                            horizon = new
+                            state = trainer.with_lr_horizon(state, horizon)
+                            bar.total = horizon  # the bar's ETA is the budget's end
+                        last.update(train_minutes=budget.spent() / 60, lr_horizon=horizon)
                     writer.scalars(done, last)
                     bar.set_postfix(**postfix)
                     t0, steps_acc = time.perf_counter(), 0
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     save(done)
                     saved = done
+                if done < cfg.steps and budget.over(synced=log_now):
+                    if saved != done:
+                        save(done)
+                    bar.close()
+                    print(f"stopped at step {done}: TrainConfig.max_minutes="
+                          f"{cfg.max_minutes:g} spent; saved checkpoint step {done} in "
+                          f"{ckpt.directory}", flush=True)
+                    last = dict(last, budget_spent_at=done,
+                                train_minutes=budget.spent() / 60)
+                    break
                 if done < cfg.steps and signals.should_stop(done, synced=log_now):
                     if saved != done:
                         save(done)

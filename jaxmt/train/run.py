@@ -15,9 +15,11 @@ import sys
 
 import gin
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxmt import config as cfglib
+from jaxmt import hardware
 from jaxmt.checkpoint import Checkpointer
 from jaxmt.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
 from jaxmt.fileio import write_atomic
@@ -51,8 +53,13 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
     mesh_cfg = MeshConfig() if mesh_cfg is None else mesh_cfg
     data_cfg = DataConfig() if data_cfg is None else data_cfg
     train_cfg = TrainConfig() if train_cfg is None else train_cfg
+    # "auto" becomes a concrete policy here, so the checkpoints' config records the
+    # numerics that translate/eval and every resume use.
+    requested = model_cfg.precision
+    model_cfg, precision_reason = resolve_precision(model_dir, model_cfg)
     # Everything that can refuse the run does so before the first file is written.
     check_resumable(model_dir, model_cfg, data_cfg, train_cfg)
+    print(f"precision: {model_cfg.precision} ({precision_reason})", flush=True)
     partitioner = Partitioner(mesh_cfg)
     trainer = Trainer(model_cfg, train_cfg, partitioner, data_cfg.src_len, data_cfg.tgt_len)
     local_shapes, bucket_stats = (), None
@@ -79,6 +86,9 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
         write_atomic(os.path.join(model_dir, cfglib.CONFIG_FILE), cfglib.to_json(
             model=model_cfg, mesh=mesh_cfg, data=data_cfg, train=train_cfg))
         write_atomic(os.path.join(model_dir, "config.gin"), gin.operative_config_str())
+        write_atomic(os.path.join(model_dir, PRECISION_FILE), json.dumps(
+            {"requested": requested, "precision": model_cfg.precision,
+             "reason": precision_reason, "device": jax.devices()[0].device_kind}, indent=2))
         if not os.path.exists(spm_path):
             print(f"training SentencePiece vocabulary ({data_cfg.vocab_size} pieces) -> "
                   f"{spm_path}", flush=True)
@@ -117,6 +127,12 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
         ckpt.close()
         print(f"already trained to step {start} (TrainConfig.steps={train_cfg.steps})")
         return {}
+    spent = float(saved_meta.get("train_seconds", 0.0))
+    if train_cfg.max_minutes and spent >= 60 * train_cfg.max_minutes:
+        ckpt.close()
+        print(f"already trained for {spent / 60:.1f} min, to step {start} "
+              f"(TrainConfig.max_minutes={train_cfg.max_minutes:g})")
+        return {}
     # The stream depends only on (seed, process index, process count); a resumed run
     # skips the batches it had consumed, so it sees what an uninterrupted run would.
     if position["batches"]:
@@ -130,7 +146,7 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
         start_batch=position["batches"], cache_dir=cache_dir if use_cache else None)
     try:
         _, last = train_loop(trainer, batches, model_dir, ckpt, state, start,
-                             progress=progress, data_position=position)
+                             progress=progress, data_position=position, train_seconds=spent)
     finally:  # on a crash or Ctrl-C too: let an in-flight async save finish
         ckpt.close()
     if "stopped_at" in last:
@@ -168,6 +184,47 @@ def resume_state(trainer: Trainer, ckpt: Checkpointer) -> tuple[TrainState, int,
               file=sys.stderr, flush=True)
     print(f"resuming from step {step} in {ckpt.directory}", flush=True)
     return state, step, meta
+
+
+# Beside jaxmt_config.json (which holds the concrete policy): the latest run's policy,
+# why it was chosen and on which device. A note for people, read by nothing.
+PRECISION_FILE = "precision.json"
+
+
+def resolve_precision(model_dir: str, model_cfg: ModelConfig) -> tuple[ModelConfig, str]:
+    """``model_cfg`` with a concrete ``precision``, and why it is that one.
+
+    "auto" keeps the policy of a directory that already holds checkpoints (a resume
+    keeps its numerics, whatever this machine would pick); otherwise it is what the
+    backend computes natively (:func:`jaxmt.hardware.auto_precision`), process 0's choice
+    on several hosts, so every process compiles the same program. A policy set
+    explicitly stays; the reason then says when "auto" would pick another here.
+    """
+    local = hardware.auto_precision()
+
+    def unless_auto_agrees(policy: str) -> str:  # on the compute dtype
+        same = cfglib.PRECISIONS[policy][0] == cfglib.PRECISIONS[local.policy][0]
+        return "" if same else f"; auto would pick {local.policy} here: {local.reason}"
+
+    if model_cfg.precision != "auto":
+        return model_cfg, "set by ModelConfig.precision" + unless_auto_agrees(model_cfg.precision)
+    path = os.path.join(model_dir, cfglib.CONFIG_FILE)
+    if os.path.exists(path) and os.path.isdir(os.path.join(model_dir, "checkpoints")):
+        stored = cfglib.load(model_dir).get("model")
+        if stored is not None and stored.precision != "auto":
+            return (dataclasses.replace(model_cfg, precision=stored.precision),
+                    f"kept from {path}: the checkpoints were trained with it"
+                    + unless_auto_agrees(stored.precision))
+    choice = local
+    if jax.process_count() > 1:
+        policies = tuple(cfglib.PRECISIONS)
+        chosen = policies[int(multihost_utils.broadcast_one_to_all(
+            np.int32(policies.index(local.policy))))]
+        if chosen != local.policy:
+            choice = hardware.PrecisionChoice(chosen, "process 0's choice, so every process "
+                                              "compiles the same program"
+                                              + unless_auto_agrees(chosen))
+    return dataclasses.replace(model_cfg, precision=choice.policy), choice.reason
 
 
 # ModelConfig fields a resumed run may change: they do not change the parameters or

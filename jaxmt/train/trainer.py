@@ -34,39 +34,59 @@ class TrainState:
 
     Attributes:
       step: batches consumed. It advances on every step, including one skipped for a
-        non-finite loss or gradients (e.g. a float16 overflow), so it keeps matching the loop, checkpoints and data position.
-        The optimizer's own count (inside ``opt_state``, which drives the learning-rate
-        schedule) does not advance on a skipped step.
+        non-finite loss or gradients (e.g. a float16 overflow), so it keeps matching the
+        loop, checkpoints and data position, and it drives the learning rate.
       params: the model parameters.
       opt_state: the optimizer state.
       loss_scale: the dynamic loss scale under the "fp16" policy, else None (no leaves,
         so other policies compile the same step as without it).
+      lr_horizon: the step at which the learning rate has decayed to its end:
+        ``TrainConfig.steps``, or the step the wall-clock budget
+        (``TrainConfig.max_minutes``) is expected to stop at, re-estimated by the loop as
+        the run goes (:func:`learning_rate`). A value, not a constant of the compiled
+        step, so a new estimate costs no compile.
     """
 
     step: jax.Array
     params: PyTree
     opt_state: PyTree
     loss_scale: scaling.LossScaleState | None = None
+    lr_horizon: jax.Array | None = None
+
+
+def learning_rate(cfg: TrainConfig, step: jax.Array, horizon: jax.Array) -> jax.Array:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 10% of the peak at
+    step ``horizon`` (and flat after it); the same curve as optax's
+    ``warmup_cosine_decay_schedule`` with ``decay_steps=horizon``, but ``horizon`` may
+    be a traced value."""
+    step = jnp.asarray(step, jnp.float32)
+    horizon = jnp.maximum(jnp.asarray(horizon, jnp.float32), 2.0)
+    peak, end = cfg.learning_rate, 0.1 * cfg.learning_rate
+    warmup = jnp.minimum(float(cfg.warmup_steps), horizon - 1.0)
+    frac = jnp.clip((step - warmup) / jnp.maximum(horizon - warmup, 1.0), 0.0, 1.0)
+    decay = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    return jnp.where(step < warmup, peak * step / jnp.maximum(warmup, 1.0), decay)
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warm-up, then cosine decay to 10% of the peak at the last step."""
-    warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 1))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
-        decay_steps=max(cfg.steps, warmup + 1), end_value=0.1 * cfg.learning_rate)
+    """:func:`learning_rate` over ``TrainConfig.steps``, as a function of the step."""
+    return lambda step: learning_rate(cfg, step, cfg.steps)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    sched = learning_rate_schedule(cfg)
+    """Clipping, then Adafactor or AdamW with a unit learning rate: the train step
+    multiplies the update by :func:`learning_rate` (both optimizers end in a linear
+    scale, so this is the same update). A schedule callable, not the constant 1.0, keeps
+    the optimizer state's structure (its step count) as checkpoints have it."""
+    unit = optax.constant_schedule(1.0)
     if cfg.optimizer == "adamw":
         # No decay on vectors (norm scales, bias tables are 2-D but tiny; keep T5X's habit).
-        opt = optax.adamw(sched, b1=0.9, b2=0.98, eps=1e-9, weight_decay=cfg.weight_decay,
+        opt = optax.adamw(unit, b1=0.9, b2=0.98, eps=1e-9, weight_decay=cfg.weight_decay,
                           mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
     else:
         # T5's recipe: updates relative to each parameter's scale, which suits T5's
         # unscaled attention (queries start at std (d_model * head_dim) ** -0.5).
-        opt = optax.adafactor(sched, multiply_by_parameter_scale=True, clipping_threshold=1.0)
+        opt = optax.adafactor(unit, multiply_by_parameter_scale=True, clipping_threshold=1.0)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
 
 
@@ -117,19 +137,27 @@ class Trainer:
         opt_state = _fix_unmatched_boxes(self.tx.init(params))
         ls = scaling.init_loss_scale(self.cfg.loss_scale_init) if self.loss_scaling else None
         return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=opt_state,
-                          loss_scale=ls)
+                          loss_scale=ls, lr_horizon=jnp.array(self.cfg.steps, jnp.int32))
 
-    def _scalars(self, step: int, scale: float | None, good_steps: int):
-        """``(step, loss_scale)`` placed as the step expects them (replicated)."""
+    def _scalars(self, step: int, scale: float | None, good_steps: int,
+                 horizon: int | None = None):
+        """``(step, loss_scale, lr_horizon)`` placed as the step expects them (replicated)."""
         if self._scalars_fn is None:
-            def make(step, scale, good_steps):
+            def make(step, scale, good_steps, horizon):
                 ls = scaling.init_loss_scale(scale, good_steps) if self.loss_scaling else None
-                return step, ls
+                return step, ls, horizon
             # jit with out_shardings places them on every device, on one host or many.
+            s = self.state_shardings
             self._scalars_fn = self.partitioner.jit(
-                make, out_shardings=(self.state_shardings.step, self.state_shardings.loss_scale))
+                make, out_shardings=(s.step, s.loss_scale, s.lr_horizon))
         scale = self.cfg.loss_scale_init if scale is None else scale
-        return self._scalars_fn(np.int32(step), np.float32(scale), np.int32(good_steps))
+        horizon = self.cfg.steps if horizon is None else horizon
+        return self._scalars_fn(np.int32(step), np.float32(scale), np.int32(good_steps),
+                                np.int32(horizon))
+
+    def with_lr_horizon(self, state: TrainState, horizon: int) -> TrainState:
+        """``state`` with the learning rate decaying to its end at step ``horizon``."""
+        return state.replace(lr_horizon=self._scalars(0, None, 0, horizon)[2])
 
     def loss_scale_state(self, scale: float | None = None, good_steps: int = 0
                          ) -> scaling.LossScaleState | None:
@@ -147,8 +175,13 @@ class Trainer:
                                                self.abstract_state.opt_state)
         saved = meta.get("loss_scale")
         scale, good_steps = scaling.from_json(saved) if saved else (None, 0)
-        step_arr, ls = self._scalars(step, scale, good_steps)
-        return TrainState(step=step_arr, params=params, opt_state=opt_state, loss_scale=ls), meta
+        # A budgeted run resumes with its horizon; otherwise TrainConfig.steps (which a
+        # resumed run may have changed) decides it.
+        saved_horizon = meta.get("lr_horizon") if self.cfg.max_minutes else None
+        horizon = min(saved_horizon or self.cfg.steps, self.cfg.steps)
+        step_arr, ls, horizon = self._scalars(step, scale, good_steps, horizon)
+        return TrainState(step=step_arr, params=params, opt_state=opt_state, loss_scale=ls,
+                          lr_horizon=horizon), meta
 
     def init_state(self, seed: int) -> TrainState:
         """Parameters and optimizer state created directly in their shards."""
@@ -262,6 +295,8 @@ class Trainer:
         # (float16 overflow is only the common case; bf16 and fp32 runs diverge too).
         finite = jnp.isfinite(loss) & scaling.all_finite(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        lr = learning_rate(self.cfg, state.step, state.lr_horizon)
+        updates = jax.tree.map(lambda u: u * lr.astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
         # A skipped step keeps the old parameters and optimizer state: a leaf-wise
         # select (Flax's DynamicScale recipe), so the step has no data-dependent
@@ -269,7 +304,7 @@ class Trainer:
         params = scaling.select_tree(finite, params, state.params)
         opt_state = scaling.select_tree(finite, opt_state, state.opt_state)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                       learning_rate=self.schedule(state.step),
+                       learning_rate=lr,
                        source_tokens=jnp.sum(batch["encoder_input_tokens"] > 0),
                        skipped=1 - finite.astype(jnp.int32))
         loss_scale = None
@@ -278,7 +313,7 @@ class Trainer:
                                                      self.cfg.loss_scale_growth_interval)
             metrics = dict(metrics, loss_scale=loss_scale.scale)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                          loss_scale=loss_scale), metrics
+                          loss_scale=loss_scale, lr_horizon=state.lr_horizon), metrics
 
     def _jitted_step(self):
         p = self.partitioner
