@@ -7,6 +7,7 @@ compiles the step through its :class:`~jaxmt.sharding.partitioning.Partitioner`;
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from jaxmt import hardware
 from jaxmt.checkpoint import Checkpointer, abstract_like
 from jaxmt.config import ModelConfig, TrainConfig
 from jaxmt.modeling.model import EncoderDecoderModel
@@ -107,6 +109,9 @@ class Trainer:
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, partitioner: Partitioner,
                  src_len: int, tgt_len: int):
+        if model_cfg.precision == "auto":  # the mesh's devices decide (an AOT TPU target too)
+            choice = hardware.device_precision(partitioner.mesh.devices.flat[0])
+            model_cfg = dataclasses.replace(model_cfg, precision=choice.policy)
         self.model = EncoderDecoderModel(model_cfg)
         self.cfg = train_cfg
         self.partitioner = partitioner
