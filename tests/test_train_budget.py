@@ -73,7 +73,7 @@ def test_budget_stops_with_a_checkpoint_and_the_rate_decays_to_its_end(tmp_path)
                  jax.random.PRNGKey(0))
     ckpt = Checkpointer(str(tmp_path), async_save=False)
     state, last = train_loop(tr, _batches(tr, 4, 8), str(tmp_path), ckpt, tr.init_state(0), 0,
-                             progress=False)
+                             progress=False, data_position={"seed": 0, "batches": 0})
     stop = last["budget_spent_at"]
     assert stop > 20 and ckpt.latest_step() == stop == int(state.step)
     assert 3.6 <= 60 * last["train_minutes"] < 3.6 + 5.0  # stops once spent (+ a step, a save)
@@ -83,6 +83,7 @@ def test_budget_stops_with_a_checkpoint_and_the_rate_decays_to_its_end(tmp_path)
     # A resumed run keeps the spent time and the horizon.
     _, _, meta = ckpt.restore(stop, tr.abstract_state.params, tr.abstract_state.opt_state)
     assert meta["train_seconds"] >= 3.6 and meta["lr_horizon"] == last["lr_horizon"]
+    assert meta["data"]["batches"] == stop  # beside the data position, as train() saves it
     restored, _ = tr.restore_state(ckpt, stop)
     assert int(restored.lr_horizon) == meta["lr_horizon"]
     ckpt.close()

@@ -109,8 +109,8 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
     writer = MetricWriter(model_dir)
     budget = WallClockBudget(cfg.max_minutes, cfg.steps, train_seconds)
     horizon = int(state.lr_horizon) if state.lr_horizon is not None else cfg.steps
-    bar = tqdm(total=horizon if budget.active else cfg.steps, initial=start_step, desc="train", unit="step",
-               disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+    bar = tqdm(total=horizon if budget.active else cfg.steps, initial=start_step, desc="train",
+               unit="step", disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
     last = {}
     t0, tok_acc, steps_acc = time.perf_counter(), 0, 0
     src_slots = tgt_slots = 0  # token slots of the steps since the last log (for fill)
@@ -127,7 +127,7 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
         step_meta = dict(meta or {}, train_seconds=round(budget.spent(), 3),
                          lr_horizon=horizon)
         if data_position is not None:
-            step_meta = dict(meta or {}, data=dict(
+            step_meta = dict(step_meta, data=dict(
                 data_position, batches=data_position["batches"] + done - start_step))
         ckpt.save(done, state.params, state.opt_state, checkpoint_meta(state, step_meta, done))
 
