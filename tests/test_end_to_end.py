@@ -186,5 +186,5 @@ def test_wheel_finds_its_gin_presets_outside_the_repository(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # demo.gin's own binding, models/tiny.gin's through its include, and a mesh preset
-    assert proc.stdout.split() == ["GIN_DIR", str(target / "jaxmt" / "gin_configs"), "8000",
+    assert proc.stdout.split() == ["GIN_DIR", str(target / "jaxmt" / "gin_configs"), "4000",
                                    "4", "-1"]
