@@ -7,6 +7,7 @@ the gradients unchanged.
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -48,9 +49,32 @@ def _batch(seed=0, b=3, s=11, t=9):
                 decoder_loss_weights=(tgt > 0).astype(np.float32))
 
 
-def _init(cfg, seed=0):
+@functools.cache
+def _params(cfg, seed=0):
+    """Initialised parameters, once per family and seed (read-only: shared by tests).
+
+    Remat policies leave the parameters alone, and a scanned stack gets the unrolled
+    stack's parameters stacked (test_scanned_stack_equals_unrolled checks that layout
+    against the scanned init's). Initialised eagerly and unrolled: a jitted or scanned
+    init compiles for seconds, per config.
+    """
+    base = dataclasses.replace(cfg, scan_layers=False, encoder_remat="none",
+                               decoder_remat="none")
+    if cfg != base:
+        params = _params(base, seed)
+        return stack_layers(params) if cfg.scan_layers else params
     model = EncoderDecoderModel(cfg)
-    return model, nn.unbox(model.init(jax.random.PRNGKey(seed), model.dummy_batch(1, 8, 8)))
+    return nn.unbox(model.init(jax.random.PRNGKey(seed), model.dummy_batch(1, 8, 8)))
+
+
+@functools.cache
+def _loss_and_grads(cfg):
+    """Jitted loss and gradients of _batch() at _params(cfg), once per config: the
+    no-remat baselines serve both the scan test and the remat test."""
+    model = EncoderDecoderModel(cfg)
+    batch = _batch()
+    return jax.jit(jax.value_and_grad(lambda p: model.loss(p, batch, dropout_rng=None)[0]))(
+        _params(cfg))
 
 
 @pytest.mark.slow
@@ -71,7 +95,7 @@ def test_family_axes_and_cached_decoding(family, scan):
     assert any("relpos_bias" in n for n in names) == (cfg.position_embedding == "relative")
     assert ("encoder/final_norm/scale" in names) == (cfg.norm_position == "pre")
 
-    _, params = _init(cfg, seed=1)
+    params = _params(cfg, seed=1)
     enc = _batch()["encoder_input_tokens"]
     steps = 5
     cached = np.asarray(model.predict_batch(params, {"encoder_input_tokens": enc}, max_decode_len=steps))
@@ -85,18 +109,19 @@ def test_family_axes_and_cached_decoding(family, scan):
 def test_scanned_stack_equals_unrolled(family):
     unrolled = FAMILIES[family]
     scanned = dataclasses.replace(unrolled, scan_layers=True)
-    m_u, p_u = _init(unrolled)
-    m_s, p_s_init = _init(scanned)
+    m_s = EncoderDecoderModel(scanned)
+    p_u = _params(unrolled)
+    # The scanned init's layout (shapes only: nothing to compute) ...
+    p_s_init = jax.eval_shape(
+        lambda: nn.unbox(m_s.init(jax.random.PRNGKey(0), m_s.dummy_batch(1, 8, 8))))
     p_s = stack_layers(p_u)
+    jax.tree.map(np.testing.assert_array_equal, _params(scanned), p_s)  # used below
     assert jax.tree.structure(p_s) == jax.tree.structure(p_s_init)
-    assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(p_s), jax.tree.leaves(p_s_init)))
+    assert all(a.shape == b.shape and a.dtype == b.dtype
+               for a, b in zip(jax.tree.leaves(p_s), jax.tree.leaves(p_s_init)))
     jax.tree.map(np.testing.assert_array_equal, unstack_layers(p_s), p_u)
-    batch = _batch()
 
-    def loss_and_grad(model, p):
-        return jax.value_and_grad(lambda q: model.loss(q, batch, dropout_rng=None)[0])(p)
-
-    (l_u, g_u), (l_s, g_s) = loss_and_grad(m_u, p_u), loss_and_grad(m_s, p_s)
+    (l_u, g_u), (l_s, g_s) = _loss_and_grads(unrolled), _loss_and_grads(scanned)
     np.testing.assert_allclose(l_s, l_u, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  unstack_layers(g_s), g_u)
@@ -105,18 +130,12 @@ def test_scanned_stack_equals_unrolled(family):
 @pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_remat_policies_leave_loss_and_grads_unchanged(scan):
-    batch = _batch()
-    results = {}
-    for policy in ("none", "full", "dots_saveable", "save_attention_out", "offload"):
-        cfg = dataclasses.replace(T5_1_1, scan_layers=scan, encoder_remat=policy,
-                                  decoder_remat="full" if policy == "none" else policy)
-        if policy == "none":
-            cfg = dataclasses.replace(cfg, decoder_remat="none")
-        model, params = _init(cfg)
-        f = jax.jit(jax.value_and_grad(lambda p: model.loss(p, batch, dropout_rng=None)[0]))
-        results[policy] = f(params)
-    loss0, grads0 = results.pop("none")
-    for policy, (loss, grads) in results.items():
+    cfg = dataclasses.replace(T5_1_1, scan_layers=scan)
+    assert (cfg.encoder_remat, cfg.decoder_remat) == ("none", "none")
+    loss0, grads0 = _loss_and_grads(cfg)  # shared with test_scanned_stack_equals_unrolled
+    for policy in ("full", "dots_saveable", "save_attention_out", "offload"):
+        loss, grads = _loss_and_grads(dataclasses.replace(cfg, encoder_remat=policy,
+                                                          decoder_remat=policy))
         np.testing.assert_allclose(loss, loss0, rtol=1e-6, err_msg=policy)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6,
                                                              err_msg=policy), grads, grads0)

@@ -14,19 +14,21 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmt.data import vocab
-
 seqio = pytest.importorskip("seqio")
 from jaxmt.gin_files import parse_gin  # noqa: E402
 from jaxmt.checkpoint import Checkpointer, checkpoint_dir  # noqa: E402
 from jaxmt.data import pipeline, tasks  # noqa: E402
 
+from conftest import persistent_compile_cache  # noqa: E402
+
 LANGS = ("en", "de", "ru")
 STEPS, CRASH_AT = 6, 3  # checkpoint every 3 steps; the crashed run dies fetching batch 4
 REAL_TRAIN_BATCHES = pipeline.train_batches
 
+# The vocabulary is conftest's session spm_path (2000 pieces of LANGS), shared with the
+# other data tests.
 BINDINGS = [
-    "ModelConfig.vocab_size = 1024", "ModelConfig.emb_dim = 32", "ModelConfig.num_heads = 2",
+    "ModelConfig.vocab_size = 2048", "ModelConfig.emb_dim = 32", "ModelConfig.num_heads = 2",
     "ModelConfig.head_dim = 16", "ModelConfig.mlp_dim = 64",
     "ModelConfig.num_encoder_layers = 1", "ModelConfig.num_decoder_layers = 1",
     "ModelConfig.precision = 'fp32'", "ModelConfig.dropout_rate = 0.1",
@@ -40,12 +42,6 @@ BINDINGS = [
 def _digest(batch):
     return hashlib.sha256(b"".join(k.encode() + batch[k].tobytes() for k in sorted(batch))
                           ).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def spm_path(tmp_path_factory):
-    return str(vocab.train_vocab(tmp_path_factory.mktemp("vocab") / "spm.model", LANGS,
-                                 vocab_size=1000, sample_per_lang=2000))
 
 
 @pytest.fixture(scope="module")
@@ -149,18 +145,8 @@ def _train(model_dir, spm_path):
 def compile_cache(tmp_path):
     """A persistent XLA cache for this test only, so the three train() calls of the
     same configuration compile once (each Trainer jits afresh); restored afterwards."""
-    from jax._src import compilation_cache as cc  # reset: the cache is set up once per process
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path / "xla_cache"))
-    jax.config.update(keys[1], 0.0)
-    jax.config.update(keys[2], 0)
-    cc.reset_cache()
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
+    with persistent_compile_cache(tmp_path / "xla_cache"):
+        yield
 
 
 def _restore(model_dir, step):

@@ -11,6 +11,7 @@ from contextlib import redirect_stdout
 
 import gin
 import pytest
+from conftest import persistent_compile_cache
 
 from jaxmt import cli
 from jaxmt.gin_files import parse_gin
@@ -32,21 +33,29 @@ BINDINGS = [
 ]
 
 
-def _train(model_dir, steps):
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    """A persistent compilation cache for this module's train() calls: each builds a new
+    Trainer, which jits afresh; the same configuration's programs are loaded instead."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+def _train(model_dir, steps, xla_cache):
     gin.clear_config()
     parse_gin([], [f"--gin.{b.replace(' = ', '=')}" for b in BINDINGS]
                   + [f"--gin.TrainConfig.steps={steps}"])
     from jaxmt.train.run import train
     try:
-        return train(model_dir=model_dir, progress=False)
+        with persistent_compile_cache(xla_cache):
+            return train(model_dir=model_dir, progress=False)
     finally:
         gin.clear_config()
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, xla_cache):
     d = str(tmp_path_factory.mktemp("e2e") / "model")
-    first = _train(d, 20)
+    first = _train(d, 20, xla_cache)
     assert first["loss"] > 0
     return d
 
@@ -60,9 +69,9 @@ def test_run_artifacts(model_dir):
     assert steps == [10, 20]
 
 
-def test_resume_continues_from_last_step(model_dir, capsys):
+def test_resume_continues_from_last_step(model_dir, xla_cache, capsys):
     from jaxmt.checkpoint import Checkpointer
-    last = _train(model_dir, 30)
+    last = _train(model_dir, 30, xla_cache)
     out = capsys.readouterr().out
     assert "resuming from step 20" in out
     ck = Checkpointer(model_dir, async_save=False)
@@ -137,21 +146,25 @@ def test_core_imports_without_tensorflow():
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
 
 
-def test_train_takes_config_objects_without_gin(tmp_path):
+def test_train_takes_config_objects_without_gin(tmp_path, xla_cache):
     """train() with its configs passed in: no gin file, no binding, nothing global."""
     from jaxmt.checkpoint import Checkpointer
     from jaxmt.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
     from jaxmt.train.run import train
 
     gin.clear_config()
+    # The model, mesh and step of BINDINGS (as objects): its train step is a compiled
+    # program the module's other runs have (the persistent cache loads it).
     model = ModelConfig(vocab_size=1024, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
-                        num_encoder_layers=1, num_decoder_layers=1)
+                        num_encoder_layers=2, num_decoder_layers=2)
     data = DataConfig(langs=("en", "de"), vocab_size=1000, vocab_sample_per_lang=2000,
                       src_len=32, tgt_len=32, max_eval_len=32)
-    steps = TrainConfig(steps=2, batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1)
+    steps = TrainConfig(steps=2, batch_size=16, warmup_steps=5, checkpoint_every=2,
+                        log_every=1)
     d = str(tmp_path / "model")
-    last = train(d, model_cfg=model, mesh_cfg=MeshConfig(), data_cfg=data, train_cfg=steps,
-                 progress=False)
+    with persistent_compile_cache(xla_cache):
+        last = train(d, model_cfg=model, mesh_cfg=MeshConfig(data=2, fsdp=2, tensor=2),
+                     data_cfg=data, train_cfg=steps, progress=False)
     assert last["loss"] > 0
     saved = json.load(open(os.path.join(d, "jaxmt_config.json")))
     assert saved["model"]["emb_dim"] == 64 and saved["train"]["steps"] == 2
