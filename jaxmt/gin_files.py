@@ -72,6 +72,7 @@ def parse_gin(gin_files: list[str], overrides: list[str], configs_only: bool = F
         import jaxmt.train.run  # noqa: F401  (registers the `train` entry point)
 
     gin.add_config_file_search_path(str(GIN_DIR))
+    _guard_package_lookup()
     bindings = []
     for o in overrides:
         key, sep, value = o[len("--gin."):].partition("=")
@@ -233,6 +234,28 @@ def _hint(name: str, known, prefix: str = "") -> str:
     if close:
         return f"; did you mean {prefix}{close[0]}?"
     return f"; known: {', '.join(sorted(known))}" if known else ""
+
+
+def _package_file_exists(path: str) -> bool:
+    """gin's check for an include path inside an importable package, without its crash
+    on a namespace package: ``include 'runs/demo.gin'`` run from a folder that has a
+    ``runs/`` of its own (``make demo`` writes one) found that folder as package ``runs``
+    with no ``__init__.py``, and gin raised TypeError instead of trying the search path."""
+    from gin import resource_reader
+    try:
+        return resource_reader.system_path_file_exists(path)
+    except TypeError:
+        return False
+
+
+def _guard_package_lookup() -> None:
+    """Swaps :func:`_package_file_exists` in for gin's own check (gin has no public way
+    to replace a registered file reader)."""
+    from gin import resource_reader
+    readers = gin_config._FILE_READERS
+    for i, (reader, exists) in enumerate(readers):
+        if exists is resource_reader.system_path_file_exists:
+            readers[i] = (reader, _package_file_exists)
 
 
 class _DropMessage(logging.Filter):

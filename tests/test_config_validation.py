@@ -161,6 +161,22 @@ def test_bindings_of_other_modules_are_skipped_under_configs_only(tmp_path):
         gin.clear_config()
 
 
+def test_include_works_beside_a_folder_named_like_the_preset_folder(tmp_path, monkeypatch):
+    """`make demo` then `make test` in one checkout: the demo's `runs/` folder, on
+    sys.path, is a namespace package `runs`, and gin's package lookup of
+    `include 'runs/demo.gin'` raised TypeError on it."""
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run.gin"
+    run.write_text("include 'runs/demo.gin'\n")
+    gin.clear_config()
+    try:
+        parse_gin([str(run)], ["--gin.TRAIN_STEPS=7"], configs_only=True)
+        assert TrainConfig().steps == 7
+    finally:
+        gin.clear_config()
+
+
 @pytest.mark.parametrize("path", sorted(p.relative_to(GIN_DIR).as_posix()
                                         for p in GIN_DIR.rglob("*.gin")))
 def test_every_shipped_gin_file_parses(path):
