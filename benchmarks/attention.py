@@ -167,7 +167,7 @@ def main() -> int:
                   f"{lo}->{hi} ({hi // lo}x length): {growth:.1f}x memory")
     out = {"results": results}
     if a.model:
-        print(f"\nwhole-model gradient, batch 1 x (source + 128 target tokens):")
+        print("\nwhole-model gradient, batch 1 x (source + 128 target tokens):")
         out["model_results"] = model_rows(a.model, a.lengths, a.model_impls)
         by = {(r["encoder"], r["src_len"]): r["temp_bytes"] for r in out["model_results"]}
         for length in a.lengths:

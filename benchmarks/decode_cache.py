@@ -57,6 +57,16 @@ def timed(fn, *args, repeats=3):
     return best
 
 
+def random_setup(model_name: str, batch: int, src_len: int):
+    """A randomly initialised model of ``MODELS``, its parameters, and a batch of random
+    sources (no EOS: random weights then decode to the full length)."""
+    model = EncoderDecoderModel(MODELS[model_name])
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), model.dummy_batch(1, 8, 8)))
+    rng = np.random.default_rng(0)
+    enc = rng.integers(3, model.cfg.vocab_size, (batch, src_len)).astype(np.int32)
+    return model, params, {"encoder_input_tokens": enc}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,11 +77,7 @@ def main():
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
-    model = EncoderDecoderModel(MODELS[a.model])
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), model.dummy_batch(1, 8, 8)))
-    rng = np.random.default_rng(0)
-    enc = rng.integers(3, model.cfg.vocab_size, (a.batch, a.src_len)).astype(np.int32)
-    batch = {"encoder_input_tokens": enc}
+    model, params, batch = random_setup(a.model, a.batch, a.src_len)
     plain = jax.jit(no_cache_decode, static_argnums=(0, 3))
     with_cache = lambda: model.predict_batch(params, batch, max_decode_len=a.decode_len)
     without = lambda: model.predict_batch(params, batch, decode_fn=plain,

@@ -174,13 +174,15 @@ class EncoderDecoderModel:
           params: the parameters (unboxed).
           batch: needs ``encoder_input_tokens``, [b, s] ids, 0-padded, each row ending
             in EOS; other keys are ignored.
-          decode_fn: a strategy ``decode_fn(module, params, encoder_tokens, **options)``
-            returning [b, max_decode_len] ids; default
-            :func:`jaxmt.modeling.decoding.greedy_decode` (KV cache).
+          decode_fn: a strategy ``decode_fn(module, params, encoder_tokens, **options)``;
+            default :func:`jaxmt.modeling.decoding.greedy_decode` (KV cache), or
+            :func:`jaxmt.modeling.beam_search.beam_search`.
           **options: the strategy's options, e.g. ``max_decode_len`` and ``num_ids``.
 
         Returns:
-          [b, max_decode_len] ids: EOS then 0s after each row's end.
+          What the strategy returns. Greedy: [b, max_decode_len] ids, EOS then 0s after
+          each row's end. Beam search: ``(ids, scores)``, [b, n_best, max_decode_len] and
+          [b, n_best], best first.
         """
         decode_fn = decoding.greedy_decode if decode_fn is None else decode_fn
         return decode_fn(self.module, params, batch["encoder_input_tokens"], **options)

@@ -1,0 +1,249 @@
+"""Beam search over the decoder's KV cache, with n-best output and length control.
+
+The encoder runs once, and its output is repeated once per beam. Each step scores
+``beam_size * vocab`` continuations of the alive beams and keeps the top ``2 *
+beam_size`` candidates (enough that ``beam_size`` of them are alive even when every beam
+could end here). Those ending in EOS join the finished set, which keeps the best
+``beam_size`` by length-penalised score; the rest become the new alive set, whose KV
+cache is reordered to follow them (T5X's and fairseq's scheme).
+
+Length penalties (``score = log p / lp(length)``, length counting the EOS):
+
+* ``"gnmt"``: ``((5 + length) / 6) ** alpha`` (Wu et al. 2016; T5X's default, alpha 0.6);
+* ``"power"``: ``length ** alpha`` (Hugging Face and CTranslate2);
+* ``"none"``: the plain log-probability.
+
+Stopping (``early_stopping``, Hugging Face's names):
+
+* ``"never"``: the canonical rule. A row stops once it has ``beam_size`` finished
+  hypotheses and no alive beam can still beat the worst of them at any length up to
+  its maximum: with ``log p <= 0`` and a penalty that grows with length, an alive beam's
+  best possible final score is its log-probability over the penalty at the longest
+  length it may reach (or at its current length when ``alpha <= 0``).
+* ``"heuristic"``: Hugging Face's ``early_stopping=False``: the bound above, taken at
+  the current length instead of the longest (can stop before a longer hypothesis that
+  would have won).
+* ``"first"``: Hugging Face's ``early_stopping=True``: stop once ``beam_size``
+  hypotheses have finished.
+
+A row's output is at most ``max_len_a * source_length + max_len_b`` tokens long (EOS
+included, capped by the cache length); a hypothesis still alive at that length is cut off
+there and competes with the finished ones, scored at that length (greedy decoding and
+Hugging Face's beam search do the same, so ``beam_size=1`` without a length penalty is
+greedy decoding exactly). Below ``min_len`` tokens EOS is not allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxmt.data.vocab import EOS_ID, PAD_ID  # SentencePiece only, no TF; PAD also starts decoding
+from jaxmt.modeling.decoding import init_cache
+from jaxmt.modeling.network import EncoderDecoder
+
+PyTree = Any
+NEG_INF = -1e9  # finite, so that -inf - -inf never makes a NaN in the comparisons below
+LENGTH_PENALTIES = ("gnmt", "power", "none")
+EARLY_STOPPING = ("never", "heuristic", "first")
+CACHE_REORDERS = ("gather", "one_hot")
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamOptions:
+    """What :func:`beam_search` does beyond the model and the batch (hashable: static).
+
+    Attributes:
+        beam_size: beams kept per row.
+        n_best: hypotheses returned per row (at most ``beam_size``).
+        length_penalty: one of :data:`LENGTH_PENALTIES`.
+        alpha: the penalty's exponent.
+        early_stopping: one of :data:`EARLY_STOPPING`.
+        min_len: fewest tokens of an output, EOS included.
+        max_len_a, max_len_b: a row's longest output is ``a * source_length + b``
+            tokens (EOS included); ``a = 0`` with ``b`` = the cache length means no limit
+            but the cache.
+        cache_reorder: how the KV cache follows the surviving beams: ``"gather"``
+            (``jnp.take`` on the batch axis) or ``"one_hot"`` (an einsum with a one-hot
+            [rows, beams, beams] matrix, as T5X does for TPUs).
+    """
+    beam_size: int = 4
+    n_best: int = 1
+    length_penalty: str = "gnmt"
+    alpha: float = 0.6
+    early_stopping: str = "never"
+    min_len: int = 1
+    max_len_a: float = 0.0
+    max_len_b: int = 1 << 30
+    cache_reorder: str = "gather"
+
+    def __post_init__(self):
+        checks = [
+            (self.beam_size >= 1, f"beam_size={self.beam_size}: must be at least 1"),
+            (1 <= self.n_best <= self.beam_size,
+             f"n_best={self.n_best}: must be between 1 and beam_size ({self.beam_size})"),
+            (self.length_penalty in LENGTH_PENALTIES,
+             f"length_penalty={self.length_penalty!r}: one of {', '.join(LENGTH_PENALTIES)}"),
+            (self.early_stopping in EARLY_STOPPING,
+             f"early_stopping={self.early_stopping!r}: one of {', '.join(EARLY_STOPPING)}"),
+            (self.cache_reorder in CACHE_REORDERS,
+             f"cache_reorder={self.cache_reorder!r}: one of {', '.join(CACHE_REORDERS)}"),
+            (self.min_len >= 1, f"min_len={self.min_len}: must be at least 1"),
+            (self.max_len_a >= 0 and self.max_len_b >= 1,
+             f"max_len_a={self.max_len_a}, max_len_b={self.max_len_b}: need a >= 0, b >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def length_penalty(length: jax.Array, kind: str, alpha: float) -> jax.Array:
+    """The divisor of a hypothesis's log-probability at ``length`` tokens (EOS included)."""
+    length = jnp.asarray(length, jnp.float32)
+    if kind == "gnmt":
+        return ((5.0 + length) / 6.0) ** alpha
+    if kind == "power":
+        return length ** alpha
+    return jnp.ones_like(length)
+
+
+def _batch_axes(module: EncoderDecoder, max_decode_len: int, encoded: jax.Array,
+                enc_seg: jax.Array) -> PyTree:
+    """Each cache leaf's batch axis (None: none, e.g. the step counter), found by sizing
+    the cache for two batch sizes: unrolled layers keep it first, scanned ones second."""
+    one, two = (jax.eval_shape(lambda n=n: init_cache(module, n, max_decode_len,
+                                                      encoded[:1].repeat(n, 0),
+                                                      enc_seg[:1].repeat(n, 0)))
+                for n in (1, 2))
+
+    def axis(a, b):
+        diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+        return diff[0] if diff else None
+    return jax.tree.map(axis, one, two)
+
+
+def _reorder(cache: PyTree, axes: PyTree, beams: jax.Array, how: str) -> PyTree:
+    """The cache of rows ``beams`` [b, k] (beam indices within each source row)."""
+    b, k = beams.shape
+    flat = (beams + jnp.arange(b)[:, None] * k).reshape(-1)  # [b*k] rows of the cache
+    one_hot = jax.nn.one_hot(beams, k, dtype=jnp.float32)  # [b, k_new, k_old]
+
+    def move(x, axis):
+        if axis is None:
+            return x
+        if how == "gather":
+            return jnp.take(x, flat, axis=axis)
+        x = jnp.moveaxis(x, axis, 0)
+        rest = x.shape[1:]
+        grouped = x.reshape(b, k, -1).astype(jnp.float32)  # [b, k_old, n]
+        # One-hot rows pick one old beam each, so the product is exact.
+        out = jnp.einsum("bjk,bkn->bjn", one_hot, grouped)  # [b, k_new, n]
+        return jnp.moveaxis(out.astype(x.dtype).reshape(b * k, *rest), 0, axis)
+    return jax.tree.map(move, cache, axes)
+
+
+def _top(scores: jax.Array, k: int, *arrays: jax.Array):
+    """The top ``k`` of ``scores`` [b, n] along the last axis, and ``arrays`` [b, n, ...]
+    gathered to follow them."""
+    top, idx = jax.lax.top_k(scores, k)
+    return (top, *(jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), 1)
+                   for a in arrays))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
+                max_decode_len: int, num_ids: int | None = None,
+                options: BeamOptions = BeamOptions()) -> tuple[jax.Array, jax.Array]:
+    """Beam search translation of a batch.
+
+    Args:
+        module: the network (static).
+        params: its parameters.
+        enc_tokens: [b, s] source ids, 0-padded, each row ending in EOS.
+        max_decode_len: cache length and the longest output (static).
+        num_ids: only ids below this are generated (static).
+        options: beam size, n-best, penalties, stopping and lengths (static).
+
+    Returns:
+        ``(ids, scores)``: [b, n_best, max_decode_len] ids, best first (EOS, then 0s
+        after each hypothesis's end; no EOS where it was cut off at its row's longest
+        output), and their [b, n_best] length-penalised scores.
+        A row with fewer than ``n_best`` possible hypotheses pads with zeros scored
+        :data:`NEG_INF`.
+    """
+    o = options
+    b, k, L = enc_tokens.shape[0], o.beam_size, max_decode_len
+    enc_seg = (enc_tokens > 0).astype(jnp.int32)
+    encoded = module.apply({"params": params}, enc_tokens, enc_seg, method=EncoderDecoder.encode)
+    axes = _batch_axes(module, L, encoded, enc_seg)
+    # Once per beam: [b*k, s, e] and [b*k, s], beams of a row adjacent.
+    encoded, enc_seg = jnp.repeat(encoded, k, axis=0), jnp.repeat(enc_seg, k, axis=0)
+    cache = init_cache(module, b * k, L, encoded, enc_seg)
+
+    src_len = jnp.sum(enc_tokens > 0, axis=1).astype(jnp.float32)  # [b]
+    max_len = jnp.clip(jnp.floor(o.max_len_a * src_len + o.max_len_b), 1, L).astype(jnp.int32)
+    min_len = jnp.minimum(o.min_len, max_len)  # [b]: a row never has to end before min_len
+
+    def cond(carry):
+        i, done = carry[0], carry[-1]
+        return (i < L) & ~jnp.all(done)
+
+    def body(carry):
+        i, alive_seq, alive_logp, cache, fin_seq, fin_score, done = carry
+        last = jnp.where(i == 0, PAD_ID, alive_seq[:, :, jnp.maximum(i - 1, 0)])  # [b, k]
+        logits, upd = module.apply(
+            {"params": params, "cache": cache}, last.reshape(b * k, 1), encoded, enc_seg,
+            decode=True, positions=jnp.full((b * k, 1), i), max_decode_len=L,
+            mutable=["cache"], method=EncoderDecoder.decode)  # [b*k, 1, v]
+        last_logits = logits[:, -1].astype(jnp.float32)  # [b*k, v]
+        v = last_logits.shape[-1]
+        ids = jnp.arange(v)
+        if num_ids is not None and num_ids < v:  # unused rows of the vocabulary: no mass
+            last_logits = jnp.where(ids < num_ids, last_logits, -jnp.inf)
+        logp = jax.nn.log_softmax(last_logits)  # [b*k, v]
+        allowed = jnp.ones((b, 1, v), bool) if num_ids is None else (ids < num_ids)[None, None]
+        length = i + 1  # tokens of a hypothesis that takes its token at position i
+        allowed = allowed & ((ids != EOS_ID) | (length >= min_len)[:, None, None])
+        cand = jnp.where(allowed, alive_logp[:, :, None] + logp.reshape(b, k, v), NEG_INF)
+        cand_logp, cand_idx = jax.lax.top_k(cand.reshape(b, k * v), 2 * k)  # [b, 2k]
+        beam, token = cand_idx // v, (cand_idx % v).astype(jnp.int32)
+        seq = jnp.take_along_axis(alive_seq, beam[:, :, None], 1)  # [b, 2k, L]
+        seq = jax.lax.dynamic_update_slice(seq, token[:, :, None], (0, 0, i))
+        # A hypothesis ends at EOS, or at its row's longest output without one (cut off,
+        # as greedy decoding and Hugging Face's beam search leave it).
+        ends = (token == EOS_ID) | (length >= max_len)[:, None]
+
+        # Finished: the old set and this step's EOS candidates; keep the best k.
+        score = cand_logp / length_penalty(length, o.length_penalty, o.alpha)
+        score = jnp.where(ends & (cand_logp > NEG_INF / 2) & ~done[:, None], score, NEG_INF)
+        fin_score, fin_seq = _top(jnp.concatenate([fin_score, score], 1), k,
+                                  jnp.concatenate([fin_seq, seq], 1))
+        # Alive: the best k candidates that did not end.
+        alive_logp, alive_seq, alive_beam = _top(jnp.where(ends, NEG_INF, cand_logp), k,
+                                                 seq, beam)
+        cache = _reorder(upd["cache"], axes, alive_beam, o.cache_reorder)
+
+        # Which rows are done after this step.
+        full = jnp.min(fin_score, axis=1) > NEG_INF / 2  # [b]: k hypotheses finished
+        if o.early_stopping == "first":
+            stop = full
+        else:
+            at = (max_len if o.early_stopping == "never" and o.alpha > 0
+                  else jnp.minimum(length, max_len))
+            bound = alive_logp[:, 0] / length_penalty(at, o.length_penalty, o.alpha)
+            if o.length_penalty == "none":
+                bound = alive_logp[:, 0]
+            stop = full & (bound <= jnp.min(fin_score, axis=1))
+        stop = stop | (length >= max_len) | (alive_logp[:, 0] <= NEG_INF / 2)
+        return i + 1, alive_seq, alive_logp, cache, fin_seq, fin_score, done | stop
+
+    alive_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (b, 1))
+    carry = (jnp.array(0, jnp.int32), jnp.zeros((b, k, L), jnp.int32), alive_logp, cache,
+             jnp.zeros((b, k, L), jnp.int32), jnp.full((b, k), NEG_INF, jnp.float32),
+             jnp.zeros((b,), bool))
+    *_, fin_seq, fin_score, _ = jax.lax.while_loop(cond, body, carry)
+    return fin_seq[:, :o.n_best], fin_score[:, :o.n_best]
