@@ -151,8 +151,14 @@ def test_gin_typo_in_a_file_names_file_and_line(tmp_path):
 
 def test_bindings_of_other_modules_are_skipped_under_configs_only(tmp_path):
     """`jaxmt data mixture` loads a run's gin file whose `train.*` JAX never registers."""
+    _assert_run_file_parses(tmp_path, "include 'runs/demo.gin'\nPROGRESS = False\n"
+                                      "train.progress = %PROGRESS\n")
+
+
+def _assert_run_file_parses(tmp_path, text):
+    """A run file of ``text`` loads with configs_only and takes a macro override."""
     run = tmp_path / "run.gin"
-    run.write_text("include 'runs/demo.gin'\nPROGRESS = False\ntrain.progress = %PROGRESS\n")
+    run.write_text(text)
     gin.clear_config()
     try:
         parse_gin([str(run)], ["--gin.TRAIN_STEPS=7"], configs_only=True)
@@ -167,14 +173,7 @@ def test_include_works_beside_a_folder_named_like_the_preset_folder(tmp_path, mo
     `include 'runs/demo.gin'` raised TypeError on it."""
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     monkeypatch.syspath_prepend(str(tmp_path))
-    run = tmp_path / "run.gin"
-    run.write_text("include 'runs/demo.gin'\n")
-    gin.clear_config()
-    try:
-        parse_gin([str(run)], ["--gin.TRAIN_STEPS=7"], configs_only=True)
-        assert TrainConfig().steps == 7
-    finally:
-        gin.clear_config()
+    _assert_run_file_parses(tmp_path, "include 'runs/demo.gin'\n")
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(GIN_DIR).as_posix()

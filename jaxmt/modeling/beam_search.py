@@ -203,12 +203,11 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
         v = last_logits.shape[-1]
         ids = jnp.arange(v)
         if num_ids is not None and num_ids < v:  # unused rows of the vocabulary: no mass
-            last_logits = jnp.where(ids < num_ids, last_logits, -jnp.inf)
+            last_logits = jnp.where(ids < num_ids, last_logits, NEG_INF)
         logp = jax.nn.log_softmax(last_logits)  # [b*k, v]
-        allowed = jnp.ones((b, 1, v), bool) if num_ids is None else (ids < num_ids)[None, None]
         length = i + 1  # tokens of a hypothesis that takes its token at position i
-        allowed = allowed & ((ids != EOS_ID) | (length >= min_len)[:, None, None])
-        cand = jnp.where(allowed, alive_logp[:, :, None] + logp.reshape(b, k, v), NEG_INF)
+        eos_ok = (ids != EOS_ID) | (length >= min_len)[:, None, None]  # [b, 1, v]
+        cand = jnp.where(eos_ok, alive_logp[:, :, None] + logp.reshape(b, k, v), NEG_INF)
         cand_logp, cand_idx = jax.lax.top_k(cand.reshape(b, k * v), 2 * k)  # [b, 2k]
         beam, token = cand_idx // v, (cand_idx % v).astype(jnp.int32)
         seq = jnp.take_along_axis(alive_seq, beam[:, :, None], 1)  # [b, 2k, L]
