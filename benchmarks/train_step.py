@@ -104,15 +104,12 @@ def cpu_flags() -> frozenset[str]:
 
 
 def auto_precision(isa: str) -> tuple[str, str]:
-    """(policy, reason) for ``--precision auto``: fp32 on the emulated AVX2 CPU, else
-    jaxmt's own rule (``precision="auto"``) for this CPU. Imports no jax."""
+    """(policy, reason) for ``--precision auto``: fp32 on the emulated AVX2 CPU (jaxmt's
+    rule cannot see AVX-512 hidden in-process), else ``precision="auto"``'s own choice."""
     if isa == "avx2":
         return "fp32", "an AVX2-only CPU has no native bf16"
-    import platform
-
-    from jaxmt.hardware import choose_precision, read_cpu_flags
-    c = choose_precision("cpu", cpu_flags=read_cpu_flags(), machine=platform.machine(),
-                         xla_flags=os.environ.get("XLA_FLAGS", ""))
+    from jaxmt.hardware import auto_precision as jaxmt_auto
+    c = jaxmt_auto()
     return c.policy, c.reason
 
 
@@ -395,9 +392,6 @@ def main():
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:a.cores])
     a.threads = a.threads or len(os.sched_getaffinity(0))
     isa_env = apply_isa(a.isa)  # before jax and torch are imported
-    precision_reason = "set by --precision"
-    if a.precision == "auto":
-        a.precision, precision_reason = auto_precision(a.isa)
     from jaxmt.hostmem import keep_freed_memory  # imports no jax
 
     malloc_tuned = a.malloc == "tuned" and keep_freed_memory()
@@ -413,6 +407,9 @@ def main():
     from jaxmt.train.trainer import Trainer
 
     hidden = hide_avx512_from_jaxlib() if a.isa == "avx2" else "not needed"
+    precision_reason = "set by --precision"
+    if a.precision == "auto":  # initialises the backend: after hide_avx512_from_jaxlib
+        a.precision, precision_reason = auto_precision(a.isa)
     if hidden != "done" and a.isa == "avx2":
         print(f"warning: AVX-512 not hidden from jaxlib's YNNPACK ({hidden}): its matmuls may "
               "still use AVX-512 kernels")

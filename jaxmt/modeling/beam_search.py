@@ -234,8 +234,6 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
             at = (max_len if o.early_stopping == "never" and o.alpha > 0
                   else jnp.minimum(length, max_len))
             bound = alive_logp[:, 0] / length_penalty(at, o.length_penalty, o.alpha)
-            if o.length_penalty == "none":
-                bound = alive_logp[:, 0]
             stop = full & (bound <= jnp.min(fin_score, axis=1))
         stop = stop | (length >= max_len) | (alive_logp[:, 0] <= NEG_INF / 2)
         return i + 1, alive_seq, alive_logp, cache, fin_seq, fin_score, done | stop
