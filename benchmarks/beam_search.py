@@ -19,7 +19,8 @@ import json
 import jax
 
 from decode_cache import MODELS, random_setup, timed  # benchmarks/ is the script's folder
-from jaxmt.modeling.beam_search import BeamOptions, beam_search
+from jaxmt.config import DecodeConfig
+from jaxmt.modeling.beam_search import beam_search
 
 
 def main():
@@ -38,7 +39,8 @@ def main():
     L = a.decode_len
     seconds = {}
     for how in ("gather", "one_hot"):
-        opts = BeamOptions(beam_size=a.beam, min_len=L, cache_reorder=how)
+        opts = DecodeConfig(beam_size=a.beam, min_len=L, max_len_a=0.0, max_len_b=L,
+                            no_repeat_ngram_size=0, cache_reorder=how)
         seconds[how] = timed(lambda o=opts: model.predict_batch(
             params, batch, decode_fn=beam_search, max_decode_len=L, options=o),
             repeats=a.repeats)

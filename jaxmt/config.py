@@ -465,6 +465,96 @@ class TrainConfig:
                f"must be in [1, 2**127], got {self.loss_scale_init}")
 
 
+DECODE_STRATEGIES = ("greedy", "beam", "sample")
+LENGTH_PENALTIES = ("gnmt", "power", "none")
+EARLY_STOPPING = ("never", "heuristic", "first")
+CACHE_REORDERS = ("gather", "one_hot")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """How a model translates: the ``decode`` section of its directory's config.
+
+    ``jaxmt train`` stores the run's (gin: ``DecodeConfig.beam_size = 5``); ``jaxmt
+    convert`` stores an imported checkpoint's generation defaults. ``Translator.translate
+    (..., **overrides)`` and the ``translate``/``eval`` flags replace single fields. The
+    defaults are for translation: beam 4 with T5X's GNMT penalty, canonical stopping,
+    outputs capped relative to their source, and no 4-gram generated twice (loops).
+
+    Attributes:
+        strategy: ``"greedy"``, ``"beam"`` or ``"sample"``.
+        beam_size: beams kept per sentence (beam search).
+        n_best: outputs returned per sentence, best first (at most ``beam_size``, or
+            ``num_decodes`` when sampling).
+        length_penalty: ``"gnmt"`` ``((5 + len) / 6) ** alpha`` (T5X), ``"power"``
+            ``len ** alpha`` (Hugging Face, CTranslate2) or ``"none"``.
+        alpha: the penalty's exponent.
+        early_stopping: ``"never"`` (canonical: stop when no alive beam can win),
+            ``"heuristic"`` (Hugging Face's ``early_stopping=False``) or ``"first"``
+            (``True``: stop at ``beam_size`` finished hypotheses).
+        min_len: fewest output tokens, EOS included.
+        max_len_a, max_len_b: an output has at most ``a * source_tokens + b`` tokens,
+            EOS included (fairseq's ``--max-len-a/b``); the translator's ``max_decode_len``
+            caps it too. Outputs cut off there are counted and reported.
+        temperature, top_k, top_p: sampling (``top_k=0`` and ``top_p=1``: no cut).
+        num_decodes: samples drawn per sentence.
+        seed: the sampling seed.
+        no_repeat_ngram_size: an n-gram is never generated twice (0: off).
+        repetition_penalty: CTRL's penalty on tokens already generated (1: off).
+        suppressed_ids: ids never generated (e.g. an imported model's ``bad_words_ids``).
+        forced_eos: the last token an output can take is EOS (Hugging Face's
+            ``forced_eos_token_id``).
+        cache_reorder: how beam search moves the KV cache after the beams: ``"gather"``
+            (faster on CPU) or ``"one_hot"`` (T5X's einsum for TPUs).
+    """
+
+    strategy: str = "beam"
+    beam_size: int = 4
+    n_best: int = 1
+    length_penalty: str = "gnmt"
+    alpha: float = 0.6
+    early_stopping: str = "never"
+    min_len: int = 1
+    max_len_a: float = 2.0
+    max_len_b: int = 10
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_decodes: int = 1
+    seed: int = 0
+    no_repeat_ngram_size: int = 4
+    repetition_penalty: float = 1.0
+    suppressed_ids: tuple[int, ...] = ()
+    forced_eos: bool = False
+    cache_reorder: str = "gather"
+
+    def __post_init__(self):
+        _check_types(self)
+        _check_min(self, 1, "beam_size", "n_best", "min_len", "max_len_b", "num_decodes")
+        _check_min(self, 0, "max_len_a", "top_k", "seed", "no_repeat_ngram_size")
+        _check_min(self, 0, "temperature", "top_p", "repetition_penalty", strict=True)
+        _check(self.top_p <= 1.0, "DecodeConfig", "top_p", f"must be <= 1, got {self.top_p}")
+        for field, allowed in (("strategy", DECODE_STRATEGIES),
+                               ("length_penalty", LENGTH_PENALTIES),
+                               ("early_stopping", EARLY_STOPPING),
+                               ("cache_reorder", CACHE_REORDERS)):
+            _check(getattr(self, field) in allowed, "DecodeConfig", field,
+                   f"unknown value {getattr(self, field)!r}; choose one of {', '.join(allowed)}")
+        _check(all(i >= 0 for i in self.suppressed_ids), "DecodeConfig", "suppressed_ids",
+               f"ids must be >= 0, got {self.suppressed_ids}")
+        raise_ = {"greedy": "use strategy='beam'", "beam": "raise beam_size",
+                  "sample": "raise num_decodes"}[self.strategy]
+        _check(self.n_best <= self.outputs, "DecodeConfig", "n_best",
+               f"{self.n_best} outputs per sentence, but strategy {self.strategy!r} gives "
+               f"{self.outputs} ({raise_})")
+
+    @property
+    def outputs(self) -> int:
+        """Hypotheses decoded per sentence (beams, samples, or 1)."""
+        return {"greedy": 1, "beam": self.beam_size, "sample": self.num_decodes}[self.strategy]
+
+
 TOKENIZER_KINDS = ("t5", "marian")
 
 
@@ -516,9 +606,10 @@ class TokenizerConfig:
 CONFIG_FILE = "jaxmt_config.json"  # in every model directory, beside VOCAB_FILE
 CACHE_DIR = "data_cache"  # DataConfig.cache_dir's default, inside the model directory
 VOCAB_FILE = "spm.model"
-# "tokenizer" appears only in directories made by `jaxmt convert` (imported checkpoints).
+# "tokenizer" appears only in directories made by `jaxmt convert` (imported checkpoints);
+# "decode" only in those written since DecodeConfig (older ones decode with its defaults).
 _TYPES = {"model": ModelConfig, "mesh": MeshConfig, "data": DataConfig, "train": TrainConfig,
-          "tokenizer": TokenizerConfig}
+          "tokenizer": TokenizerConfig, "decode": DecodeConfig}
 
 
 def to_json(**configs: Any) -> str:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from jaxmt.config import ModelConfig
-from jaxmt.modeling.beam_search import NEG_INF, BeamOptions, beam_search, length_penalty
+from jaxmt.config import DecodeConfig
+from jaxmt.modeling.beam_search import NEG_INF, beam_search, length_penalty
 from jaxmt.modeling.decoding import EOS_ID, greedy_decode
 from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.modeling.network import stack_layers
@@ -18,6 +19,12 @@ from jaxmt.modeling.network import stack_layers
 CFG = ModelConfig(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
                   num_encoder_layers=2, num_decoder_layers=2, precision="fp32")
 NUM_IDS = 4  # ids 0, 1 (EOS), 2, 3: few enough to enumerate every output
+
+
+def _opts(**kw) -> DecodeConfig:
+    """Beam search alone: no n-gram blocking, no length cap but the cache's."""
+    return DecodeConfig(**{"no_repeat_ngram_size": 0, "max_len_a": 0.0, "max_len_b": 1 << 30,
+                           **kw})
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +82,7 @@ def test_beam_holding_every_prefix_is_exact(setup, kind, alpha):
     outputs (13 ending in EOS, 27 cut off at 3 tokens), in order, with the same scores."""
     model, params, enc = setup
     length, n = 3, 5
-    opts = BeamOptions(beam_size=9, n_best=n, length_penalty=kind, alpha=alpha,
+    opts = _opts(beam_size=9, n_best=n, length_penalty=kind, alpha=alpha,
                        early_stopping="never")
     ids, scores = beam_search(model.module, params, enc, length, NUM_IDS, opts)
     for r in range(enc.shape[0]):
@@ -89,7 +96,7 @@ def test_beam_one_without_penalty_is_greedy(setup):
     model, params, enc = setup
     want = np.asarray(greedy_decode(model.module, params, enc, 12, None))
     for stop in ("never", "heuristic", "first"):
-        opts = BeamOptions(beam_size=1, length_penalty="none", early_stopping=stop)
+        opts = _opts(beam_size=1, length_penalty="none", early_stopping=stop)
         ids, _ = beam_search(model.module, params, enc, 12, None, opts)
         np.testing.assert_array_equal(np.asarray(ids[:, 0]), want, err_msg=stop)
 
@@ -99,7 +106,7 @@ def test_lengths_per_row_and_min_len(setup):
     min_len; one without EOS is exactly its row's longest; scores come best first."""
     model, params, enc = setup
     src_len = (enc > 0).sum(1)  # 9, 5, 9
-    opts = BeamOptions(beam_size=3, n_best=3, max_len_a=0.5, max_len_b=2, min_len=3)
+    opts = _opts(beam_size=3, n_best=3, max_len_a=0.5, max_len_b=2, min_len=3)
     ids, scores = beam_search(model.module, params, enc, 16, None, opts)
     limit = np.floor(0.5 * src_len + 2).astype(int)  # 6, 4, 6
     for r in range(enc.shape[0]):
@@ -114,7 +121,7 @@ def test_lengths_per_row_and_min_len(setup):
 @pytest.mark.slow
 def test_cache_reorders_agree_and_scanned_layers_match(setup):
     model, params, enc = setup
-    opts = BeamOptions(beam_size=4, n_best=2)
+    opts = _opts(beam_size=4, n_best=2)
     ids, scores = beam_search(model.module, params, enc, 10, None, opts)
     ids_oh, scores_oh = beam_search(model.module, params, enc, 10, None,
                                     dataclasses.replace(opts, cache_reorder="one_hot"))
@@ -134,7 +141,7 @@ def test_canonical_stopping_is_never_worse(setup):
     best = {}
     for stop in ("never", "heuristic", "first"):
         _, scores = beam_search(model.module, params, enc, 12, None,
-                                BeamOptions(beam_size=2, alpha=1.0, early_stopping=stop))
+                                _opts(beam_size=2, alpha=1.0, early_stopping=stop))
         best[stop] = np.asarray(scores[:, 0])
     assert np.all(best["never"] >= best["heuristic"] - 1e-6), best
     assert np.all(best["never"] >= best["first"] - 1e-6), best
@@ -142,8 +149,8 @@ def test_canonical_stopping_is_never_worse(setup):
 
 @pytest.mark.parametrize("bad,field", [
     (dict(beam_size=0), "beam_size"), (dict(beam_size=2, n_best=3), "n_best"),
-    (dict(length_penalty="wu"), "length_penalty"), (dict(early_stopping=True), "early_stopping"),
+    (dict(length_penalty="wu"), "length_penalty"), (dict(early_stopping="yes"), "early_stopping"),
     (dict(cache_reorder="scatter"), "cache_reorder"), (dict(min_len=0), "min_len")])
 def test_bad_options_name_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
-        BeamOptions(**bad)
+        _opts(**bad)

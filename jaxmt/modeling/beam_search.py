@@ -35,70 +35,19 @@ greedy decoding exactly). Below ``min_len`` tokens EOS is not allowed.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxmt.config import DecodeConfig
 from jaxmt.data.vocab import EOS_ID, PAD_ID  # SentencePiece only, no TF; PAD also starts decoding
 from jaxmt.modeling.decoding import init_cache
 from jaxmt.modeling.network import EncoderDecoder
 
 PyTree = Any
 NEG_INF = -1e9  # finite, so that -inf - -inf never makes a NaN in the comparisons below
-LENGTH_PENALTIES = ("gnmt", "power", "none")
-EARLY_STOPPING = ("never", "heuristic", "first")
-CACHE_REORDERS = ("gather", "one_hot")
-
-
-@dataclasses.dataclass(frozen=True)
-class BeamOptions:
-    """What :func:`beam_search` does beyond the model and the batch (hashable: static).
-
-    Attributes:
-        beam_size: beams kept per row.
-        n_best: hypotheses returned per row (at most ``beam_size``).
-        length_penalty: one of :data:`LENGTH_PENALTIES`.
-        alpha: the penalty's exponent.
-        early_stopping: one of :data:`EARLY_STOPPING`.
-        min_len: fewest tokens of an output, EOS included.
-        max_len_a, max_len_b: a row's longest output is ``a * source_length + b``
-            tokens (EOS included); ``a = 0`` with ``b`` = the cache length means no limit
-            but the cache.
-        cache_reorder: how the KV cache follows the surviving beams: ``"gather"``
-            (``jnp.take`` on the batch axis) or ``"one_hot"`` (an einsum with a one-hot
-            [rows, beams, beams] matrix, as T5X does for TPUs).
-    """
-    beam_size: int = 4
-    n_best: int = 1
-    length_penalty: str = "gnmt"
-    alpha: float = 0.6
-    early_stopping: str = "never"
-    min_len: int = 1
-    max_len_a: float = 0.0
-    max_len_b: int = 1 << 30
-    cache_reorder: str = "gather"
-
-    def __post_init__(self):
-        checks = [
-            (self.beam_size >= 1, f"beam_size={self.beam_size}: must be at least 1"),
-            (1 <= self.n_best <= self.beam_size,
-             f"n_best={self.n_best}: must be between 1 and beam_size ({self.beam_size})"),
-            (self.length_penalty in LENGTH_PENALTIES,
-             f"length_penalty={self.length_penalty!r}: one of {', '.join(LENGTH_PENALTIES)}"),
-            (self.early_stopping in EARLY_STOPPING,
-             f"early_stopping={self.early_stopping!r}: one of {', '.join(EARLY_STOPPING)}"),
-            (self.cache_reorder in CACHE_REORDERS,
-             f"cache_reorder={self.cache_reorder!r}: one of {', '.join(CACHE_REORDERS)}"),
-            (self.min_len >= 1, f"min_len={self.min_len}: must be at least 1"),
-            (self.max_len_a >= 0 and self.max_len_b >= 1,
-             f"max_len_a={self.max_len_a}, max_len_b={self.max_len_b}: need a >= 0, b >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 def length_penalty(length: jax.Array, kind: str, alpha: float) -> jax.Array:
@@ -157,7 +106,7 @@ def _top(scores: jax.Array, k: int, *arrays: jax.Array):
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
 def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
                 max_decode_len: int, num_ids: int | None = None,
-                options: BeamOptions = BeamOptions()) -> tuple[jax.Array, jax.Array]:
+                options: DecodeConfig = DecodeConfig()) -> tuple[jax.Array, jax.Array]:
     """Beam search translation of a batch.
 
     Args:
@@ -166,7 +115,8 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
         enc_tokens: [b, s] source ids, 0-padded, each row ending in EOS.
         max_decode_len: cache length and the longest output (static).
         num_ids: only ids below this are generated (static).
-        options: beam size, n-best, penalties, stopping and lengths (static).
+        options: beam size, n-best, penalties, stopping and lengths (static; the
+            sampling fields are not used).
 
     Returns:
         ``(ids, scores)``: [b, n_best, max_decode_len] ids, best first (EOS, then 0s

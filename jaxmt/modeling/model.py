@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmt.config import ModelConfig
+from jaxmt.config import DecodeConfig, ModelConfig
 from jaxmt.data.packing import BATCH_KEYS
 from jaxmt.modeling import decoding
+from jaxmt.modeling.beam_search import beam_search
 from jaxmt.modeling.network import EncoderDecoder
 
 Array = jax.Array
@@ -168,21 +169,48 @@ class EncoderDecoderModel:
 
     def predict_batch(self, params: PyTree, batch: dict[str, Array],
                       decode_fn: Callable | None = None, **options) -> Array:
-        """Decoded target ids for a batch of sources (T5X's ``predict_batch``).
+        """Greedy (or ``decode_fn``'s) target ids for a batch of sources (T5X's
+        ``predict_batch``), without the :class:`DecodeConfig` processing.
 
         Args:
           params: the parameters (unboxed).
           batch: needs ``encoder_input_tokens``, [b, s] ids, 0-padded, each row ending
             in EOS; other keys are ignored.
-          decode_fn: a strategy ``decode_fn(module, params, encoder_tokens, **options)``;
-            default :func:`jaxmt.modeling.decoding.greedy_decode` (KV cache), or
-            :func:`jaxmt.modeling.beam_search.beam_search`.
+          decode_fn: ``decode_fn(module, params, encoder_tokens, **options)``; default
+            :func:`jaxmt.modeling.decoding.greedy_decode` (KV cache).
           **options: the strategy's options, e.g. ``max_decode_len`` and ``num_ids``.
 
         Returns:
-          What the strategy returns. Greedy: [b, max_decode_len] ids, EOS then 0s after
-          each row's end. Beam search: ``(ids, scores)``, [b, n_best, max_decode_len] and
-          [b, n_best], best first.
+          What the strategy returns; greedy: [b, max_decode_len] ids, EOS then 0s after
+          each row's end.
         """
         decode_fn = decoding.greedy_decode if decode_fn is None else decode_fn
         return decode_fn(self.module, params, batch["encoder_input_tokens"], **options)
+
+    def predict_batch_with_aux(self, params: PyTree, batch: dict[str, Array],
+                               decode: DecodeConfig, max_decode_len: int,
+                               num_ids: int | None = None, rng: Array | None = None
+                               ) -> tuple[Array, Array]:
+        """Decodes a batch as ``decode`` says: greedy, beam search or sampling, with its
+        length limits and logits processing.
+
+        Args:
+          params: the parameters (unboxed).
+          batch: needs ``encoder_input_tokens``, [b, s] ids, 0-padded, rows ending in EOS.
+          decode: the strategy and its settings.
+          max_decode_len: the KV cache's length, the longest output possible.
+          num_ids: only ids below this are generated (a vocabulary with fewer pieces
+            than ``ModelConfig.vocab_size``).
+          rng: sampling's key; default ``PRNGKey(decode.seed)``.
+
+        Returns:
+          ``(ids, scores)``: [b, n_best, max_decode_len] ids, best first (EOS then 0s
+          after each output's end; no EOS where the length limit cut it off), and their
+          [b, n_best] scores (beam search: length-penalised log-probabilities).
+        """
+        enc = batch["encoder_input_tokens"]
+        if decode.strategy == "beam":
+            return beam_search(self.module, params, enc, max_decode_len, num_ids, decode)
+        rng = jax.random.PRNGKey(decode.seed) if rng is None else rng
+        return decoding.sample_decode(self.module, params, enc, max_decode_len, num_ids,
+                                      decode, rng)
