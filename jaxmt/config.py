@@ -555,6 +555,13 @@ class DecodeConfig:
         return {"greedy": 1, "beam": self.beam_size, "sample": self.num_decodes}[self.strategy]
 
 
+IMPORTED_MAX_LEN = 256  # source and output token limit of imported models (no DataConfig)
+# An imported checkpoint without generation defaults decodes as the reference's
+# `generate()` does by default: greedy, no n-gram blocking, up to the token limit.
+IMPORTED_DECODE = DecodeConfig(strategy="greedy", no_repeat_ngram_size=0, max_len_a=0.0,
+                               max_len_b=IMPORTED_MAX_LEN)
+
+
 TOKENIZER_KINDS = ("t5", "marian")
 
 

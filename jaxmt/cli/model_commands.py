@@ -52,6 +52,59 @@ def inference_options(args) -> dict:
     return opts
 
 
+# Decoding flag -> the DecodeConfig field it sets (for error messages).
+_DECODE_FLAGS = {"beam": "beam_size", "n_best": "n_best", "length_penalty": "alpha",
+                 "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                 "max_len_a": "max_len_a", "max_len_b": "max_len_b",
+                 "no_repeat_ngram_size": "no_repeat_ngram_size", "seed": "seed"}
+_SAMPLING_FLAGS = ("temperature", "top_k", "top_p")
+
+
+def decode_config(args, cfgs: dict):
+    """The model directory's DecodeConfig with the decoding flags applied; checked before
+    anything is loaded. A bad value exits naming the flag."""
+    import dataclasses
+
+    from jaxmt.config import IMPORTED_DECODE, LENGTH_PENALTIES, DecodeConfig
+
+    base = cfgs.get("decode") or (IMPORTED_DECODE if "tokenizer" in cfgs else DecodeConfig())
+    given = {k: getattr(args, k, None) for k in (*_DECODE_FLAGS, "sample")}
+    given = {k: v for k, v in given.items() if v is not None and v is not False}
+    over = {_DECODE_FLAGS[k]: v for k, v in given.items() if k in _DECODE_FLAGS}
+    for k in _SAMPLING_FLAGS:
+        if k in given and "sample" not in given and base.strategy != "sample":
+            raise SystemExit(f"error: --{k}={given[k]}: applies to sampling only; add --sample")
+    if "sample" in given:
+        if "beam" in given:
+            raise SystemExit("error: --sample and --beam: pick one decoding strategy")
+        over["strategy"] = "sample"
+        over["num_decodes"] = max(over.get("n_best", 1), 1)
+    if "beam" in given:
+        over["strategy"] = "beam" if args.beam > 1 else "greedy"
+    if "length_penalty" in given:  # ALPHA, or FORM:ALPHA, or none
+        form, _, alpha = str(args.length_penalty).rpartition(":")
+        if alpha == "none":
+            form, alpha = "none", "0"
+        try:
+            over["alpha"] = float(alpha)
+        except ValueError:
+            raise SystemExit(f"error: --length_penalty={args.length_penalty}: give ALPHA "
+                             f"(e.g. 0.6) or FORM:ALPHA with FORM one of "
+                             f"{', '.join(LENGTH_PENALTIES)} (e.g. power:1.0), or none") from None
+        over["length_penalty"] = form or (base.length_penalty if base.length_penalty != "none"
+                                          else "power")
+    try:
+        return dataclasses.replace(base, **over)
+    except ValueError as e:
+        msg = str(e).splitlines()[0]
+        field = msg.split(":")[0].removeprefix("DecodeConfig.")
+        setters = {**{f: k for k, f in _DECODE_FLAGS.items()}, "length_penalty": "length_penalty",
+                   "num_decodes": "sample", "strategy": "sample" if "sample" in given else "beam"}
+        flag = setters.get(field, "beam")
+        value = f"={given[flag]}" if flag in given and flag != "sample" else ""
+        raise SystemExit(f"error: --{flag}{value}: {msg}") from None
+
+
 def check_inference_flags(args) -> None:
     """--max_len, --max_examples and --attention, before anything is loaded."""
     from jaxmt.config import ATTENTION_IMPLS
@@ -111,11 +164,30 @@ def _add_inference_flags(p: argparse.ArgumentParser, model_dir_help: str) -> Non
                    help="encoder attention implementation for long inputs, e.g. auto, local, "
                         "flash (AttentionConfig.encoder; the other attention settings stay "
                         "as trained; default: the trained setting)")
+    g = p.add_argument_group("decoding", "Override the model directory's DecodeConfig (its "
+                             "`decode` section; jaxmt models: beam 4, GNMT penalty 0.6, outputs "
+                             "up to 2 x source + 10 tokens, no 4-gram twice; imported models: "
+                             "their generation defaults).")
+    g.add_argument("--beam", type=int, default=None, help="beam size; 1 = greedy")
+    g.add_argument("--sample", action="store_true", help="sample instead of searching")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    g.add_argument("--top_k", type=int, default=None, help="sample from the k likeliest (0: all)")
+    g.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass (1: all)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--length_penalty", default=None,
+                   help="ALPHA for the model's penalty form, FORM:ALPHA (gnmt: ((5+len)/6)^a, "
+                        "power: len^a), or none")
+    g.add_argument("--max_len_a", type=float, default=None,
+                   help="outputs have at most A x source tokens + B tokens")
+    g.add_argument("--max_len_b", type=int, default=None, help="see --max_len_a")
+    g.add_argument("--no_repeat_ngram_size", type=int, default=None,
+                   help="never generate an n-gram twice (0: off)")
 
 
 def cmd_eval(args, gin_overrides) -> int:
     check_inference_flags(args)
     cfgs = model_configs(args.model_dir)
+    decode = decode_config(args, cfgs)
     if "data" not in cfgs:
         raise SystemExit(f"error: --model_dir={args.model_dir}: no data section (an imported "
                          "model); `jaxmt eval` scores the directions a model was trained on, "
@@ -130,7 +202,8 @@ def cmd_eval(args, gin_overrides) -> int:
     from jaxmt.inference.evaluation import evaluate, format_table
     from jaxmt.inference.translator import Translator
 
-    tr = Translator.from_pretrained(args.model_dir, step=args.step, **inference_options(args))
+    tr = Translator.from_pretrained(args.model_dir, step=args.step, decode=decode,
+                                    **inference_options(args))
     data_cfg = cfgs["data"]
     log = lambda d, r: print(f"{d}: BLEU {r['bleu']:.1f} chrF {r['chrf']:.1f} (n={r['n']})",
                              file=sys.stderr, flush=True)
@@ -147,8 +220,9 @@ def cmd_translate(args, gin_overrides) -> int:
     check_inference_flags(args)
     from jaxmt.inference.tokenizer import check_model_langs
 
-    check_model_langs(model_configs(args.model_dir), args.src_lang, args.tgt_lang,
-                      names=("--src_lang", "--tgt_lang"))
+    cfgs = model_configs(args.model_dir)
+    check_model_langs(cfgs, args.src_lang, args.tgt_lang, names=("--src_lang", "--tgt_lang"))
+    decode = decode_config(args, cfgs)
     if args.input and not os.path.isfile(args.input):
         raise SystemExit(f"error: --input={args.input}: no such file; pass a text file, one "
                          "sentence per line, or leave --input out to read stdin")
@@ -159,9 +233,9 @@ def cmd_translate(args, gin_overrides) -> int:
     from jaxmt.fileio import write_atomic
     from jaxmt.inference.translator import Translator, translate_stream
 
-    tr = Translator.from_pretrained(args.model_dir, **inference_options(args))
+    tr = Translator.from_pretrained(args.model_dir, decode=decode, **inference_options(args))
     data = Path(args.input).read_bytes() if args.input else sys.stdin.buffer.read()
-    out = translate_stream(tr, data, args.src_lang, args.tgt_lang)
+    out = translate_stream(tr, data, args.src_lang, args.tgt_lang, n_best=args.n_best)
     if args.output:
         write_atomic(args.output, out)
     else:
@@ -220,6 +294,9 @@ def add_parsers(sub) -> None:
                     help="required by jaxmt-trained and multilingual imported models")
     tr.add_argument("--input", default=None)
     tr.add_argument("--output", default=None)
+    tr.add_argument("--n_best", type=int, default=None,
+                    help="K outputs per input line, as K lines INDEX<TAB>SCORE<TAB>TEXT "
+                         "(INDEX: the input line, from 0); needs --beam >= K or --sample")
     _add_inference_flags(tr, "a directory written by `jaxmt train` or `jaxmt convert`, or "
                          "a Hugging Face T5/mT5/MarianMT folder")
     tr.set_defaults(func=cmd_translate)

@@ -6,6 +6,8 @@ copying would score; every direction of a useful model must beat it.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
@@ -29,6 +31,19 @@ def score(hyps: Sequence[str], refs: Sequence[str]) -> dict:
     bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
     return {"bleu": round(bleu.corpus_score(list(hyps), [list(refs)]).score, 2),
             "chrf": round(chrf.corpus_score(list(hyps), [list(refs)]).score, 2)}
+
+
+def loops(text: str, n: int = 4, times: int = 3) -> bool:
+    """True when some word ``n``-gram occurs more than ``times`` times in ``text``: the
+    mark of a decoder stuck in a loop (``sähren, sähren, sähren, ...``)."""
+    words = text.split()
+    counts = collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return any(c > times for c in counts.values())
+
+
+def loop_share(hyps: Sequence[str]) -> float:
+    """The share of ``hyps`` that :func:`loops`, in percent."""
+    return round(100.0 * sum(map(loops, hyps)) / max(len(hyps), 1), 2)
 
 
 def signature() -> str:
@@ -56,25 +71,36 @@ def evaluate(translator: Translator, directions: Sequence[tuple[str, str]], spli
             pairs, report = parallel_pairs(src, tgt, split)
         pairs = [pairs[i] for i in pick(len(pairs), max_examples)]
         sources, refs = [p[0] for p in pairs], [p[1] for p in pairs]
+        cut_before = translator.stats.out_truncated
         hyps = translator.translate(sources, src_lang=src, tgt_lang=tgt)
         copy = score(sources, refs)
         result[f"{src}-{tgt}"] = dict(score(hyps, refs), n=len(pairs),
                                       copy_bleu=copy["bleu"], copy_chrf=copy["chrf"],
-                                      skipped=sum(report.skipped.values()))
+                                      skipped=sum(report.skipped.values()),
+                                      loop_pct=loop_share(hyps),
+                                      cut_at_limit=translator.stats.out_truncated - cut_before)
         if progress:
             progress(f"{src}-{tgt}", result[f"{src}-{tgt}"])
-    return {"directions": result, "signature": signature()}
+    return {"directions": result, "signature": signature(),
+            "decode": dataclasses.asdict(translator.decode)}
 
 
 def format_table(result: dict) -> str:
     """Plain-text table: model vs copy-the-source baseline per direction."""
-    rows = ["| direction | n | BLEU | chrF | copy BLEU | copy chrF | chrF over copy |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| direction | n | BLEU | chrF | copy BLEU | copy chrF | chrF over copy | loops % |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for d, r in result["directions"].items():
         rows.append(f"| {d} | {r['n']} | {r['bleu']:.1f} | {r['chrf']:.1f} | "
                     f"{r['copy_bleu']:.1f} | {r['copy_chrf']:.1f} | "
-                    f"{r['chrf'] - r['copy_chrf']:+.1f} |")
-    return "\n".join(rows) + f"\n\nsacreBLEU {result['signature']}"
+                    f"{r['chrf'] - r['copy_chrf']:+.1f} | {r['loop_pct']:.1f} |")
+    d = result.get("decode")
+    how = "" if d is None else (
+        f"\ndecoding: {d['strategy']}" + (f" {d['beam_size']}, {d['length_penalty']} penalty "
+                                          f"{d['alpha']:g}" if d["strategy"] == "beam" else "")
+        + f", no_repeat_ngram_size {d['no_repeat_ngram_size']}, outputs <= "
+          f"{d['max_len_a']:g} x source + {d['max_len_b']}; loops %: outputs repeating a "
+          "4-gram more than 3 times")
+    return "\n".join(rows) + how + f"\n\nsacreBLEU {result['signature']}"
 
 
 def long_passages(src_lang: str, tgt_lang: str, split: str, count: Callable[[str], int],

@@ -5,15 +5,20 @@
     t.translate(["In the beginning was the Word."], src_lang="en", tgt_lang="de")
     Translator.from_pretrained("opus-mt-en-de").translate(["Good morning."])  # Hugging Face dir
 
+    t.translate(texts, src_lang="en", tgt_lang="de", strategy="greedy")  # DecodeConfig fields
+    t.translate_n_best(texts, src_lang="en", tgt_lang="de", n_best=4)  # texts and scores
+
 Text goes through SentencePiece directly (:mod:`jaxmt.inference.tokenizer`); the Model
-decodes (``EncoderDecoderModel.predict_batch``, greedy with a KV cache). Inputs are
-bucketed by length (powers of two) and padded to a fixed batch, so a long job compiles
-only a handful of shapes.
+decodes (``EncoderDecoderModel.predict_batch_with_aux``: greedy, beam search or
+sampling over a KV cache, as the model directory's :class:`jaxmt.config.DecodeConfig`
+says). Inputs are sorted by length and batched by a token budget in power-of-two shapes,
+so a long job compiles only a handful of shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import sys
@@ -24,17 +29,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
+from tqdm import tqdm
 
 from jaxmt import config as cfglib
 from jaxmt.checkpoint import Checkpointer
-from jaxmt.config import DataConfig, ModelConfig
+from jaxmt.config import IMPORTED_DECODE, IMPORTED_MAX_LEN, DataConfig, DecodeConfig, ModelConfig
 from jaxmt.data.vocab import EOS_ID
 from jaxmt.inference.tokenizer import TaggedTokenizer, Tokenizer, load_tokenizer
 from jaxmt.modeling.model import EncoderDecoderModel
 
 PyTree = Any
 MIN_BUCKET = 16
-IMPORTED_MAX_LEN = 256  # source and output token limit of imported models (no DataConfig)
+PROGRESS_MIN_LINES = 256  # jobs this long show a progress bar
 # Anything that str.splitlines() would split on, plus other control characters.
 _LINE_BREAKS = re.compile(r"[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
@@ -77,30 +83,67 @@ def _bucket(n: int, cap: int) -> int:
     return min(b, cap)
 
 
+@dataclasses.dataclass
+class DecodeStats:
+    """What a translator has done so far (``Translator.stats``); reported by the CLI."""
+
+    lines: int = 0  # non-blank inputs translated
+    src_tokens: int = 0
+    out_tokens: int = 0  # of the best output
+    src_truncated: int = 0  # inputs longer than max_src_len, cut
+    out_truncated: int = 0  # best outputs that reached their length limit without EOS
+
+
+@dataclasses.dataclass(frozen=True)
+class Hypothesis:
+    """One output of :meth:`Translator.translate_n_best`: text and its decoding score
+    (beam search: length-penalised log-probability; greedy and sampling: log-probability)."""
+
+    text: str
+    score: float
+
+
+def floor_pow2(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
 class Translator:
     """Translates lists of sentences with a jaxmt model directory or an imported checkpoint.
+
+    Inputs are sorted by length and cut into batches of one source bucket (a power of
+    two) each, with as many rows as ``max_tokens`` allows (a power of two, at most
+    ``batch_size``), so a long job compiles a handful of shapes and short sentences
+    share big batches; outputs come back in input order.
 
     Args:
         model_cfg: The network's configuration.
         params: Its parameters.
         tokenizer: Text <-> ids (:mod:`jaxmt.inference.tokenizer`).
-        max_src_len: Longer inputs are truncated (and counted in ``truncated``).
-        max_decode_len: The most tokens generated per sentence.
-        batch_size: Sentences per decoding call.
-        suppressed_ids: Ids never generated (see :func:`suppress_ids`).
+        max_src_len: Longer inputs are truncated (counted in ``stats.src_truncated``).
+        max_decode_len: The most tokens an output can have, whatever ``decode`` allows.
+        batch_size: The most sentences per decoding call.
+        max_tokens: Source tokens x hypotheses (beams or samples) per decoding call.
+        decode: How to decode (:class:`jaxmt.config.DecodeConfig`); ``translate``'s
+            keyword arguments override single fields.
+        progress: A progress bar on stderr (lines/s, tokens/s): True, False, or None
+            for jobs of at least :data:`PROGRESS_MIN_LINES` lines.
     """
 
     def __init__(self, model_cfg: ModelConfig, params: PyTree, tokenizer: Tokenizer,
-                 max_src_len: int = 128, max_decode_len: int = 128, batch_size: int = 32,
-                 suppressed_ids: Sequence[int] = ()):
+                 max_src_len: int = 128, max_decode_len: int = 128, batch_size: int = 64,
+                 max_tokens: int = 16384, decode: DecodeConfig = DecodeConfig(),
+                 progress: bool | None = None):
         self.model = EncoderDecoderModel(model_cfg)
-        self.params = suppress_ids(params, suppressed_ids)
+        self.params = params
         self.tokenizer = tokenizer
         self.langs = tokenizer.langs
         self.max_src_len = max_src_len
         self.max_decode_len = max_decode_len
         self.batch_size = batch_size
-        self.truncated = 0  # inputs cut to max_src_len so far
+        self.max_tokens = max_tokens
+        self.decode = decode
+        self.progress = progress
+        self.stats = DecodeStats()
 
     @classmethod
     def from_pretrained(cls, model_dir: str, step: int | None = None,
@@ -111,13 +154,14 @@ class Translator:
         ``model_dir`` is a jaxmt model directory (trained, or written by ``jaxmt
         convert``) or a Hugging Face T5 / mT5 / MarianMT directory, converted in memory
         (:mod:`jaxmt.inference.hf_import`) with the given ``precision`` policy. Nothing
-        is written into it. Without ``step``, the newest readable checkpoint is used (an
-        unreadable newer one is skipped with a warning). ``input_prefix`` replaces an
-        imported model's source prefix (e.g. ``"translate English to German: "`` for
-        T5); other keyword arguments go to the constructor. ``encoder_attention``
-        replaces only the encoder's attention implementation (e.g. ``"local"`` for long
-        inputs; the parameters are the same); every other trained attention setting
-        (windows, decoder, cross-attention) is kept.
+        is written into it. Decoding follows the directory's ``decode`` section (an
+        imported checkpoint's generation defaults), unless ``decode=`` is given. Without
+        ``step``, the newest readable checkpoint is used (an unreadable newer one is
+        skipped with a warning). ``input_prefix`` replaces an imported model's source
+        prefix (e.g. ``"translate English to German: "`` for T5); other keyword
+        arguments go to the constructor. ``encoder_attention`` replaces only the
+        encoder's attention implementation (e.g. ``"local"`` for long inputs; the
+        parameters are the same); every other trained attention setting is kept.
         """
         from jaxmt.inference import hf_import
 
@@ -127,6 +171,7 @@ class Translator:
                                                    input_prefix=input_prefix)
             params = jax.device_put(imported.params, device)
             model_cfg = with_encoder_attention(imported.model, encoder_attention)
+            kwargs.setdefault("decode", getattr(imported, "decode", IMPORTED_DECODE))
             return cls._imported(model_dir, model_cfg, imported.tokenizer, params, **kwargs)
         cfgs = cfglib.load(model_dir)
         model_cfg = with_encoder_attention(cfgs["model"], encoder_attention)
@@ -145,11 +190,13 @@ class Translator:
             tok_cfg = cfgs["tokenizer"]
             if input_prefix is not None:
                 tok_cfg = dataclasses.replace(tok_cfg, input_prefix=input_prefix)
+            kwargs.setdefault("decode", cfgs.get("decode", IMPORTED_DECODE))
             return cls._imported(model_dir, model_cfg, tok_cfg, params, **kwargs)
         data_cfg = cfgs.get("data", DataConfig())
         sp = spm.SentencePieceProcessor(model_file=os.path.join(model_dir, cfglib.VOCAB_FILE))
         kwargs.setdefault("max_src_len", data_cfg.max_eval_len)
         kwargs.setdefault("max_decode_len", data_cfg.max_eval_len)
+        kwargs.setdefault("decode", cfgs.get("decode", DecodeConfig()))
         return cls(model_cfg, params, TaggedTokenizer(sp, data_cfg.corpus_langs), **kwargs)
 
     @classmethod
@@ -158,60 +205,130 @@ class Translator:
         tokenizer = load_tokenizer(vocab_dir, tok_cfg, model_cfg.vocab_size)
         kwargs.setdefault("max_src_len", IMPORTED_MAX_LEN)
         kwargs.setdefault("max_decode_len", IMPORTED_MAX_LEN)
-        kwargs.setdefault("suppressed_ids", tok_cfg.suppressed_ids)
+        decode = kwargs["decode"]
+        banned = tuple(sorted(set(decode.suppressed_ids) | set(tok_cfg.suppressed_ids)))
+        kwargs["decode"] = dataclasses.replace(decode, suppressed_ids=banned)
         return cls(model_cfg, params, tokenizer, **kwargs)
 
     def encode(self, text: str, tgt_lang: str | None, src_lang: str | None = None) -> list[int]:
         """Source ids of one text, truncated to ``max_src_len``, ending in EOS."""
         ids = self.tokenizer.encode(clean_text(text), src_lang, tgt_lang)
         if len(ids) + 1 > self.max_src_len:
-            self.truncated += 1
+            self.stats.src_truncated += 1
             ids = ids[: self.max_src_len - 1]
         return ids + [EOS_ID]
 
+    def decode_config(self, **overrides) -> DecodeConfig:
+        """This translator's :class:`DecodeConfig` with ``overrides`` (field names) replaced.
+
+        Raises:
+            ValueError: an unknown field (with the closest name) or a value the config
+                rejects, naming the field.
+        """
+        fields = {f.name for f in dataclasses.fields(DecodeConfig)}
+        for name in overrides:
+            if name not in fields:
+                close = difflib.get_close_matches(name, fields, n=1)
+                raise ValueError(f"DecodeConfig has no field {name!r}"
+                                 + (f"; did you mean {close[0]!r}?" if close else ""))
+        return dataclasses.replace(self.decode, **overrides)
+
     def translate(self, texts: Sequence[str], src_lang: str | None = None,
-                  tgt_lang: str | None = None) -> list[str]:
+                  tgt_lang: str | None = None, **overrides) -> list[str]:
         """One output string per input, in order; empty (or blank) inputs give ''.
 
         A jaxmt-trained model needs both languages; an imported one only those its
         input prefix names (e.g. ``tgt_lang`` for multilingual Marian), or none.
+        ``overrides`` replace fields of the decoding config for this call, e.g.
+        ``beam_size=8`` or ``strategy="greedy"``.
         """
+        overrides["n_best"] = 1
+        return [h[0].text for h in self.translate_n_best(texts, src_lang, tgt_lang,
+                                                         **overrides)]
+
+    def translate_n_best(self, texts: Sequence[str], src_lang: str | None = None,
+                         tgt_lang: str | None = None, **overrides) -> list[list[Hypothesis]]:
+        """``n_best`` hypotheses per input, best first (see :meth:`translate`); a blank
+        input gives ``n_best`` empty hypotheses scored 0."""
+        cfg = self.decode_config(**overrides)
         self.tokenizer.check_langs(src_lang, tgt_lang)
-        out = [""] * len(texts)
+        out = [[Hypothesis("", 0.0)] * cfg.n_best for _ in texts]
         todo = [(i, self.encode(t, tgt_lang, src_lang)) for i, t in enumerate(texts)
                 if clean_text(t)]
         todo.sort(key=lambda x: len(x[1]))  # similar lengths share a bucket
-        bs = self.batch_size
-        for start in range(0, len(todo), bs):
-            chunk = todo[start:start + bs]
-            src_len = _bucket(max(len(ids) for _, ids in chunk), self.max_src_len)
-            dec_len = _bucket(2 * src_len, self.max_decode_len)
-            arr = np.zeros((bs, src_len), np.int32)
+        show = self.progress if self.progress is not None else len(todo) >= PROGRESS_MIN_LINES
+        bar = tqdm(total=len(todo), desc="translate", unit="line", disable=not show,
+                   dynamic_ncols=True, file=sys.stderr)
+        rng = jax.random.PRNGKey(cfg.seed)
+        start, n_batch = 0, 0
+        while start < len(todo):
+            src_len = _bucket(len(todo[start][1]), self.max_src_len)
+            rows = min(self.batch_size, floor_pow2(self.max_tokens // (src_len * cfg.outputs)))
+            chunk = []  # up to `rows` inputs of this bucket
+            while (start < len(todo) and len(chunk) < rows
+                   and _bucket(len(todo[start][1]), self.max_src_len) == src_len):
+                chunk.append(todo[start])
+                start += 1
+            dec_len = min(_bucket(int(cfg.max_len_a * src_len + cfg.max_len_b), 1 << 30),
+                          self.max_decode_len)
+            arr = np.zeros((rows, src_len), np.int32)
             for r, (_, ids) in enumerate(chunk):
                 arr[r, : len(ids)] = ids
-            gen = np.asarray(self.model.predict_batch(
-                self.params, {"encoder_input_tokens": arr}, max_decode_len=dec_len,
-                num_ids=self.tokenizer.num_ids))
-            for r, (i, _) in enumerate(chunk):
-                out[i] = clean_text(self.tokenizer.decode(gen[r]))
+            ids, scores = self.model.predict_batch_with_aux(
+                self.params, {"encoder_input_tokens": arr}, decode=cfg, max_decode_len=dec_len,
+                num_ids=self.tokenizer.num_ids, rng=jax.random.fold_in(rng, n_batch))
+            ids, scores = np.asarray(ids), np.asarray(scores)
+            n_batch += 1
+            for r, (i, src) in enumerate(chunk):
+                out[i] = [Hypothesis(clean_text(self.tokenizer.decode(ids[r, n])),
+                                     float(scores[r, n])) for n in range(cfg.n_best)]
+                best = ids[r, 0]
+                ended = np.flatnonzero(best == EOS_ID)
+                self.stats.out_tokens += int(ended[0]) + 1 if ended.size else len(best)
+                self.stats.out_truncated += int(not ended.size)
+                self.stats.src_tokens += len(src)
+            self.stats.lines += len(chunk)
+            bar.update(len(chunk))
+            elapsed = max(bar.format_dict["elapsed"], 1e-9)
+            bar.set_postfix_str(f"{self.stats.src_tokens / elapsed:,.0f} src tok/s, "
+                                f"{self.stats.out_tokens / elapsed:,.0f} out tok/s", refresh=False)
+        bar.close()
         return out
+
+    def report(self) -> list[str]:
+        """Notes on what was cut, for stderr: inputs over ``max_src_len``, outputs that
+        hit their length limit."""
+        notes = []
+        if self.stats.src_truncated:
+            notes.append(f"note: {self.stats.src_truncated} input line(s) longer than "
+                         f"{self.max_src_len} tokens were truncated (raise --max_len)")
+        if self.stats.out_truncated:
+            notes.append(
+                f"note: {self.stats.out_truncated} of {self.stats.lines} output(s) reached "
+                f"their length limit without ending (at most {self.decode.max_len_a:g} x "
+                f"source tokens + {self.decode.max_len_b}, and {self.max_decode_len}); raise "
+                "--max_len_a/--max_len_b or --max_len if they are cut short")
+        return notes
 
 
 def translate_stream(translator: Translator, data: bytes, src_lang: str | None,
-                     tgt_lang: str | None, chunk_lines: int = 512) -> bytes:
-    """Line contract of ``jaxmt translate``: exactly one output line per input line.
+                     tgt_lang: str | None, n_best: int | None = None, **overrides) -> bytes:
+    """Line contract of ``jaxmt translate``: exactly one output line per input line, or
+    with ``n_best`` K, K lines ``index<TAB>score<TAB>text`` per input line (index from 0).
 
     Lines are split on b"\\n" only (a lone \\r or U+2028 inside a line stays one line);
-    invalid UTF-8 is replaced, not fatal.
+    invalid UTF-8 is replaced, not fatal. What was truncated goes to stderr.
     """
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":  # the final newline ends the last line
         lines.pop()
     texts = [ln.decode("utf-8", errors="replace") for ln in lines]
-    outs = []
-    for s in range(0, len(texts), chunk_lines):
-        outs.extend(translator.translate(texts[s:s + chunk_lines], src_lang, tgt_lang))
-    if translator.truncated:
-        print(f"note: {translator.truncated} input line(s) longer than {translator.max_src_len} "
-              f"tokens were truncated", file=sys.stderr)
-    return "".join(o + "\n" for o in outs).encode("utf-8")
+    if n_best is None:
+        out = [o + "\n" for o in translator.translate(texts, src_lang, tgt_lang, **overrides)]
+    else:
+        out = [f"{i}\t{h.score:.4f}\t{h.text}\n" for i, hyps in enumerate(
+            translator.translate_n_best(texts, src_lang, tgt_lang, n_best=n_best, **overrides))
+            for h in hyps]
+    for note in translator.report():
+        print(note, file=sys.stderr)
+    return "".join(out).encode("utf-8")

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from jaxmt import config as cfglib
 from jaxmt import hardware
 from jaxmt.checkpoint import Checkpointer
-from jaxmt.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
+from jaxmt.config import DataConfig, DecodeConfig, MeshConfig, ModelConfig, TrainConfig
 from jaxmt.fileio import write_atomic
 from jaxmt.sharding.partitioning import Partitioner
 from jaxmt.train.loop import train_loop
@@ -31,14 +31,16 @@ from jaxmt.train.trainer import Trainer, TrainState
 @gin.configurable
 def train(model_dir: str, model_cfg: ModelConfig | None = None,
           mesh_cfg: MeshConfig | None = None, data_cfg: DataConfig | None = None,
-          train_cfg: TrainConfig | None = None, progress: bool = True) -> dict:
+          train_cfg: TrainConfig | None = None, progress: bool = True,
+          decode_cfg: DecodeConfig | None = None) -> dict:
     """The ``jaxmt train`` entry point: vocabulary, data, sharded state, loop, checkpoints.
 
     Rerunning on the same ``model_dir`` resumes from the latest checkpoint.
 
     Args:
       model_dir: where the vocabulary, configs, checkpoints and events go.
-      model_cfg, mesh_cfg, data_cfg, train_cfg: the run's configs. Each one left None
+      model_cfg, mesh_cfg, data_cfg, train_cfg, decode_cfg: the run's configs (the last
+        only stored: how `jaxmt translate` and `eval` decode this model). Each one left None
         is built by gin (``ModelConfig()`` with the parsed bindings), so a notebook or
         test can pass them directly and need no global gin state.
       progress: show a progress bar.
@@ -53,6 +55,7 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
     mesh_cfg = MeshConfig() if mesh_cfg is None else mesh_cfg
     data_cfg = DataConfig() if data_cfg is None else data_cfg
     train_cfg = TrainConfig() if train_cfg is None else train_cfg
+    decode_cfg = DecodeConfig() if decode_cfg is None else decode_cfg
     # "auto" becomes a concrete policy here, so the checkpoints' config records the
     # numerics that translate/eval and every resume use.
     requested = model_cfg.precision
@@ -84,7 +87,7 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
     spm_path = os.path.join(model_dir, cfglib.VOCAB_FILE)
     if lead:
         write_atomic(os.path.join(model_dir, cfglib.CONFIG_FILE), cfglib.to_json(
-            model=model_cfg, mesh=mesh_cfg, data=data_cfg, train=train_cfg))
+            model=model_cfg, mesh=mesh_cfg, data=data_cfg, train=train_cfg, decode=decode_cfg))
         write_atomic(os.path.join(model_dir, "config.gin"), gin.operative_config_str())
         write_atomic(os.path.join(model_dir, PRECISION_FILE), json.dumps(
             {"requested": requested, "precision": model_cfg.precision,
