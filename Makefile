@@ -10,7 +10,7 @@ DEMO_DIR ?= runs/demo
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,hf,tpu_aot]'
+	$(BIN)/pip install -q -e '.[dev,hf,tpu_aot,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -468,7 +468,7 @@ class TrainConfig:
 DECODE_STRATEGIES = ("greedy", "beam", "sample")
 LENGTH_PENALTIES = ("gnmt", "power", "none")
 EARLY_STOPPING = ("never", "heuristic", "first")
-CACHE_REORDERS = ("gather", "one_hot")
+CACHE_REORDERS = ("auto", "gather", "one_hot")
 
 
 @gin.configurable
@@ -506,7 +506,8 @@ class DecodeConfig:
         forced_eos: the last token an output can take is EOS (Hugging Face's
             ``forced_eos_token_id``).
         cache_reorder: how beam search moves the KV cache after the beams: ``"gather"``
-            (faster on CPU) or ``"one_hot"`` (T5X's einsum for TPUs).
+            (faster on one device), ``"one_hot"`` (T5X's einsum: stays within each
+            batch shard on a mesh) or ``"auto"`` (one-hot on a mesh, else gather).
     """
 
     strategy: str = "beam"
@@ -527,7 +528,7 @@ class DecodeConfig:
     repetition_penalty: float = 1.0
     suppressed_ids: tuple[int, ...] = ()
     forced_eos: bool = False
-    cache_reorder: str = "gather"
+    cache_reorder: str = "auto"
 
     def __post_init__(self):
         _check_types(self)

@@ -57,8 +57,8 @@ def main(argv=None) -> int:
     data_cfg = cfglib.load(args.model_dir)["data"]
     result = evaluate(tr, data_cfg.directions, "test", args.max_examples or None,
                       progress=lambda d, r: print(f"  evaluated {d}", flush=True))
-    print(f"\nTest split (books never seen in training), greedy decoding, "
-          f"{args.max_examples or 'all'} verses per direction:\n")
+    print(f"\nTest split (books never seen in training), {args.max_examples or 'all'} verses "
+          "per direction:\n")
     print(format_table(result))
     print(f"\nevaluation took {(time.time() - t1) / 60:.1f} min")
     margins = {d: r["chrf"] - r["copy_chrf"] for d, r in result["directions"].items()}

@@ -78,12 +78,16 @@ def _hyps(ids, limit=None):
 @pytest.mark.parametrize("kind,alpha", [("gnmt", 0.6), ("power", 1.0), ("none", 0.0)])
 def test_beam_holding_every_prefix_is_exact(setup, kind, alpha):
     """With 3 non-EOS ids and outputs of at most 3 tokens there are 9 prefixes of length 2,
-    so 9 beams keep every one: the n-best list must be the brute-force top 5 of all 40
-    outputs (13 ending in EOS, 27 cut off at 3 tokens), in order, with the same scores."""
+    and 12 candidates at step 2 (3 prefixes x 4 ids). A candidate can finish only among
+    its step's best ``beam_size`` (Hugging Face's and fairseq's rule), so 12 beams keep
+    every prefix and let every step-2 candidate finish; at step 3 all candidates have
+    one length, and the best 5 are among the best 12. The n-best list must be the
+    brute-force top 5 of all 40 outputs (13 ending in EOS, 27 cut off at 3 tokens), in
+    order, with the same scores."""
     model, params, enc = setup
     length, n = 3, 5
-    opts = _opts(beam_size=9, n_best=n, length_penalty=kind, alpha=alpha,
-                       early_stopping="never")
+    opts = _opts(beam_size=12, n_best=n, length_penalty=kind, alpha=alpha,
+                 early_stopping="never")
     ids, scores = beam_search(model.module, params, enc, length, NUM_IDS, opts)
     for r in range(enc.shape[0]):
         want_seqs, want_scores = _brute_force(model, params, enc[r], length, kind, alpha)

@@ -183,6 +183,14 @@ def test_mistakes_are_one_line_before_anything_loads(bad_inputs):
          "--length_penalty=wu:0.6: DecodeConfig.length_penalty: unknown value 'wu'"),
         (["eval", f"--model_dir={model}", "--max_len_a=-1"],
          "--max_len_a=-1.0: DecodeConfig.max_len_a: must be >= 0"),
+        (tr + ["--src_lang=en", "--tgt_lang=de", "--mesh=data=4,tensr=2"],
+         "--mesh=data=4,tensr=2: unknown axis 'tensr' \\(did you mean 'tensor'\\?\\); give "
+         "AXIS=SIZE pairs"),
+        (tr + ["--src_lang=en", "--tgt_lang=de", "--mesh=tensor=two"],
+         "--mesh=tensor=two: tensor=two: not an integer"),
+        (["eval", f"--model_dir={model}", "--mesh=data=-1,fsdp=-1"],
+         "--mesh=data=-1,fsdp=-1: MeshConfig.replica/data/fsdp/tensor: at most one axis may "
+         "be -1"),
         (tr + ["--src_lang=en", "--tgt_lang=de", f"--input={tmp / 'none.txt'}"],
          "--input=.*none.txt: no such file"),
         (["translate", f"--model_dir={tmp / 'marian'}"],

@@ -43,6 +43,7 @@ from safetensors.torch import load_file as load_torch_file  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from jaxmt import cli  # noqa: E402
+from jaxmt import config as cfglib  # noqa: E402
 from jaxmt.data.embedded import load_split  # noqa: E402
 from jaxmt.inference import hf_import  # noqa: E402
 from jaxmt.inference.tokenizer import id_permutation  # noqa: E402
@@ -327,10 +328,15 @@ def test_convert_cli_and_translate_cli(marian_dir, tmp_path):
         assert cli.main(["convert", f"--from_hf={hf_dir}", f"--out={out}"]) == 0
     assert "marian" in buf.getvalue()
     cfg = json.loads(open(os.path.join(out, "jaxmt_config.json")).read())
-    assert set(cfg) == {"model", "tokenizer"} and cfg["tokenizer"]["kind"] == "marian"
+    assert set(cfg) == {"model", "tokenizer", "decode"} and cfg["tokenizer"]["kind"] == "marian"
     pad = json.loads(open(os.path.join(hf_dir, "vocab.json")).read())["<pad>"]
     assert cfg["tokenizer"]["reordered_ids"] == [pad, 0, 1]
     assert cfg["tokenizer"]["suppressed_ids"] == [0]  # <pad>, now jaxmt's id 0
+    # The generation defaults: generate()'s greedy decoding, the pad banned.
+    decode = hf_import.read_configs(hf_dir, with_decode=True)[2]
+    assert cfglib.load(out)["decode"] == decode
+    assert (decode.strategy, decode.suppressed_ids, decode.no_repeat_ngram_size) == (
+        "greedy", (0,), 0)
     direct = Translator.from_pretrained(hf_dir).translate(TEXTS)
     assert Translator.from_pretrained(out).translate(TEXTS) == direct
     src = tmp_path / "in.txt"
@@ -517,6 +523,25 @@ def test_error_unsupported_generation_option(marian_dir, tmp_path, fields, name)
     (d / "generation_config.json").write_text(json.dumps(gen))
     with pytest.raises(hf_import.HFImportError, match=rf"generation_config\.json: {name}="):
         hf_import.import_checkpoint(str(d))
+
+
+def test_generation_defaults_from_config_json(marian_dir, tmp_path):
+    """Without generation_config.json (older checkpoints) config.json's generation fields
+    count; T5 checkpoints may ban ids too now that decoding applies suppressed_ids."""
+    d = _copy(marian_dir[0], tmp_path)
+    os.remove(d / "generation_config.json")
+    _edit_config(d, num_beams=5, max_length=40, length_penalty=0.6, forced_eos_token_id=0)
+    decode = hf_import.read_configs(str(d), with_decode=True)[2]
+    assert (decode.strategy, decode.beam_size, decode.max_len_b, decode.alpha,
+            decode.forced_eos) == ("beam", 5, 39, 0.6, True)
+
+
+def test_t5_bad_words_become_suppressed_ids(t5_dir, tmp_path):
+    d = _copy(t5_dir[0], tmp_path)
+    gen = json.loads((d / "generation_config.json").read_text())
+    (d / "generation_config.json").write_text(json.dumps({**gen, "bad_words_ids": [[7], [1]]}))
+    _, tok, decode = hf_import.read_configs(str(d), with_decode=True)
+    assert tok.suppressed_ids == decode.suppressed_ids == (7,)  # EOS is never banned
 
 
 def test_error_missing_tokenizer_file(marian_dir, tmp_path):

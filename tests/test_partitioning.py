@@ -262,8 +262,8 @@ def _golden_text(name: str) -> str:
     header = [
         f"# Sharding of every parameter under the `{preset}` mesh preset "
         f"(gin_configs/mesh/{preset}.gin), {jax.device_count()} devices.",
-        f"# Regenerate: JAXMT_UPDATE_GOLDEN=1 .venv/bin/pytest -q tests/test_partitioning.py "
-        f"-k golden",
+        "# Regenerate: JAXMT_UPDATE_GOLDEN=1 .venv/bin/pytest -q tests/test_partitioning.py "
+        "-k golden",
         f"# mesh: {', '.join(f'{a}={n}' for a, n in p.sizes.items())}; "
         f"shard_params={mesh_cfg.shard_params}",
         f"# model: ModelConfig({kw(model_kw)})",

@@ -3,6 +3,7 @@
     jaxmt train --gin_file=gin_configs/runs/demo.gin --gin.TRAIN_STEPS=100 --model_dir=runs/x
     jaxmt eval --model_dir=runs/x [--split=test] [--max_examples=N] [--json]
     jaxmt translate --model_dir=runs/x --src_lang=en --tgt_lang=de < in.txt > out.txt
+    jaxmt translate --model_dir=runs/big --mesh=data=4,tensor=2 ...  # on a device mesh
     jaxmt convert --from_hf=opus-mt-en-de --out=runs/opus-en-de  # T5, mT5 or MarianMT
     jaxmt translate --model_dir=runs/opus-en-de < in.txt > out.txt
     jaxmt data validate --src_lang=en --tgt_lang=pt-BR corpus.tsv.gz [--json]

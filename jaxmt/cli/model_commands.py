@@ -105,6 +105,67 @@ def decode_config(args, cfgs: dict):
         raise SystemExit(f"error: --{flag}{value}: {msg}") from None
 
 
+_MESH_AXES = ("replica", "data", "fsdp", "tensor")
+_MESH_HELP = ("give AXIS=SIZE pairs separated by commas, e.g. --mesh=data=4,tensor=2 (axes: "
+              f"{', '.join(_MESH_AXES)}; one SIZE may be -1: the remaining devices; also "
+              "shard_params=false)")
+
+
+def mesh_config(args):
+    """--mesh as a MeshConfig (None: one device), checked before anything is loaded.
+
+    Axes left out are 1, except ``data``, which takes the remaining devices (-1)
+    unless another axis does. A mistake exits naming the flag.
+    """
+    import difflib
+
+    from jaxmt.config import MeshConfig
+
+    if args.mesh is None:
+        return None
+    flag = f"--mesh={args.mesh}"
+    given = {}
+    for item in args.mesh.split(","):
+        name, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or not name or not value:
+            raise SystemExit(f"error: {flag}: {_MESH_HELP}")
+        if name not in (*_MESH_AXES, "shard_params"):
+            close = difflib.get_close_matches(name, (*_MESH_AXES, "shard_params"), n=1)
+            raise SystemExit(f"error: {flag}: unknown axis {name!r}"
+                             + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; {_MESH_HELP}")
+        if name in given:
+            raise SystemExit(f"error: {flag}: {name} is given twice")
+        if name == "shard_params":
+            if value.lower() not in ("true", "false"):
+                raise SystemExit(f"error: {flag}: shard_params={value}: give true or false")
+            given[name] = value.lower() == "true"
+            continue
+        try:
+            given[name] = int(value)
+        except ValueError:
+            raise SystemExit(f"error: {flag}: {name}={value}: not an integer; "
+                             f"{_MESH_HELP}") from None
+    if "data" not in given:
+        given["data"] = 1 if -1 in given.values() else -1
+    try:
+        return MeshConfig(**given)
+    except ValueError as e:
+        raise SystemExit(f"error: {flag}: {str(e).splitlines()[0]}") from None
+
+
+def check_mesh(args, mesh, model_cfg) -> None:
+    """The mesh against the devices and the model's dimensions (loads JAX, no weights)."""
+    if mesh is None:
+        return
+    from jaxmt.inference.translator import make_partitioner
+
+    try:
+        make_partitioner(mesh).check_model(model_cfg)
+    except ValueError as e:
+        raise SystemExit(f"error: --mesh={args.mesh}: {str(e).splitlines()[0]}") from None
+
+
 def check_inference_flags(args) -> None:
     """--max_len, --max_examples and --attention, before anything is loaded."""
     from jaxmt.config import ATTENTION_IMPLS
@@ -138,8 +199,8 @@ def model_configs(model_dir: str) -> dict:
                              f"{pass_one}")
         from jaxmt.inference import hf_import  # the same records Translator converts
 
-        model, tokenizer = hf_import.read_configs(model_dir)
-        return {"model": model, "tokenizer": tokenizer}
+        model, tokenizer, decode = hf_import.read_configs(model_dir, with_decode=True)
+        return {"model": model, "tokenizer": tokenizer, "decode": decode}
     try:
         cfgs = cfglib.load(model_dir)
     except ValueError as e:  # the message names the file and the field
@@ -164,6 +225,12 @@ def _add_inference_flags(p: argparse.ArgumentParser, model_dir_help: str) -> Non
                    help="encoder attention implementation for long inputs, e.g. auto, local, "
                         "flash (AttentionConfig.encoder; the other attention settings stay "
                         "as trained; default: the trained setting)")
+    p.add_argument("--mesh", default=None,
+                   help="decode on a device mesh, e.g. data=8 (the batch split 8 ways) or "
+                        "data=4,tensor=2 (parameters split as jaxmt.sharding.axes says, for "
+                        "a model too large for one device); axes replica, data, fsdp, tensor "
+                        "(MeshConfig), one of them -1 for the remaining devices; axes left "
+                        "out are 1, except data, which takes the rest (default: one device)")
     g = p.add_argument_group("decoding", "Override the model directory's DecodeConfig (its "
                              "`decode` section; jaxmt models: beam 4, GNMT penalty 0.6, outputs "
                              "up to 2 x source + 10 tokens, no 4-gram twice; imported models: "
@@ -188,6 +255,7 @@ def cmd_eval(args, gin_overrides) -> int:
     check_inference_flags(args)
     cfgs = model_configs(args.model_dir)
     decode = decode_config(args, cfgs)
+    mesh = mesh_config(args)
     if "data" not in cfgs:
         raise SystemExit(f"error: --model_dir={args.model_dir}: no data section (an imported "
                          "model); `jaxmt eval` scores the directions a model was trained on, "
@@ -202,7 +270,8 @@ def cmd_eval(args, gin_overrides) -> int:
     from jaxmt.inference.evaluation import evaluate, format_table
     from jaxmt.inference.translator import Translator
 
-    tr = Translator.from_pretrained(args.model_dir, step=args.step, decode=decode,
+    check_mesh(args, mesh, cfgs["model"])
+    tr = Translator.from_pretrained(args.model_dir, step=args.step, decode=decode, mesh=mesh,
                                     **inference_options(args))
     data_cfg = cfgs["data"]
     log = lambda d, r: print(f"{d}: BLEU {r['bleu']:.1f} chrF {r['chrf']:.1f} (n={r['n']})",
@@ -223,6 +292,7 @@ def cmd_translate(args, gin_overrides) -> int:
     cfgs = model_configs(args.model_dir)
     check_model_langs(cfgs, args.src_lang, args.tgt_lang, names=("--src_lang", "--tgt_lang"))
     decode = decode_config(args, cfgs)
+    mesh = mesh_config(args)
     if args.input and not os.path.isfile(args.input):
         raise SystemExit(f"error: --input={args.input}: no such file; pass a text file, one "
                          "sentence per line, or leave --input out to read stdin")
@@ -233,7 +303,9 @@ def cmd_translate(args, gin_overrides) -> int:
     from jaxmt.fileio import write_atomic
     from jaxmt.inference.translator import Translator, translate_stream
 
-    tr = Translator.from_pretrained(args.model_dir, decode=decode, **inference_options(args))
+    check_mesh(args, mesh, cfgs["model"])
+    tr = Translator.from_pretrained(args.model_dir, decode=decode, mesh=mesh,
+                                    **inference_options(args))
     data = Path(args.input).read_bytes() if args.input else sys.stdin.buffer.read()
     out = translate_stream(tr, data, args.src_lang, args.tgt_lang, n_best=args.n_best)
     if args.output:

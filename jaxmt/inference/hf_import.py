@@ -23,11 +23,14 @@ What the conversion does besides renaming and transposing:
   needs pad 0, EOS 1, UNK 2. The vocabulary rows (embedding, output layer,
   ``final_logits_bias``) are reordered with :func:`jaxmt.inference.tokenizer.id_permutation`
   and the tokenizer record stores the same reordering.
-* Single-token ``bad_words_ids`` of the generation config (opus-mt bans ``<pad>``)
-  become ``suppressed_ids``, applied by the translator at generation time.
-
-jaxmt decodes greedily; ``num_beams``, ``max_length`` and ``forced_eos_token_id``
-(which only acts at the length limit) are not carried over.
+* The generation defaults (``generation_config.json``, or ``config.json``'s generation
+  fields in older checkpoints) become a :class:`jaxmt.config.DecodeConfig`, the
+  ``decode`` section ``jaxmt convert`` writes: ``num_beams``, ``length_penalty``,
+  ``early_stopping``, ``max_length``/``max_new_tokens``, ``min_length``,
+  ``forced_eos_token_id``, ``no_repeat_ngram_size``, ``repetition_penalty``, sampling,
+  and single-token ``bad_words_ids`` (opus-mt bans ``<pad>``) as ``suppressed_ids``
+  (:mod:`jaxmt.inference.hf_generation` has the mapping). With them, beam search gives
+  the reference ``generate()``'s outputs (``tests/test_decode_parity.py``).
 
 Anything the converter cannot represent exactly fails with an :class:`HFImportError`
 that names the config field and file, or the tensor.
@@ -44,8 +47,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmt.config import CONFIG_FILE, ModelConfig, TokenizerConfig, to_json
+from jaxmt.config import (CONFIG_FILE, IMPORTED_DECODE, DecodeConfig, ModelConfig,
+                          TokenizerConfig, to_json)
 from jaxmt.fileio import atomic_directory, write_atomic
+from jaxmt.inference import hf_generation
+from jaxmt.inference.hf_config import ConfigFields, HFImportError
 from jaxmt.inference.tokenizer import id_permutation
 
 PyTree = Any
@@ -56,24 +62,17 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 ARCHITECTURES = {"t5": ("T5ForConditionalGeneration", "T5WithLMHeadModel"),
                  "mt5": ("MT5ForConditionalGeneration",),
                  "marian": ("MarianMTModel",)}
-# Hugging Face activation names -> jaxmt's (ModelConfig.mlp_activations).
-ACTIVATIONS = {"relu": "relu", "gelu": "gelu_exact", "gelu_new": "gelu",
-               "gelu_pytorch_tanh": "gelu", "silu": "silu", "swish": "silu"}
 MARIAN_LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default; not in Marian's config
-_MISSING = object()
-
-
-class HFImportError(ValueError):
-    """A checkpoint jaxmt cannot represent exactly; the message names the cause."""
-
 
 @dataclasses.dataclass(frozen=True)
 class ImportedModel:
-    """A converted checkpoint: the model and tokenizer records and unrolled-or-scanned params."""
+    """A converted checkpoint: the model and tokenizer records, unrolled-or-scanned params
+    and the checkpoint's generation defaults."""
 
     model: ModelConfig
     tokenizer: TokenizerConfig
     params: PyTree
+    decode: DecodeConfig = IMPORTED_DECODE
 
 
 def is_hf_checkpoint(path: str) -> bool:
@@ -203,37 +202,7 @@ class _Tensors:
 
 # ----------------------------------------------------------------------------- configs
 
-class _Fields:
-    """config.json access whose errors name the field and the file."""
-
-    def __init__(self, raw: dict, path: str):
-        self.raw, self.path = raw, path
-
-    def get(self, name: str, default: Any = _MISSING) -> Any:
-        if name in self.raw and self.raw[name] is not None:
-            return self.raw[name]
-        if default is _MISSING:
-            raise HFImportError(f"{self.path}: missing field {name!r}")
-        return default
-
-    def fail(self, name: str, msg: str):
-        raise HFImportError(f"{self.path}: {name}={self.raw.get(name)!r}: {msg}")
-
-    def token_id(self, name: str, default: Any = _MISSING) -> int:
-        v = self.get(name, default)
-        if isinstance(v, list):  # newer configs allow several EOS ids
-            if len(v) != 1:
-                self.fail(name, "jaxmt supports exactly one id")
-            v = v[0]
-        return int(v)
-
-    def activation(self, name: str, value: str) -> str:
-        if value not in ACTIVATIONS:
-            self.fail(name, f"unsupported activation {value!r}; supported: {sorted(ACTIVATIONS)}")
-        return ACTIVATIONS[value]
-
-
-def _check_architecture(f: _Fields, model_type: str) -> None:
+def _check_architecture(f: ConfigFields, model_type: str) -> None:
     if model_type not in ARCHITECTURES:
         f.fail("model_type", f"unsupported; jaxmt imports {', '.join(ARCHITECTURES)} "
                "checkpoints only")
@@ -245,7 +214,7 @@ def _check_architecture(f: _Fields, model_type: str) -> None:
         f.fail("is_encoder_decoder", "jaxmt imports encoder-decoder models only")
 
 
-def _t5_config(f: _Fields, model_type: str, **overrides) -> ModelConfig:
+def _t5_config(f: ConfigFields, model_type: str, **overrides) -> ModelConfig:
     proj = f.get("feed_forward_proj", "relu")
     parts = proj.split("-")
     gated = len(parts) == 2 and parts[0] == "gated"
@@ -271,7 +240,7 @@ def _t5_config(f: _Fields, model_type: str, **overrides) -> ModelConfig:
         rescale_logits=tied and model_type == "t5", final_logits_bias=False, **overrides)
 
 
-def _marian_config(f: _Fields, **overrides) -> ModelConfig:
+def _marian_config(f: ConfigFields, **overrides) -> ModelConfig:
     vocab = int(f.get("vocab_size"))
     if not f.get("share_encoder_decoder_embeddings", True):
         f.fail("share_encoder_decoder_embeddings", "jaxmt shares one embedding table")
@@ -428,23 +397,12 @@ def _marian_params(ts: _Tensors, cfg: ModelConfig, perm: np.ndarray, max_positio
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def _generation_fields(hf_dir: str, f: _Fields) -> _Fields:
+def _generation_fields(hf_dir: str, f: ConfigFields) -> ConfigFields:
     path = os.path.join(hf_dir, GENERATION_CONFIG)
-    return _Fields(_load_json(path), path) if os.path.exists(path) else f
+    return ConfigFields(_load_json(path), path) if os.path.exists(path) else f
 
 
-def _suppressed(gen: _Fields, to_jaxmt: np.ndarray) -> tuple[int, ...]:
-    if gen.get("forced_bos_token_id", None) is not None:
-        gen.fail("forced_bos_token_id", "jaxmt's greedy decoding cannot force a first token")
-    out = []
-    for seq in gen.get("bad_words_ids", []):
-        if len(seq) != 1:
-            gen.fail("bad_words_ids", "only single-token entries are supported")
-        out.append(int(to_jaxmt[seq[0]]))
-    return tuple(sorted(set(out)))
-
-
-def _t5_tokenizer(hf_dir: str, cfg: ModelConfig, gen: _Fields,
+def _t5_tokenizer(hf_dir: str, cfg: ModelConfig, gen: ConfigFields,
                   input_prefix: str | None) -> TokenizerConfig:
     import sentencepiece as spm
 
@@ -458,14 +416,12 @@ def _t5_tokenizer(hf_dir: str, cfg: ModelConfig, gen: _Fields,
     if sp.get_piece_size() > cfg.vocab_size:
         raise HFImportError(f"{path}: {sp.get_piece_size()} pieces exceed the model's "
                             f"vocab_size={cfg.vocab_size} ({HF_CONFIG})")
-    suppressed = _suppressed(gen, np.arange(cfg.vocab_size))
-    if suppressed:
-        gen.fail("bad_words_ids", "needs a final_logits_bias to apply, which T5 has not")
+    suppressed = hf_generation.suppressed_ids(gen, np.arange(cfg.vocab_size))
     return TokenizerConfig(kind="t5", vocab_files=("spiece.model",),
-                           input_prefix=input_prefix or "")
+                           input_prefix=input_prefix or "", suppressed_ids=suppressed)
 
 
-def _marian_tokenizer(hf_dir: str, cfg: ModelConfig, f: _Fields, gen: _Fields,
+def _marian_tokenizer(hf_dir: str, cfg: ModelConfig, f: ConfigFields, gen: ConfigFields,
                       input_prefix: str | None) -> TokenizerConfig:
     files = ("source.spm", "target.spm", "vocab.json")
     for name in files:
@@ -493,7 +449,7 @@ def _marian_tokenizer(hf_dir: str, cfg: ModelConfig, f: _Fields, gen: _Fields,
     return TokenizerConfig(
         kind="marian", vocab_files=files, input_prefix=input_prefix, target_langs=codes,
         reordered_ids=() if reordered == (0, 1, 2) else reordered,
-        suppressed_ids=_suppressed(gen, np.argsort(perm)))
+        suppressed_ids=hf_generation.suppressed_ids(gen, np.argsort(perm)))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -522,15 +478,16 @@ def check_params(params: PyTree, cfg: ModelConfig) -> None:
 # ----------------------------------------------------------------------------- entry points
 
 def read_configs(hf_dir: str, precision: str = "fp32", scan_layers: bool = False,
-                 input_prefix: str | None = None) -> tuple[ModelConfig, TokenizerConfig]:
+                 input_prefix: str | None = None, with_decode: bool = False) -> tuple:
     """The model and tokenizer records :func:`import_checkpoint` would make, without
-    reading the weights: a cheap check of a directory (and of the languages it takes)."""
-    _, cfg, tok = _records(hf_dir, precision, scan_layers, input_prefix)
-    return cfg, tok
+    reading the weights: a cheap check of a directory (and of the languages it takes).
+    ``with_decode``: the generation defaults too, as a third item."""
+    _, cfg, tok, decode = _records(hf_dir, precision, scan_layers, input_prefix)
+    return (cfg, tok, decode) if with_decode else (cfg, tok)
 
 
 def _records(hf_dir: str, precision: str, scan_layers: bool, input_prefix: str | None
-             ) -> tuple[_Fields, ModelConfig, TokenizerConfig]:
+             ) -> tuple[ConfigFields, ModelConfig, TokenizerConfig, DecodeConfig]:
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"{hf_dir}: no such directory; pass a Hugging Face model "
                                 "folder (config.json, weights, tokenizer files)")
@@ -543,7 +500,7 @@ def _records(hf_dir: str, precision: str, scan_layers: bool, input_prefix: str |
     if not isinstance(raw, dict):
         raise HFImportError(f"{cfg_path}: a JSON {type(raw).__name__}, expected an object "
                             "with model_type; is this a Hugging Face model config?")
-    f = _Fields(raw, cfg_path)
+    f = ConfigFields(raw, cfg_path)
     model_type = f.get("model_type")
     _check_architecture(f, model_type)
     overrides = {"precision": precision, "scan_layers": scan_layers}
@@ -554,7 +511,8 @@ def _records(hf_dir: str, precision: str, scan_layers: bool, input_prefix: str |
         tok = _marian_tokenizer(hf_dir, cfg, f, gen, input_prefix)
     else:
         tok = _t5_tokenizer(hf_dir, cfg, gen, input_prefix)
-    return f, cfg, tok
+    to_jaxmt = np.argsort(id_permutation(cfg.vocab_size, tok.reordered_ids))
+    return f, cfg, tok, hf_generation.decode_config(gen, to_jaxmt)
 
 
 def import_checkpoint(hf_dir: str, precision: str = "fp32", scan_layers: bool = False,
@@ -570,13 +528,14 @@ def import_checkpoint(hf_dir: str, precision: str = "fp32", scan_layers: bool = 
             multilingual Marian vocabulary.
 
     Returns:
-        The model and tokenizer records and parameters as numpy arrays.
+        The model and tokenizer records, parameters as numpy arrays and the generation
+        defaults (:mod:`jaxmt.inference.hf_generation`).
 
     Raises:
         HFImportError: An unsupported architecture, config option or tensor mismatch.
         FileNotFoundError: Weights or tokenizer files are missing.
     """
-    f, cfg, tok = _records(hf_dir, precision, scan_layers, input_prefix)
+    f, cfg, tok, decode = _records(hf_dir, precision, scan_layers, input_prefix)
     model_type = f.get("model_type")
     tensors, source = read_weights(hf_dir)
     ts = _Tensors(tensors, source)
@@ -592,13 +551,14 @@ def import_checkpoint(hf_dir: str, precision: str = "fp32", scan_layers: bool = 
         from jaxmt.modeling.network import stack_layers
         params = stack_layers(params)
     check_params(params, cfg)
-    return ImportedModel(cfg, tok, params)
+    return ImportedModel(cfg, tok, params, decode)
 
 
 def convert(hf_dir: str, out_dir: str, **kwargs) -> ImportedModel:
     """Writes a jaxmt model directory that ``Translator.from_pretrained`` and
-    ``jaxmt translate`` load like a trained one: ``jaxmt_config.json`` (model and
-    tokenizer sections), the tokenizer files and a params-only checkpoint at step 0.
+    ``jaxmt translate`` load like a trained one: ``jaxmt_config.json`` (model, tokenizer
+    and decode sections: the checkpoint's generation defaults), the tokenizer files and
+    a params-only checkpoint at step 0.
 
     Keyword arguments are those of :func:`import_checkpoint`.
     """
@@ -615,5 +575,6 @@ def convert(hf_dir: str, out_dir: str, **kwargs) -> ImportedModel:
         save_params(str(tmp), jax.tree.map(jax.numpy.asarray, imported.params),
                     meta={"step": 0, "imported_from": os.path.abspath(hf_dir)})
         write_atomic(os.path.join(tmp, CONFIG_FILE),
-                     to_json(model=imported.model, tokenizer=imported.tokenizer))
+                     to_json(model=imported.model, tokenizer=imported.tokenizer,
+                             decode=imported.decode))
     return imported

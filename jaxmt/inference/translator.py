@@ -13,18 +13,27 @@ decodes (``EncoderDecoderModel.predict_batch_with_aux``: greedy, beam search or
 sampling over a KV cache, as the model directory's :class:`jaxmt.config.DecodeConfig`
 says). Inputs are sorted by length and batched by a token budget in power-of-two shapes,
 so a long job compiles only a handful of shapes.
+
+Decoding runs on a :class:`~jaxmt.sharding.partitioning.Partitioner`'s mesh (one device
+unless ``mesh=`` / ``jaxmt translate --mesh`` says otherwise): the batch splits over the
+data axes and the parameters follow the rule table, so a model too large for one device
+still decodes::
+
+    Translator.from_pretrained("runs/big", mesh=MeshConfig(data=4, tensor=2))
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 import sys
 import unicodedata
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,11 +41,13 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from jaxmt import config as cfglib
-from jaxmt.checkpoint import Checkpointer
-from jaxmt.config import IMPORTED_DECODE, IMPORTED_MAX_LEN, DataConfig, DecodeConfig, ModelConfig
+from jaxmt.checkpoint import Checkpointer, abstract_like
+from jaxmt.config import (IMPORTED_DECODE, IMPORTED_MAX_LEN, DataConfig, DecodeConfig,
+                          MeshConfig, ModelConfig)
 from jaxmt.data.vocab import EOS_ID
 from jaxmt.inference.tokenizer import TaggedTokenizer, Tokenizer, load_tokenizer
 from jaxmt.modeling.model import EncoderDecoderModel
+from jaxmt.sharding.partitioning import Partitioner
 
 PyTree = Any
 MIN_BUCKET = 16
@@ -107,6 +118,29 @@ def floor_pow2(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
+def make_partitioner(mesh: MeshConfig | None = None) -> Partitioner:
+    """The mesh a translator decodes on: ``mesh`` over every device, or (None) the
+    first device alone."""
+    if mesh is None:
+        return Partitioner(MeshConfig(), jax.devices()[:1])
+    return Partitioner(mesh)
+
+
+@functools.lru_cache(maxsize=4)  # from_pretrained and the constructor ask alike (~1 s, T5-base)
+def param_placement(model_cfg: ModelConfig, partitioner: Partitioner) -> PyTree:
+    """Abstract parameters (``jax.ShapeDtypeStruct``s) carrying the shardings the
+    partitioner's :attr:`~Partitioner.param_rules` give them: restore and placement targets.
+
+    Raises:
+        ValueError: the mesh does not divide the model's dimensions (checked first).
+    """
+    partitioner.check_model(model_cfg)
+    model = EncoderDecoderModel(model_cfg)
+    boxed = partitioner.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), model.dummy_batch(1, 8, 8)))
+    return abstract_like(nn.unbox(boxed), partitioner.logical_shardings(boxed, params=True))
+
+
 class Translator:
     """Translates lists of sentences with a jaxmt model directory or an imported checkpoint.
 
@@ -127,14 +161,31 @@ class Translator:
             keyword arguments override single fields.
         progress: A progress bar on stderr (lines/s, tokens/s): True, False, or None
             for jobs of at least :data:`PROGRESS_MIN_LINES` lines.
+        partitioner: The mesh to decode on (:func:`make_partitioner`); default the first
+            device. ``params`` are placed as its rules say (a no-op for parameters
+            restored there), and each batch's rows are split over its data axes.
+
+    Raises:
+        ValueError: the partitioner's mesh does not divide the model's dimensions.
     """
 
     def __init__(self, model_cfg: ModelConfig, params: PyTree, tokenizer: Tokenizer,
                  max_src_len: int = 128, max_decode_len: int = 128, batch_size: int = 64,
                  max_tokens: int = 16384, decode: DecodeConfig = DecodeConfig(),
-                 progress: bool | None = None):
+                 progress: bool | None = None, partitioner: Partitioner | None = None):
         self.model = EncoderDecoderModel(model_cfg)
-        self.params = params
+        self.partitioner = partitioner if partitioner is not None else make_partitioner()
+        placement = param_placement(model_cfg, self.partitioner)
+        self.params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, placement))
+        model = self.model
+
+        def predict(params, tokens, rng, decode, max_decode_len, num_ids):
+            return model.predict_batch_with_aux(params, {"encoder_input_tokens": tokens},
+                                                decode=decode, max_decode_len=max_decode_len,
+                                                num_ids=num_ids, rng=rng)
+        # Compiled once per (shape, decode config, length): the modules' logical
+        # constraints resolve on this mesh; inputs bring their own shardings.
+        self._predict = self.partitioner.jit(predict, static_argnums=(3, 4, 5))
         self.tokenizer = tokenizer
         self.langs = tokenizer.langs
         self.max_src_len = max_src_len
@@ -148,8 +199,9 @@ class Translator:
     @classmethod
     def from_pretrained(cls, model_dir: str, step: int | None = None,
                         input_prefix: str | None = None, precision: str = "fp32",
-                        encoder_attention: str | None = None, **kwargs) -> "Translator":
-        """Loads config, vocabulary and the (latest) checkpoint's parameters onto one device.
+                        encoder_attention: str | None = None, mesh: MeshConfig | None = None,
+                        **kwargs) -> "Translator":
+        """Loads config, vocabulary and the (latest) checkpoint's parameters.
 
         ``model_dir`` is a jaxmt model directory (trained, or written by ``jaxmt
         convert``) or a Hugging Face T5 / mT5 / MarianMT directory, converted in memory
@@ -162,24 +214,31 @@ class Translator:
         arguments go to the constructor. ``encoder_attention`` replaces only the
         encoder's attention implementation (e.g. ``"local"`` for long inputs; the
         parameters are the same); every other trained attention setting is kept.
+
+        ``mesh`` spreads decoding over every device (:class:`jaxmt.config.MeshConfig`;
+        default: the first device alone): checkpoint parameters are restored straight
+        into their shards, imported ones placed there after conversion.
+
+        Raises:
+            ValueError: ``mesh`` does not fit the devices or the model's dimensions
+                (before any weights are read).
         """
         from jaxmt.inference import hf_import
 
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        kwargs["partitioner"] = partitioner = make_partitioner(mesh)
         if hf_import.is_hf_checkpoint(model_dir):
+            partitioner.check_model(hf_import.read_configs(model_dir)[0])  # before the weights
             imported = hf_import.import_checkpoint(model_dir, precision=precision,
                                                    input_prefix=input_prefix)
-            params = jax.device_put(imported.params, device)
             model_cfg = with_encoder_attention(imported.model, encoder_attention)
             kwargs.setdefault("decode", getattr(imported, "decode", IMPORTED_DECODE))
-            return cls._imported(model_dir, model_cfg, imported.tokenizer, params, **kwargs)
+            return cls._imported(model_dir, model_cfg, imported.tokenizer, imported.params,
+                                 **kwargs)
         cfgs = cfglib.load(model_dir)
         model_cfg = with_encoder_attention(cfgs["model"], encoder_attention)
+        abstract = param_placement(model_cfg, partitioner)
         ckpt = Checkpointer(model_dir, async_save=False, read_only=True)  # writes nothing
         try:
-            shapes = EncoderDecoderModel(model_cfg).param_shapes()
-            abstract = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
             if step is None:
                 step, params = ckpt.restore_latest_params(abstract)
             else:
@@ -260,9 +319,11 @@ class Translator:
         bar = tqdm(total=len(todo), desc="translate", unit="line", disable=not show,
                    dynamic_ncols=True, file=sys.stderr)
         rng = jax.random.PRNGKey(cfg.seed)
+        dp = self.partitioner.data_parallel_size
         start, n_batch = 0, 0
         while start < len(todo):
             src_len = _bucket(len(todo[start][1]), self.max_src_len)
+            # The batches do not depend on the mesh (so sampling draws the same numbers).
             rows = min(self.batch_size, floor_pow2(self.max_tokens // (src_len * cfg.outputs)))
             chunk = []  # up to `rows` inputs of this bucket
             while (start < len(todo) and len(chunk) < rows
@@ -271,13 +332,14 @@ class Translator:
                 start += 1
             dec_len = min(_bucket(int(cfg.max_len_a * src_len + cfg.max_len_b), 1 << 30),
                           self.max_decode_len)
-            arr = np.zeros((rows, src_len), np.int32)
+            # All-padding rows up to a multiple of the data-parallel size; dropped after.
+            arr = np.zeros((-(-rows // dp) * dp, src_len), np.int32)
             for r, (_, ids) in enumerate(chunk):
                 arr[r, : len(ids)] = ids
-            ids, scores = self.model.predict_batch_with_aux(
-                self.params, {"encoder_input_tokens": arr}, decode=cfg, max_decode_len=dec_len,
-                num_ids=self.tokenizer.num_ids, rng=jax.random.fold_in(rng, n_batch))
-            ids, scores = np.asarray(ids), np.asarray(scores)
+            tokens = jax.device_put(arr, self.partitioner.batch_sharding)
+            ids, scores = self._predict(self.params, tokens, jax.random.fold_in(rng, n_batch),
+                                        cfg, dec_len, self.tokenizer.num_ids)
+            ids, scores = np.asarray(ids), np.asarray(scores)  # gathered to the host
             n_batch += 1
             for r, (i, src) in enumerate(chunk):
                 out[i] = [Hypothesis(clean_text(self.tokenizer.decode(ids[r, n])),

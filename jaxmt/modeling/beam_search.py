@@ -3,9 +3,14 @@
 The encoder runs once, and its output is repeated once per beam. Each step scores
 ``beam_size * vocab`` continuations of the alive beams and keeps the top ``2 *
 beam_size`` candidates (enough that ``beam_size`` of them are alive even when every beam
-could end here). Those ending in EOS join the finished set, which keeps the best
-``beam_size`` by length-penalised score; the rest become the new alive set, whose KV
-cache is reordered to follow them (T5X's and fairseq's scheme).
+could end here). Those among the best ``beam_size`` that end (EOS, or the length limit)
+join the finished set, which keeps the best ``beam_size`` by length-penalised score; the
+best ``beam_size`` that do not end become the new alive set, whose KV cache is reordered
+to follow them. An ending candidate ranked below ``beam_size`` is dropped: it only
+served to keep ``beam_size`` beams alive (Hugging Face's and fairseq's rule; T5X lets
+every ending candidate of the ``2 * beam_size`` finish; where they differ jaxmt follows
+Hugging Face, so an imported checkpoint decodes as ``generate()`` does:
+``tests/test_decode_parity.py`` compares ids and scores).
 
 Length penalties (``score = log p / lp(length)``, length counting the EOS):
 
@@ -27,10 +32,12 @@ Stopping (``early_stopping``, Hugging Face's names):
   hypotheses have finished.
 
 A row's output is at most ``max_len_a * source_length + max_len_b`` tokens long (EOS
-included, capped by the cache length); a hypothesis still alive at that length is cut off
-there and competes with the finished ones, scored at that length (greedy decoding and
-Hugging Face's beam search do the same, so ``beam_size=1`` without a length penalty is
-greedy decoding exactly). Below ``min_len`` tokens EOS is not allowed.
+included, capped by the cache length; Hugging Face's ``max_new_tokens``, or its
+``max_length`` minus the start token); a hypothesis still alive at that length is cut off
+there and competes with the finished ones, scored at that length, if it ranks among the
+step's best ``beam_size`` (greedy decoding and Hugging Face's beam search do the same, so
+``beam_size=1`` without a length penalty is greedy decoding exactly). Below ``min_len``
+tokens EOS is not allowed.
 """
 
 from __future__ import annotations
@@ -43,11 +50,12 @@ import jax.numpy as jnp
 
 from jaxmt.config import DecodeConfig
 from jaxmt.data.vocab import EOS_ID, PAD_ID  # SentencePiece only, no TF; PAD also starts decoding
+from jaxmt.modeling import logits_processing
 from jaxmt.modeling.decoding import init_cache
 from jaxmt.modeling.network import EncoderDecoder
 
 PyTree = Any
-NEG_INF = -1e9  # finite, so that -inf - -inf never makes a NaN in the comparisons below
+NEG_INF = logits_processing.NEG_INF  # finite: -inf - -inf would make NaNs below
 
 
 def length_penalty(length: jax.Array, kind: str, alpha: float) -> jax.Array:
@@ -76,10 +84,17 @@ def _batch_axes(module: EncoderDecoder, max_decode_len: int, encoded: jax.Array,
 
 
 def _reorder(cache: PyTree, axes: PyTree, beams: jax.Array, how: str) -> PyTree:
-    """The cache of rows ``beams`` [b, k] (beam indices within each source row)."""
+    """The cache of rows ``beams`` [b, k] (beam indices within each source row).
+
+    ``how``: ``"gather"`` (``jnp.take``: fastest on one device, but XLA all-gathers the
+    whole cache over a batch-sharded mesh to serve the flat row indices), ``"one_hot"``
+    (an einsum within each source row: stays inside each batch shard) or ``"auto"``
+    (one-hot when tracing under a mesh of more than one device, else gather).
+    """
+    if how == "auto":
+        how = "one_hot" if jax.sharding.get_abstract_mesh().size > 1 else "gather"
     b, k = beams.shape
     flat = (beams + jnp.arange(b)[:, None] * k).reshape(-1)  # [b*k] rows of the cache
-    one_hot = jax.nn.one_hot(beams, k, dtype=jnp.float32)  # [b, k_new, k_old]
 
     def move(x, axis):
         if axis is None:
@@ -87,11 +102,13 @@ def _reorder(cache: PyTree, axes: PyTree, beams: jax.Array, how: str) -> PyTree:
         if how == "gather":
             return jnp.take(x, flat, axis=axis)
         x = jnp.moveaxis(x, axis, 0)
-        rest = x.shape[1:]
-        grouped = x.reshape(b, k, -1).astype(jnp.float32)  # [b, k_old, n]
-        # One-hot rows pick one old beam each, so the product is exact.
-        out = jnp.einsum("bjk,bkn->bjn", one_hot, grouped)  # [b, k_new, n]
-        return jnp.moveaxis(out.astype(x.dtype).reshape(b * k, *rest), 0, axis)
+        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+        one_hot = jax.nn.one_hot(beams, k, dtype=dtype)  # [b, k_new, k_old]
+        # Every other axis kept as it is (no flattening), so their shardings (heads over
+        # `tensor`) survive; one-hot rows pick one old beam each, so the product is exact.
+        grouped = x.reshape(b, k, *x.shape[1:]).astype(dtype)  # [b, k_old, ...]
+        out = jnp.einsum("bjk,bk...->bj...", one_hot, grouped)  # [b, k_new, ...]
+        return jnp.moveaxis(out.astype(x.dtype).reshape(x.shape), 0, axis)
     return jax.tree.map(move, cache, axes)
 
 
@@ -136,7 +153,6 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
 
     src_len = jnp.sum(enc_tokens > 0, axis=1).astype(jnp.float32)  # [b]
     max_len = jnp.clip(jnp.floor(o.max_len_a * src_len + o.max_len_b), 1, L).astype(jnp.int32)
-    min_len = jnp.minimum(o.min_len, max_len)  # [b]: a row never has to end before min_len
 
     def cond(carry):
         i, done = carry[0], carry[-1]
@@ -151,13 +167,13 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
             mutable=["cache"], method=EncoderDecoder.decode)  # [b*k, 1, v]
         last_logits = logits[:, -1].astype(jnp.float32)  # [b*k, v]
         v = last_logits.shape[-1]
-        ids = jnp.arange(v)
-        if num_ids is not None and num_ids < v:  # unused rows of the vocabulary: no mass
-            last_logits = jnp.where(ids < num_ids, last_logits, NEG_INF)
-        logp = jax.nn.log_softmax(last_logits)  # [b*k, v]
+        # Unused rows of the vocabulary get no mass; the processors (min length, forced
+        # EOS, no-repeat n-grams, ...) act on log-probabilities, as Hugging Face's do.
+        logp = jax.nn.log_softmax(logits_processing.mask_unused(last_logits, num_ids))
+        logp = logits_processing.process(logp, alive_seq.reshape(b * k, L), i,
+                                         jnp.repeat(max_len, k), o)  # [b*k, v]
         length = i + 1  # tokens of a hypothesis that takes its token at position i
-        eos_ok = (ids != EOS_ID) | (length >= min_len)[:, None, None]  # [b, 1, v]
-        cand = jnp.where(eos_ok, alive_logp[:, :, None] + logp.reshape(b, k, v), NEG_INF)
+        cand = alive_logp[:, :, None] + logp.reshape(b, k, v)  # [b, k, v]
         cand_logp, cand_idx = jax.lax.top_k(cand.reshape(b, k * v), 2 * k)  # [b, 2k]
         beam, token = cand_idx // v, (cand_idx % v).astype(jnp.int32)
         seq = jnp.take_along_axis(alive_seq, beam[:, :, None], 1)  # [b, 2k, L]
@@ -166,9 +182,12 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
         # as greedy decoding and Hugging Face's beam search leave it).
         ends = (token == EOS_ID) | (length >= max_len)[:, None]
 
-        # Finished: the old set and this step's EOS candidates; keep the best k.
+        # Finished: the old set and this step's ending candidates among the best k (the
+        # other k only keep k beams alive; Hugging Face and fairseq let them not finish);
+        # keep the best k.
         score = cand_logp / length_penalty(length, o.length_penalty, o.alpha)
-        score = jnp.where(ends & (cand_logp > NEG_INF / 2) & ~done[:, None], score, NEG_INF)
+        ok = ends & (jnp.arange(2 * k) < k)[None, :] & (cand_logp > NEG_INF / 2)
+        score = jnp.where(ok & ~done[:, None], score, NEG_INF)
         fin_score, fin_seq = _top(jnp.concatenate([fin_score, score], 1), k,
                                   jnp.concatenate([fin_seq, seq], 1))
         # Alive: the best k candidates that did not end.

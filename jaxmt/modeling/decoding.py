@@ -1,8 +1,9 @@
-"""Greedy decoding over the decoder's KV cache.
+"""Greedy decoding and sampling over the decoder's KV cache.
 
 The encoder runs once; each step feeds one token to the decoder, which appends its
 keys/values to the cache and attends over the cached prefix. The loop is a
-``lax.while_loop`` that stops as soon as every row has produced EOS.
+``lax.while_loop`` that stops as soon as every row has finished (EOS or its longest
+output).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxmt.config import DecodeConfig
 from jaxmt.data.vocab import EOS_ID, PAD_ID  # SentencePiece only, no TF; PAD also starts decoding
+from jaxmt.modeling import logits_processing
 from jaxmt.modeling.network import EncoderDecoder
 
 PyTree = Any
@@ -29,10 +32,78 @@ def init_cache(module: EncoderDecoder, batch: int, max_decode_len: int, encoded:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+# Greedy decoding as it always was: no length limit but the cache's, no processing.
+_PLAIN_GREEDY = DecodeConfig(strategy="greedy", no_repeat_ngram_size=0, max_len_a=0.0,
+                             max_len_b=1 << 30)
+
+
+def max_output_len(enc_tokens: jax.Array, options: DecodeConfig, max_decode_len: int
+                   ) -> jax.Array:
+    """[b] each row's longest output, EOS included: ``floor(a * source_tokens + b)``,
+    clipped to ``[1, max_decode_len]``."""
+    src_len = jnp.sum(enc_tokens > 0, axis=1).astype(jnp.float32)  # [b]
+    return jnp.clip(jnp.floor(options.max_len_a * src_len + options.max_len_b), 1,
+                    max_decode_len).astype(jnp.int32)
+
+
+def _decode_loop(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
+                 max_decode_len: int, num_ids: int | None, options: DecodeConfig,
+                 rng: jax.Array | None, scored: bool = True) -> tuple[jax.Array, jax.Array]:
+    """:func:`sample_decode`'s loop, unsorted: ([b * n, L] ids, [b * n] log-probabilities),
+    the ``n`` decodes of a source row adjacent. ``scored=False`` skips the scores (zeros)
+    and their softmax, for :func:`greedy_decode`'s speed."""
+    o, L = options, max_decode_len
+    sample = o.strategy == "sample"
+    n = o.num_decodes if sample else 1
+    enc_seg = (enc_tokens > 0).astype(jnp.int32)
+    encoded = module.apply({"params": params}, enc_tokens, enc_seg, method=EncoderDecoder.encode)
+    if n > 1:  # once per decode: [b*n, s, e] and [b*n, s]
+        encoded, enc_seg = jnp.repeat(encoded, n, axis=0), jnp.repeat(enc_seg, n, axis=0)
+    rows = encoded.shape[0]
+    cache = init_cache(module, rows, L, encoded, enc_seg)
+    max_len = jnp.repeat(max_output_len(enc_tokens, o, L), n)  # [b*n]
+
+    def cond(carry):
+        i, finished = carry[0], carry[-1]
+        return (i < L) & ~jnp.all(finished)
+
+    def body(carry):
+        i, token, out, logp, cache, finished = carry
+        logits, upd = module.apply(
+            {"params": params, "cache": cache}, token, encoded, enc_seg, decode=True,
+            positions=jnp.full((rows, 1), i), max_decode_len=L, mutable=["cache"],
+            method=EncoderDecoder.decode)  # [rows, 1, v]
+        last = logits_processing.mask_unused(logits[:, -1].astype(jnp.float32), num_ids)
+        # Processors on raw logits, then (sampling only) the warpers: Hugging Face's order.
+        scores = logits_processing.process(last, out, i, max_len, o)  # [rows, v]
+        if sample:
+            warped = logits_processing.warp(scores, o)
+            nxt = jax.random.categorical(jax.random.fold_in(rng, i), warped, axis=-1)
+        else:
+            nxt = jnp.argmax(scores, axis=-1)
+        nxt = jnp.where(finished, PAD_ID, nxt.astype(jnp.int32))  # [rows]
+        # The score is the model's log-probability of the output (processors and warpers
+        # choose the tokens but do not rescore them).
+        if scored:
+            tok_logp = jnp.take_along_axis(jax.nn.log_softmax(last), nxt[:, None], 1)[:, 0]
+            logp = logp + jnp.where(finished, 0.0, tok_logp)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+        # A row ends at EOS, or is cut off at its longest output.
+        finished = finished | (nxt == EOS_ID) | (i + 1 >= max_len)
+        return i + 1, nxt[:, None], out, logp, upd["cache"], finished
+
+    carry = (jnp.array(0, jnp.int32), jnp.full((rows, 1), PAD_ID, jnp.int32),
+             jnp.zeros((rows, L), jnp.int32), jnp.zeros((rows,), jnp.float32), cache,
+             jnp.zeros((rows,), bool))
+    _, _, out, logp, _, _ = jax.lax.while_loop(cond, body, carry)
+    return out, logp
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def greedy_decode(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
                   max_decode_len: int, num_ids: int | None = None) -> jax.Array:
-    """Greedy translation of a batch.
+    """Greedy translation of a batch, without :class:`DecodeConfig`'s length limits and
+    processing (:func:`sample_decode` with every processor off).
 
     Args:
         module: the network (static).
@@ -45,32 +116,52 @@ def greedy_decode(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
     Returns:
         [b, max_decode_len] generated ids; EOS then 0s after each row's end.
     """
+    return _decode_loop(module, params, enc_tokens, max_decode_len, num_ids, _PLAIN_GREEDY,
+                        None, scored=False)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def sample_decode(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
+                  max_decode_len: int, num_ids: int | None = None,
+                  options: DecodeConfig = _PLAIN_GREEDY, rng: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Greedy or sampled translation of a batch, with ``options``' length limits and
+    logits processing (:mod:`jaxmt.modeling.logits_processing`).
+
+    ``strategy="greedy"`` takes each step's best processed logit. ``"sample"`` draws
+    ``num_decodes`` outputs per source from the processed logits after temperature,
+    top-k and top-p, and returns them best first by log-probability (T5X's
+    ``temperature_sample``). Lengths follow :func:`jaxmt.modeling.beam_search.beam_search`:
+    a row's output has at most ``floor(max_len_a * source_tokens + max_len_b)`` tokens
+    (capped by ``max_decode_len``), EOS included, and is cut off there without EOS unless
+    ``forced_eos``; below ``min_len`` tokens EOS is banned.
+
+    Args:
+        module: the network (static).
+        params: its parameters.
+        enc_tokens: [b, s] source ids, 0-padded, each row ending in EOS.
+        max_decode_len: cache length and the longest output (static).
+        num_ids: only ids below this are generated (static).
+        options: the strategy and its settings (static; the beam fields are not used).
+        rng: the sampling key; default ``PRNGKey(options.seed)``. Unused when greedy.
+
+    Returns:
+        ``(ids, scores)``: [b, n_best, max_decode_len] ids, best first (EOS then 0s after
+        each output's end), and their [b, n_best] log-probabilities under the model
+        (sums over the generated tokens, EOS included).
+    """
+    if options.strategy not in ("greedy", "sample"):
+        raise ValueError(f"sample_decode: strategy must be 'greedy' or 'sample', got "
+                         f"{options.strategy!r} (beam search is beam_search)")
+    if options.strategy == "sample" and rng is None:
+        rng = jax.random.PRNGKey(options.seed)
+    out, logp = _decode_loop(module, params, enc_tokens, max_decode_len, num_ids, options, rng)
     b = enc_tokens.shape[0]
-    enc_seg = (enc_tokens > 0).astype(jnp.int32)
-    encoded = module.apply({"params": params}, enc_tokens, enc_seg, method=EncoderDecoder.encode)
-    cache = init_cache(module, b, max_decode_len, encoded, enc_seg)
-
-    def cond(carry):
-        i, _, _, _, finished = carry
-        return (i < max_decode_len) & ~jnp.all(finished)
-
-    def body(carry):
-        i, token, out, cache, finished = carry
-        logits, upd = module.apply(
-            {"params": params, "cache": cache}, token, encoded, enc_seg, decode=True,
-            positions=jnp.full((b, 1), i), max_decode_len=max_decode_len, mutable=["cache"],
-            method=EncoderDecoder.decode)  # [b, 1, v]
-        last = logits[:, -1]  # [b, v]
-        if num_ids is not None and num_ids < last.shape[-1]:
-            last = jnp.where(jnp.arange(last.shape[-1]) < num_ids, last, -jnp.inf)
-        nxt = jnp.argmax(last, axis=-1).astype(jnp.int32)  # [b]
-        nxt = jnp.where(finished, PAD_ID, nxt)
-        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
-        return i + 1, nxt[:, None], out, upd["cache"], finished | (nxt == EOS_ID)
-
-    carry = (jnp.array(0, jnp.int32), jnp.full((b, 1), PAD_ID, jnp.int32),
-             jnp.zeros((b, max_decode_len), jnp.int32), cache, jnp.zeros((b,), bool))
-    return jax.lax.while_loop(cond, body, carry)[2]
+    n = out.shape[0] // b
+    out, logp = out.reshape(b, n, max_decode_len), logp.reshape(b, n)
+    order = jnp.argsort(-logp, axis=1, stable=True)[:, :options.n_best]  # [b, n_best]
+    return (jnp.take_along_axis(out, order[:, :, None], 1),
+            jnp.take_along_axis(logp, order, 1))
 
 
 def strip_eos(ids) -> list[int]:
