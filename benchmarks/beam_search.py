@@ -40,7 +40,7 @@ def main():
     seconds = {}
     for how in ("gather", "one_hot"):
         opts = DecodeConfig(beam_size=a.beam, min_len=L, max_len_a=0.0, max_len_b=L,
-                            no_repeat_ngram_size=0, cache_reorder=how)
+                            no_repeat_ngram_size=0, suppressed_ids=(), cache_reorder=how)
         seconds[how] = timed(lambda o=opts: model.predict_batch(
             params, batch, decode_fn=beam_search, max_decode_len=L, options=o),
             repeats=a.repeats)

@@ -502,7 +502,8 @@ class DecodeConfig:
         seed: the sampling seed.
         no_repeat_ngram_size: an n-gram is never generated twice (0: off).
         repetition_penalty: CTRL's penalty on tokens already generated (1: off).
-        suppressed_ids: ids never generated (e.g. an imported model's ``bad_words_ids``).
+        suppressed_ids: ids never generated: padding for jaxmt models, an imported
+            model's ``bad_words_ids``.
         forced_eos: the last token an output can take is EOS (Hugging Face's
             ``forced_eos_token_id``).
         cache_reorder: how beam search moves the KV cache after the beams: ``"gather"``
@@ -526,7 +527,10 @@ class DecodeConfig:
     seed: int = 0
     no_repeat_ngram_size: int = 4
     repetition_penalty: float = 1.0
-    suppressed_ids: tuple[int, ...] = ()
+    # Padding (id 0) starts the decoder and pads the targets, so a jaxmt-trained model
+    # never learns its logit: a barely trained one may pick it, which reads as an empty
+    # output. Imported checkpoints bring their own list (IMPORTED_DECODE: none).
+    suppressed_ids: tuple[int, ...] = (0,)
     forced_eos: bool = False
     cache_reorder: str = "auto"
 
@@ -560,7 +564,7 @@ IMPORTED_MAX_LEN = 256  # source and output token limit of imported models (no D
 # An imported checkpoint without generation defaults decodes as the reference's
 # `generate()` does by default: greedy, no n-gram blocking, up to the token limit.
 IMPORTED_DECODE = DecodeConfig(strategy="greedy", no_repeat_ngram_size=0, max_len_a=0.0,
-                               max_len_b=IMPORTED_MAX_LEN)
+                               max_len_b=IMPORTED_MAX_LEN, suppressed_ids=())
 
 
 TOKENIZER_KINDS = ("t5", "marian")

@@ -24,6 +24,7 @@ NUM_IDS = 4  # ids 0, 1 (EOS), 2, 3: few enough to enumerate every output
 def _opts(**kw) -> DecodeConfig:
     """Beam search alone: no n-gram blocking, no length cap but the cache's."""
     return DecodeConfig(**{"no_repeat_ngram_size": 0, "max_len_a": 0.0, "max_len_b": 1 << 30,
+                           "suppressed_ids": (),
                            **kw})
 
 

@@ -18,7 +18,7 @@ V, L = 12, 10
 
 def _opts(**kw) -> DecodeConfig:
     """Every processor off unless ``kw`` turns it on."""
-    return DecodeConfig(**{"no_repeat_ngram_size": 0, **kw})
+    return DecodeConfig(**{"no_repeat_ngram_size": 0, "suppressed_ids": (), **kw})
 
 
 def _case(seed=0, rows=4, step=7, vocab=6):

@@ -21,7 +21,7 @@ NUM_IDS = 60  # ids 60..63 unused, as with a vocabulary smaller than the model's
 def _opts(**kw) -> DecodeConfig:
     """Greedy with every processor off and no length cap but the cache's."""
     return DecodeConfig(**{"strategy": "greedy", "no_repeat_ngram_size": 0,
-                           "max_len_a": 0.0, "max_len_b": 1 << 30, **kw})
+                           "max_len_a": 0.0, "max_len_b": 1 << 30, "suppressed_ids": (), **kw})
 
 
 @pytest.fixture(scope="module")
