@@ -145,7 +145,7 @@ def test_translator_api_matches_cli_order(model_dir):
         t.translate(["x"], src_lang="en", tgt_lang="xx")
 
 
-def test_decoding_config_is_stored_and_overridden(model_dir):
+def test_decoding_config_is_stored_and_overridden(model_dir, capsys):
     from jaxmt import Translator
     from jaxmt import config as cfglib
 
@@ -158,6 +158,11 @@ def test_decoding_config_is_stored_and_overridden(model_dir):
     for h in hyps[:2]:
         assert [x.score for x in h] == sorted((x.score for x in h), reverse=True)
     assert [h[0].text for h in hyps] == t.translate(texts, src_lang="en", tgt_lang="de")
+    # Jobs of a few hundred lines show a progress bar on stderr (lines/s, tokens/s).
+    t.translate(["b c d"] * 300, src_lang="en", tgt_lang="de", strategy="greedy")
+    bar = capsys.readouterr().err
+    assert "translate" in bar and "line/s" in bar and "src tok/s" in bar, bar[-500:]
+    assert t.stats.lines >= 302 and t.stats.src_tokens > 0
     with pytest.raises(ValueError, match="no field 'beam'; did you mean 'beam_size'"):
         t.translate(texts, src_lang="en", tgt_lang="de", beam=2)
     with pytest.raises(ValueError, match="DecodeConfig.n_best"):
