@@ -163,6 +163,11 @@ def test_decoding_config_is_stored_and_overridden(model_dir, capsys):
     bar = capsys.readouterr().err
     assert "translate" in bar and "line/s" in bar and "src tok/s" in bar, bar[-500:]
     assert t.stats.lines >= 302 and t.stats.src_tokens > 0
+    # The output length cap is a setting; outputs it cuts are counted and reported.
+    t.stats.out_truncated = 0
+    t.translate(texts, src_lang="en", tgt_lang="de", min_len=3, max_len_a=0.0, max_len_b=3)
+    assert t.stats.out_truncated == 2
+    assert any("2 of" in n and "length limit" in n for n in t.report()), t.report()
     with pytest.raises(ValueError, match="no field 'beam'; did you mean 'beam_size'"):
         t.translate(texts, src_lang="en", tgt_lang="de", beam=2)
     with pytest.raises(ValueError, match="DecodeConfig.n_best"):
