@@ -184,9 +184,15 @@ def attend(q: Array, k: Array, v: Array, m: Masking) -> Array:
 class MultiHeadAttention(nn.Module):
     """Attention over ``kv_input`` from ``q_input``; with ``decode=True`` a one-token step.
 
-    In decode mode the module keeps ``cached_key``/``cached_value`` [b, max_len, h, d]
-    and ``cache_index`` in the ``cache`` collection. The first call (during ``init``
-    with the full-length target) only sizes the cache.
+    A decode step keeps keys and values head-major, [b, h, T, d], the layout of the
+    batched score and context dots, so no step transposes them. Self-attention
+    (``cache=True``) keeps ``cached_key``/``cached_value`` [b, h, max_len, d] and
+    ``cache_index`` in the ``cache`` collection; the first call (during ``init`` with
+    the full-length target) only sizes the cache. Cross-attention (``cache=False``)
+    projects ``kv_input`` straight into that layout every step: the projection does
+    not depend on the step, so XLA hoists it out of the decode loop. Its ``kv_input``
+    may have one row per group of ``r`` adjacent query rows (the beams or samples of a
+    source row): keys and values are then computed and read once per group.
     """
 
     num_heads: int
@@ -199,17 +205,21 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, q_input: Array, kv_input: Array, bias: Array | None,
-                 deterministic: bool, decode: bool = False) -> Array:
+                 deterministic: bool, decode: bool = False, cache: bool = True) -> Array:
         """Args:
             q_input: [b, q, e] queries.
-            kv_input: [b, k, e] keys/values source.
+            kv_input: [b, k, e] keys/values source; in a cross-attention decode step
+              [b / r, k, e] for groups of r adjacent query rows.
             bias: additive float32 bias broadcastable to [b, h, q, k] (mask and position
-              bias together), or None. In decode mode it must cover the whole cache
-              length k = max_len; positions past the current index are masked here.
-              A :class:`Masking` instead runs its implementation (not in decode mode);
-              a :class:`PerformerStep` (decode mode) attends over the cache with FAVOR+.
-            deterministic: disables dropout.
-            decode: one-token autoregressive step using the cache.
+              bias together), or None. In a self-attention decode step it must cover the
+              whole cache length k = max_len (positions past the current index are
+              masked here) and a :class:`PerformerStep` attends over the cache with
+              FAVOR+; in a cross-attention step its batch is kv_input's.
+              A :class:`Masking` instead runs its implementation (not in decode mode).
+            deterministic: disables dropout (decode steps never drop).
+            decode: one-token autoregressive step.
+            cache: with ``decode``, append this step's keys/values to the cache and attend
+              over it (self-attention); False attends over ``kv_input`` (cross-attention).
         """
         dt, pdt = dtype_of(self.dtype), dtype_of(self.param_dtype)
         e, h, d = self.emb_dim, self.num_heads, self.head_dim
@@ -219,57 +229,96 @@ class MultiHeadAttention(nn.Module):
         wv = param(self, "value", normal(e ** -0.5), (e, h, d), (axes.EMBED, axes.HEADS, axes.KV), pdt)
         wo = param(self, "out", normal((h * d) ** -0.5), (h, d, e), (axes.HEADS, axes.KV, axes.EMBED), pdt)
 
-        names = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, axes.ACT_KV)
-
-        def project(x, w, name):
-            y = mixed_einsum("bte,ehd->bthd", x, w, dt)  # [b, t, h, d] float32
+        def project(x, w, name, head_major=False):
+            """[b, t, e] -> [b, t, h, d], or head-major [b, h, t, d], in the compute dtype."""
+            if head_major:
+                y = mixed_einsum("bte,ehd->bhtd", x, w, dt)  # [b, h, t, d] float32
+                names = (axes.ACT_BATCH, axes.ACT_HEADS, axes.ACT_KV_LENGTH, axes.ACT_KV)
+            else:
+                y = mixed_einsum("bte,ehd->bthd", x, w, dt)  # [b, t, h, d] float32
+                names = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, axes.ACT_KV)
             if self.use_bias:
-                y = y + bias_param(self, f"{name}_bias", (h, d), (axes.HEADS, axes.KV), pdt)
+                b = bias_param(self, f"{name}_bias", (h, d), (axes.HEADS, axes.KV), pdt)
+                y = y + (b[:, None] if head_major else b)
             return constrain(y.astype(dt), names)
 
-        q = project(q_input, wq, "query")
-        k, v = project(kv_input, wk, "key"), project(kv_input, wv, "value")
-
-        favor = bias if isinstance(bias, PerformerStep) else None
         if decode:
             if isinstance(bias, Masking):
                 raise ValueError("decode steps take a dense bias, not a Masking")
-            bias = bias.bias if favor is not None else bias
-            k, v, cache_bias = self._update_cache(k, v)
-            if cache_bias is not None:
-                bias = cache_bias if bias is None else bias + cache_bias
-        elif favor is not None:
-            raise ValueError("a PerformerStep is a decode-step input")
-
-        if isinstance(bias, Masking):  # no attention-probability dropout off the xla path
-            ctx = attend(q, k, v, bias)  # [b, q, h, d]
-        elif favor is not None:  # the teacher-forced causal Performer's weights, over the cache
-            ctx = performer_cached(q, k, v, bias, num_features=favor.num_features,
-                                   seed=favor.seed)  # [b, q, h, d]
+            ctx = self._decode_step(q_input, kv_input, bias, cache, project, wq, wk, wv)
+            if ctx is None:  # init pass: the cache is sized, the output is never read
+                return jnp.zeros(q_input.shape, dt)
+            out = mixed_einsum("bqhd,hde->bqe", ctx, wo, dt)  # [b, 1, e] float32
         else:
-            drop = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
-            ctx = dense_attention(q, k, v, bias, dt, drop)  # [b, q, h, d]
-        ctx = constrain(ctx.astype(dt), names)
-        out = mixed_einsum("bqhd,hde->bqe", ctx, wo, dt)  # [b, q, e] float32
+            if isinstance(bias, PerformerStep):
+                raise ValueError("a PerformerStep is a decode-step input")
+            q = project(q_input, wq, "query")
+            k, v = project(kv_input, wk, "key"), project(kv_input, wv, "value")
+            if isinstance(bias, Masking):  # no attention-probability dropout off the xla path
+                ctx = attend(q, k, v, bias)  # [b, q, h, d]
+            else:
+                drop = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
+                ctx = dense_attention(q, k, v, bias, dt, drop)  # [b, q, h, d]
+            ctx = constrain(ctx.astype(dt), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS,
+                                             axes.ACT_KV))
+            out = mixed_einsum("bqhd,hde->bqe", ctx, wo, dt)  # [b, q, e] float32
         if self.use_bias:
             out = out + bias_param(self, "out_bias", (e,), (axes.EMBED,), pdt)
         out = checkpoint_name(out.astype(dt), "attention_out")
         return constrain(out, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
-    def _update_cache(self, k: Array, v: Array):
-        """Writes this step's k/v at ``cache_index``; returns full k/v and the causal bias."""
+    def _decode_step(self, q_input: Array, kv_input: Array, bias, cache: bool, project,
+                     wq: Array, wk: Array, wv: Array) -> Array | None:
+        """The context [b, 1, h, d] of one query per row over head-major keys/values
+        [g, h, T, d], where each of the g key/value rows serves r = b / g adjacent
+        query rows; None in the init pass."""
+        dt = dtype_of(self.dtype)
+        favor = bias if isinstance(bias, PerformerStep) else None
+        bias = bias.bias if favor is not None else bias
+        if cache:
+            k, v = project(q_input, wk, "key", True), project(q_input, wv, "value", True)
+            kv = self._update_cache(k, v)  # [b, h, T, d] each
+            if kv is None:
+                return None
+            k, v, visible = kv
+            bias = visible if bias is None else bias + visible
+        else:
+            if self.is_initializing():
+                return None
+            k, v = project(kv_input, wk, "key", True), project(kv_input, wv, "value", True)
+        rows, (g, h, _, d) = q_input.shape[0], k.shape
+        if q_input.shape[1] != 1 or rows % g:
+            raise ValueError(f"decode step: one query token per row and rows {rows} a multiple "
+                             f"of the key/value rows {g}, got queries {q_input.shape[:2]}")
+        q = project(q_input, wq, "query")  # [b, 1, h, d]
+        if favor is not None:  # the teacher-forced causal Performer's weights, over the cache
+            ctx = performer_cached(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias,
+                                   num_features=favor.num_features, seed=favor.seed)
+        else:
+            # Queries [b, 1, h, d] -> [g, h, r, d] (a small transpose: one token per row).
+            q = q.reshape(g, rows // g, h, d).transpose(0, 2, 1, 3)
+            scores = mixed_einsum("ghrd,ghtd->ghrt", q, k, dt)  # [g, h, r, T] float32
+            if bias is not None:  # [g|1, h|1, 1, T]
+                scores = scores + bias
+            probs = softmax_to(scores, dt)  # [g, h, r, T]
+            ctx = mixed_einsum("ghrt,ghtd->ghrd", probs, v, dt)  # [g, h, r, d] float32
+            ctx = ctx.transpose(0, 2, 1, 3).reshape(rows, 1, h, d)  # [b, 1, h, d]
+        return constrain(ctx.astype(dt), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS,
+                                          axes.ACT_KV))
+
+    def _update_cache(self, k: Array, v: Array) -> tuple[Array, Array, Array] | None:
+        """Writes this step's head-major k/v [b, h, 1, d] at ``cache_index``; returns the
+        whole cache [b, h, T, d] twice and its causal bias [1, 1, 1, T]; None in the init
+        pass, which sizes the cache from the full-length input [b, h, T, d]."""
         initialized = self.has_variable("cache", "cached_key")
         ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
         idx = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-        if not initialized:  # init pass: just size the cache from the full-length input
-            return k, v, None
-        b, max_len, h, d = ck.value.shape
-        if k.shape[1] != 1:
-            raise ValueError(f"decode step expects one query token, got {k.shape[1]}")
+        if not initialized:
+            return None
         i = idx.value
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, i, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, i, 0, 0))
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, 0, i, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, 0, i, 0))
         idx.value = i + 1
-        visible = (jnp.arange(max_len) <= i)[None, None, None, :]  # [1, 1, 1, max_len]
+        visible = (jnp.arange(ck.value.shape[2]) <= i)[None, None, None, :]  # [1, 1, 1, T]
         return ck.value, cv.value, mask_to_bias(visible)

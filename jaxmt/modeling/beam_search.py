@@ -1,6 +1,7 @@
 """Beam search over the decoder's KV cache, with n-best output and length control.
 
-The encoder runs once, and its output is repeated once per beam. Each step scores
+The encoder runs once, and the beams of a source share its output (and the
+cross-attention keys and values projected from it). Each step scores
 ``beam_size * vocab`` continuations of the alive beams and keeps the top ``2 *
 beam_size`` candidates (enough that ``beam_size`` of them are alive even when every beam
 could end here). Those among the best ``beam_size`` that end (EOS, or the length limit)
@@ -100,7 +101,7 @@ def _reorder(cache: PyTree, axes: PyTree, beams: jax.Array, how: str) -> PyTree:
         if axis is None:
             return x
         if how == "gather":
-            return jnp.take(x, flat, axis=axis)
+            return jnp.take(x, flat, axis=axis, mode="clip")  # in bounds: no fill select
         x = jnp.moveaxis(x, axis, 0)
         dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
         one_hot = jax.nn.one_hot(beams, k, dtype=dtype)  # [b, k_new, k_old]
@@ -147,8 +148,8 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
     enc_seg = (enc_tokens > 0).astype(jnp.int32)
     encoded = module.apply({"params": params}, enc_tokens, enc_seg, method=EncoderDecoder.encode)
     axes = _batch_axes(module, L, encoded, enc_seg)
-    # Once per beam: [b*k, s, e] and [b*k, s], beams of a row adjacent.
-    encoded, enc_seg = jnp.repeat(encoded, k, axis=0), jnp.repeat(enc_seg, k, axis=0)
+    # encoded [b, s, e] stays once per source: its k beams (adjacent rows) share the
+    # cross-attention keys and values.
     cache = init_cache(module, b * k, L, encoded, enc_seg)
 
     src_len = jnp.sum(enc_tokens > 0, axis=1).astype(jnp.float32)  # [b]

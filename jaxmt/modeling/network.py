@@ -117,7 +117,8 @@ class DecoderLayer(nn.Module):
                                                              decode=decode), deterministic)
         x = _residual(cfg, "cross_attention_norm", x,
                       lambda y: _attn(cfg, "cross_attention")(y, encoded, cross_bias,
-                                                              deterministic), deterministic)
+                                                              deterministic, decode=decode,
+                                                              cache=False), deterministic)
         x = _residual(cfg, "mlp_norm", x, lambda y: _mlp(cfg)(y, deterministic), deterministic)
         return (x, None) if self.scanned else x
 
@@ -212,7 +213,10 @@ class Decoder(nn.Module):
         """Returns float32 logits [b, t, vocab].
 
         In decode mode ``tokens`` is [b, 1], ``positions`` is the step's position [b, 1]
-        and the self-attention bias spans the cache length ``max_decode_len``. A step
+        and the self-attention bias spans the cache length ``max_decode_len``;
+        ``encoded`` [b / r, s, e] and ``encoder_segment_ids`` may have one row per r
+        adjacent decoder rows (the beams or samples of a source), which then share its
+        cross-attention keys and values. A step
         attends exactly over the cache, with the decoder's window under ``local`` and with
         the same FAVOR+ features under ``performer``, so it equals the teacher-forced pass.
         """
@@ -224,7 +228,7 @@ class Decoder(nn.Module):
             # the future itself.
             q_pos, k_pos = positions[0], jnp.arange(max_decode_len)
             self_bias = _decode_window(cfg, q_pos, k_pos)  # [1, 1, 1, T]
-            cross_bias = mask_to_bias((encoder_segment_ids > 0)[:, None, None, :])  # [b, 1, 1, s]
+            cross_bias = mask_to_bias((encoder_segment_ids > 0)[:, None, None, :])  # [b/r,1,1,s]
             if cfg.position_embedding == "relative":
                 self_bias = self_bias + RelativePositionBias(
                     cfg.relpos_buckets, cfg.relpos_max_distance, cfg.num_heads,
