@@ -1,8 +1,10 @@
 """Greedy decoding without a KV cache, the reference cached decoding is checked against
-(tests/test_decoding.py, tests/test_architectures.py; not collected by pytest)."""
+(tests/test_decoding.py, tests/test_architectures.py), and the tiny random model the
+decoding tests share (not collected by pytest)."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,3 +32,18 @@ def full_recompute_greedy(model, params, enc: np.ndarray, steps: int) -> np.ndar
         out[:, i] = np.where(finished, 0, nxt)
         finished |= nxt == EOS_ID
     return out
+
+
+def tiny_decode_setup(cfg, rows: int):
+    """``(model, params, enc)``: ``cfg``'s model with seeded random parameters and
+    ``rows`` random 9-token sources ending in EOS, row 1 a shorter, padded one."""
+    from jaxmt.modeling.model import EncoderDecoderModel
+
+    model = EncoderDecoderModel(cfg)
+    params = nn.unbox(model.init(jax.random.PRNGKey(7), model.dummy_batch(1, 8, 8)))
+    rng = np.random.default_rng(0)
+    enc = rng.integers(3, cfg.vocab_size, (rows, 9)).astype(np.int32)
+    enc[:, -1] = EOS_ID
+    enc[1, 5:] = 0  # a shorter source
+    enc[1, 4] = EOS_ID
+    return model, params, enc

@@ -4,10 +4,9 @@ prefix, beam 1 equals greedy, length limits per row, both cache reorders, scanne
 import dataclasses
 import itertools
 
-import flax.linen as nn
-import jax
 import numpy as np
 import pytest
+from greedy_reference import tiny_decode_setup
 
 from jaxmt.config import ModelConfig
 from jaxmt.config import DecodeConfig
@@ -30,14 +29,7 @@ def _opts(**kw) -> DecodeConfig:
 
 @pytest.fixture(scope="module")
 def setup():
-    model = EncoderDecoderModel(CFG)
-    params = nn.unbox(model.init(jax.random.PRNGKey(7), model.dummy_batch(1, 8, 8)))
-    rng = np.random.default_rng(0)
-    enc = rng.integers(3, 64, (3, 9)).astype(np.int32)
-    enc[:, -1] = EOS_ID
-    enc[1, 5:] = 0  # a shorter source
-    enc[1, 4] = EOS_ID
-    return model, params, enc
+    return tiny_decode_setup(CFG, 3)
 
 
 def _brute_force(model, params, src, length, kind, alpha):

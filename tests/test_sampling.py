@@ -2,15 +2,14 @@
 random model: plain greedy equals ``greedy_decode``, top-k 1 and a tiny top-p equal
 greedy, seeds, scores, length rules, and no repeated n-grams (beam search too)."""
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from greedy_reference import tiny_decode_setup
 
 from jaxmt.config import DecodeConfig, ModelConfig
 from jaxmt.modeling.beam_search import beam_search
 from jaxmt.modeling.decoding import EOS_ID, greedy_decode, sample_decode
-from jaxmt.modeling.model import EncoderDecoderModel
 
 CFG = ModelConfig(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
                   num_encoder_layers=1, num_decoder_layers=1, precision="fp32")  # fast compiles
@@ -26,14 +25,7 @@ def _opts(**kw) -> DecodeConfig:
 
 @pytest.fixture(scope="module")
 def setup():
-    model = EncoderDecoderModel(CFG)
-    params = nn.unbox(model.init(jax.random.PRNGKey(7), model.dummy_batch(1, 8, 8)))
-    rng = np.random.default_rng(0)
-    enc = rng.integers(3, 64, (4, 9)).astype(np.int32)
-    enc[:, -1] = EOS_ID
-    enc[1, 5:] = 0  # a shorter source
-    enc[1, 4] = EOS_ID
-    return model, params, enc
+    return tiny_decode_setup(CFG, 4)
 
 
 def _decode(setup, opts, rng=None, max_decode_len=L):

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jaxmt.config import DecodeConfig
 from jaxmt.data.vocab import EOS_ID, PAD_ID  # SentencePiece only, no TF; PAD also starts decoding
 from jaxmt.modeling import logits_processing
-from jaxmt.modeling.decoding import init_cache
+from jaxmt.modeling.decoding import init_cache, max_output_len
 from jaxmt.modeling.network import EncoderDecoder
 
 PyTree = Any
@@ -152,8 +152,7 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
     # cross-attention keys and values.
     cache = init_cache(module, b * k, L, encoded, enc_seg)
 
-    src_len = jnp.sum(enc_tokens > 0, axis=1).astype(jnp.float32)  # [b]
-    max_len = jnp.clip(jnp.floor(o.max_len_a * src_len + o.max_len_b), 1, L).astype(jnp.int32)
+    max_len = max_output_len(enc_tokens, o, L)  # [b]
 
     def cond(carry):
         i, done = carry[0], carry[-1]
