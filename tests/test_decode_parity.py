@@ -224,3 +224,22 @@ def test_sampling_top_k_1_is_greedy(request, imported):
         for j in range(3):
             early += _assert_same(got[:, j:j + 1], want, eos, f"{which} sample {j}")
     assert early, "no output ended before the limit: finishing was not compared"
+
+
+@pytest.mark.slow
+def test_translator_reproduces_generate_with_the_checkpoints_defaults(marian_opus):
+    """``Translator.from_pretrained(opus_mt_dir)`` decodes with the checkpoint's own
+    defaults (beam 4, pad banned, EOS forced at the limit) and returns the text that the
+    tokenizer + ``generate()`` + ``batch_decode`` return."""
+    from jaxmt.inference.translator import Translator
+
+    hf_dir, ref = marian_opus
+    tok = transformers.MarianTokenizer.from_pretrained(hf_dir)
+    with torch.no_grad():
+        out = ref.generate(**tok(hf_tests.TEXTS, return_tensors="pt", padding=True),
+                           max_new_tokens=N)
+    want = tok.batch_decode(out, skip_special_tokens=True)
+    tr = Translator.from_pretrained(hf_dir)
+    assert (tr.decode.strategy, tr.decode.beam_size, tr.decode.forced_eos) == ("beam", 4, True)
+    assert tr.translate(hf_tests.TEXTS, max_len_a=0.0, max_len_b=N) == want
+    assert any(want), "all outputs empty: the comparison proves little"
