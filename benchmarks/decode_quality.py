@@ -10,7 +10,8 @@ For every direction the model was trained on, three decodings of the same inputs
 * ``default``: the model directory's DecodeConfig (beam 4, GNMT 0.6, the guards).
 
 Two input sets: the test split (BLEU, chrF, the share of looping outputs) and long
-inputs of 60 words or more (test verses of one book joined; chrF and looping share),
+inputs of 60 words or more (test verses of one book joined; chrF and looping share), the
+output length (``len_ratio``: words over the references' words, test split),
 plus, for directions out of English, technical prose written for this benchmark
 (no reference: looping share only). "Loops" = an output repeating some word 4-gram
 more than 3 times (:func:`jaxmt.inference.evaluation.loops`). The last line with
@@ -93,7 +94,9 @@ def main() -> None:
             t0 = time.time()
             hyp = tr.translate([p[0] for p in test], src, tgt, **over)
             hyp_long = tr.translate([p[0] for p in long], src, tgt, **over)
+            ref_words = sum(len(p[1].split()) for p in test)
             r = dict(score(hyp, [p[1] for p in test]), loop_pct=loop_share(hyp),
+                     len_ratio=round(sum(len(h.split()) for h in hyp) / max(ref_words, 1), 2),
                      long_chrf=score(hyp_long, [p[1] for p in long])["chrf"],
                      long_loop_pct=loop_share(hyp_long), seconds=round(time.time() - t0, 1))
             if src == "en":
