@@ -16,6 +16,7 @@ mapped through the importer's permutation before comparing.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -47,7 +48,7 @@ from jaxmt import config as cfglib  # noqa: E402
 from jaxmt.data.embedded import load_split  # noqa: E402
 from jaxmt.inference import hf_import  # noqa: E402
 from jaxmt.inference.tokenizer import id_permutation  # noqa: E402
-from jaxmt.inference.translator import Translator, suppress_ids  # noqa: E402
+from jaxmt.inference.translator import Translator  # noqa: E402
 from jaxmt.modeling.model import EncoderDecoderModel  # noqa: E402
 from jaxmt.modeling.network import EncoderDecoder  # noqa: E402
 
@@ -270,9 +271,12 @@ def test_greedy_parity(which, request, imported):
                         hc.eos_token_id, hc.pad_token_id)
     ref_ids = _generate(ref, input_ids=torch.tensor(src),
                         attention_mask=torch.tensor(src != hc.pad_token_id)).numpy()[:, 1:]
-    params = suppress_ids(imp.params, imp.tokenizer.suppressed_ids)
-    ids = np.asarray(EncoderDecoderModel(imp.model).predict_batch(
-        params, {"encoder_input_tokens": inv[src].astype(np.int32)}, max_decode_len=STEPS))
+    greedy = dataclasses.replace(cfglib.IMPORTED_DECODE, max_len_b=STEPS,
+                                 suppressed_ids=imp.tokenizer.suppressed_ids)
+    ids, _ = EncoderDecoderModel(imp.model).predict_batch_with_aux(
+        imp.params, {"encoder_input_tokens": inv[src].astype(np.int32)}, decode=greedy,
+        max_decode_len=STEPS)
+    ids = np.asarray(ids)[:, 0]
     for r in range(len(src)):
         want = [int(t) for t in inv[ref_ids[r]]]
         got = [int(t) for t in ids[r]]

@@ -35,7 +35,6 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
@@ -60,22 +59,6 @@ def clean_text(text: str) -> str:
     """Control characters and line breaks become spaces; whitespace is collapsed."""
     text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
     return " ".join(_LINE_BREAKS.sub(" ", text).split())
-
-
-def suppress_ids(params: PyTree, ids: Sequence[int]) -> PyTree:
-    """Parameters whose logits can never pick ``ids`` (the reference's ``bad_words_ids``).
-
-    Done through ``final_logits_bias``, so decoding itself needs no change; only the
-    returned copy is affected, never a saved checkpoint.
-    """
-    if not ids:
-        return params
-    dec = params["decoder"]
-    if "final_logits_bias" not in dec:
-        raise ValueError(f"suppressing token ids {list(ids)} needs a final_logits_bias")
-    # -1e10 like the attention masks: never the argmax, and no inf to poison a softmax.
-    bias = jnp.asarray(dec["final_logits_bias"]).at[jnp.asarray(ids)].set(-1e10)
-    return {**params, "decoder": {**dec, "final_logits_bias": bias}}
 
 
 def with_encoder_attention(model_cfg: ModelConfig, impl: str | None) -> ModelConfig:
@@ -330,8 +313,7 @@ class Translator:
                    and _bucket(len(todo[start][1]), self.max_src_len) == src_len):
                 chunk.append(todo[start])
                 start += 1
-            dec_len = min(_bucket(int(cfg.max_len_a * src_len + cfg.max_len_b), 1 << 30),
-                          self.max_decode_len)
+            dec_len = _bucket(int(cfg.max_len_a * src_len + cfg.max_len_b), self.max_decode_len)
             # All-padding rows up to a multiple of the data-parallel size; dropped after.
             arr = np.zeros((-(-rows // dp) * dp, src_len), np.int32)
             for r, (_, ids) in enumerate(chunk):

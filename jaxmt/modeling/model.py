@@ -211,6 +211,5 @@ class EncoderDecoderModel:
         enc = batch["encoder_input_tokens"]
         if decode.strategy == "beam":
             return beam_search(self.module, params, enc, max_decode_len, num_ids, decode)
-        rng = jax.random.PRNGKey(decode.seed) if rng is None else rng
         return decoding.sample_decode(self.module, params, enc, max_decode_len, num_ids,
                                       decode, rng)
