@@ -1,4 +1,5 @@
-"""How beam search's KV-cache reorder shards: gather against the one-hot einsum.
+"""How beam search's self-attention caches shard as they follow the beams: shared caches
+(nothing moves), the gather and the one-hot einsum.
 
     python benchmarks/beam_sharding.py [--json]
 
@@ -6,7 +7,7 @@ Compiles one beam-4 decode (a random model: 2+2 layers, d64, 4 heads, batch 16, 
 sources, 32-token cache) on 8 fake CPU devices under several meshes, once per
 ``DecodeConfig.cache_reorder``, and counts the all-gathers XLA put into the compiled
 program and the bytes they move per device (one step of the loop body is counted once,
-as the HLO holds it once). Both reorders must give the same ids. The last line with
+as the HLO holds it once). All three must give the same ids. The last line with
 ``--json`` is one JSON object.
 """
 
@@ -82,17 +83,18 @@ def main() -> None:
         tokens = jax.device_put(src, p.batch_sharding)
         fn = p.jit(decode, static_argnums=(2,))
         row, ids = {}, {}
-        for how in ("gather", "one_hot"):
+        for how in ("shared", "gather", "one_hot"):
             options = DecodeConfig(beam_size=4, n_best=2, cache_reorder=how)
             compiled = fn.lower(params, tokens, options).compile()
             n, size = all_gathers(compiled.as_text())
             ids[how] = np.asarray(compiled(params, tokens)[0])
             row[how] = {"all_gathers": n, "kib": round(size / 1024)}
-        row["same_ids"] = bool(np.array_equal(ids["gather"], ids["one_hot"]))
+        row["same_ids"] = all(np.array_equal(ids["shared"], ids[h]) for h in ids)
         row["bytes_ratio_gather_vs_one_hot"] = round(
             row["gather"]["kib"] / max(row["one_hot"]["kib"], 1), 1)
         res[name] = row
-        print(f"{name:24s} gather {row['gather']['all_gathers']:3d} all-gathers "
+        print(f"{name:24s} shared {row['shared']['all_gathers']:3d} all-gathers "
+              f"{row['shared']['kib']:6,d} KiB | gather {row['gather']['all_gathers']:3d} "
               f"{row['gather']['kib']:6,d} KiB | one-hot {row['one_hot']['all_gathers']:3d} "
               f"{row['one_hot']['kib']:6,d} KiB | gather/one-hot bytes "
               f"{row['bytes_ratio_gather_vs_one_hot']}x | same ids: {row['same_ids']}",

@@ -468,7 +468,7 @@ class TrainConfig:
 DECODE_STRATEGIES = ("greedy", "beam", "sample")
 LENGTH_PENALTIES = ("gnmt", "power", "none")
 EARLY_STOPPING = ("never", "heuristic", "first")
-CACHE_REORDERS = ("auto", "gather", "one_hot")
+CACHE_REORDERS = ("auto", "shared", "gather", "one_hot")
 
 
 @gin.configurable
@@ -506,9 +506,12 @@ class DecodeConfig:
             model's ``bad_words_ids``.
         forced_eos: the last token an output can take is EOS (Hugging Face's
             ``forced_eos_token_id``).
-        cache_reorder: how beam search moves the KV cache after the beams: ``"gather"``
-            (faster on one device), ``"one_hot"`` (T5X's einsum: stays within each
-            batch shard on a mesh) or ``"auto"`` (one-hot on a mesh, else gather).
+        cache_reorder: how beam search's self-attention caches follow the beams:
+            ``"shared"`` (nothing moves: a source's beams share one cache, each reading
+            its ancestors' slots through a mask), ``"gather"`` (move the cache after the
+            beams each step), ``"one_hot"`` (T5X's einsum: moves it within each batch
+            shard on a mesh) or ``"auto"`` (shared, but for a Performer decoder, whose
+            FAVOR+ step needs its own cache: one-hot on a mesh, else gather).
     """
 
     strategy: str = "beam"

@@ -1,5 +1,5 @@
 """Beam search over the KV cache: exact against brute force where the beam holds every
-prefix, beam 1 equals greedy, length limits per row, both cache reorders, scanned layers."""
+prefix, beam 1 equals greedy, length limits per row, shared and moved caches, scanned layers, the blocked top-k."""
 
 import dataclasses
 import itertools
@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from greedy_reference import tiny_decode_setup
 
-from jaxmt.config import ModelConfig
-from jaxmt.config import DecodeConfig
-from jaxmt.modeling.beam_search import NEG_INF, beam_search, length_penalty
+from jaxmt.config import AttentionConfig, DecodeConfig, ModelConfig
+from jaxmt.modeling.beam_search import NEG_INF, beam_search, length_penalty, top_k_blocked
 from jaxmt.modeling.decoding import EOS_ID, greedy_decode
 from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.modeling.network import stack_layers
@@ -119,15 +118,55 @@ def test_lengths_per_row_and_min_len(setup):
 def test_cache_reorders_agree_and_scanned_layers_match(setup):
     model, params, enc = setup
     opts = _opts(beam_size=4, n_best=2)
-    ids, scores = beam_search(model.module, params, enc, 10, None, opts)
-    ids_oh, scores_oh = beam_search(model.module, params, enc, 10, None,
-                                    dataclasses.replace(opts, cache_reorder="one_hot"))
-    np.testing.assert_array_equal(np.asarray(ids_oh), np.asarray(ids))
-    np.testing.assert_allclose(np.asarray(scores_oh), np.asarray(scores), rtol=1e-6)
+    ids, scores = beam_search(model.module, params, enc, 10, None, opts)  # auto: shared
+    for how in ("gather", "one_hot"):  # the cache moved after the beams instead
+        ids_m, scores_m = beam_search(model.module, params, enc, 10, None,
+                                      dataclasses.replace(opts, cache_reorder=how))
+        np.testing.assert_array_equal(np.asarray(ids_m), np.asarray(ids))
+        np.testing.assert_allclose(np.asarray(scores_m), np.asarray(scores), rtol=1e-5,
+                                   atol=1e-6)
     scanned = EncoderDecoderModel(dataclasses.replace(CFG, scan_layers=True))
     ids_s, scores_s = beam_search(scanned.module, stack_layers(params), enc, 10, None, opts)
     np.testing.assert_array_equal(np.asarray(ids_s), np.asarray(ids))
     np.testing.assert_allclose(np.asarray(scores_s), np.asarray(scores), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decoder", ["local", "performer"])
+def test_every_decoder_attention_follows_its_beams(decoder):
+    """A local-window decoder's shared caches give what moving the cache gives; a
+    Performer decoder (FAVOR+ over its own cache) moves its cache under ``auto``, the
+    same both ways, and asking it for shared caches is a clear error."""
+    cfg = dataclasses.replace(CFG, attention=AttentionConfig(decoder=decoder, window=2))
+    model, params, enc = tiny_decode_setup(cfg, 3)
+    opts = _opts(beam_size=3, n_best=2)
+    ids, scores = beam_search(model.module, params, enc, 8, None, opts)
+    other = "one_hot" if decoder == "performer" else "gather"
+    ids_m, scores_m = beam_search(model.module, params, enc, 8, None,
+                                  dataclasses.replace(opts, cache_reorder=other))
+    np.testing.assert_array_equal(np.asarray(ids_m), np.asarray(ids))
+    np.testing.assert_allclose(np.asarray(scores_m), np.asarray(scores), rtol=1e-5, atol=1e-6)
+    if decoder == "performer":
+        with pytest.raises(ValueError, match="shared beam caches need softmax attention"):
+            beam_search(model.module, params, enc, 8, None,
+                        dataclasses.replace(opts, cache_reorder="shared"))
+
+
+def test_blocked_top_k_equals_top_k_ties_included():
+    """The two-pass top-k gives top_k's values and indices, the lower index first among
+    ties (values rounded to a few levels, and rows of one value as a masked beam has)."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 4 * 2048)).astype(np.float32)
+    x[:3] = np.round(x[:3] * 2) / 2  # many ties
+    x[3] = NEG_INF  # a row with nothing but the masked value
+    x[4, :2048] = NEG_INF  # the first block of candidates masked
+    for n in (1, 8):
+        want_v, want_i = jax.lax.top_k(x, n)
+        got_v, got_i = top_k_blocked(x, n)
+        np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
 
 
 @pytest.mark.slow

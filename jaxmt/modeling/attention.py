@@ -123,6 +123,21 @@ class PerformerStep:
     seed: int = flax.struct.field(pytree_node=False, default=0)
 
 
+@flax.struct.dataclass
+class SharedBeamStep:
+    """A decode step's self-attention input when the beams of a source share one cache.
+
+    Rows come in groups of ``group`` adjacent beams. Their cache is one [g, h, T * group, d]
+    block per source: each beam writes its token's keys/values into its own slot, and
+    reads its history through the mask, which lets query beam ``j`` see slot ``i`` at
+    position ``s`` where its ancestor at ``s`` wrote. Beam search then reorders a small
+    table of slots instead of moving the cache after the beams every step.
+    """
+
+    bias: Array  # [g, h|1, group, T * group] additive float32: slots, window, position bias
+    group: int = flax.struct.field(pytree_node=False, default=1)
+
+
 def _flash_sharded(q, k, v, m: Masking, block: BlockSizes | None) -> Array:
     """The Pallas kernel per device: pallas_call does not partition itself, so under a
     mesh it runs in a shard_map over the batch and head shards (length is never split)."""
@@ -250,8 +265,8 @@ class MultiHeadAttention(nn.Module):
                 return jnp.zeros(q_input.shape, dt)
             out = mixed_einsum("bqhd,hde->bqe", ctx, wo, dt)  # [b, 1, e] float32
         else:
-            if isinstance(bias, PerformerStep):
-                raise ValueError("a PerformerStep is a decode-step input")
+            if isinstance(bias, (PerformerStep, SharedBeamStep)):
+                raise ValueError(f"a {type(bias).__name__} is a decode-step input")
             q = project(q_input, wq, "query")
             k, v = project(kv_input, wk, "key"), project(kv_input, wv, "value")
             if isinstance(bias, Masking):  # no attention-probability dropout off the xla path
@@ -274,10 +289,11 @@ class MultiHeadAttention(nn.Module):
         query rows; None in the init pass."""
         dt = dtype_of(self.dtype)
         favor = bias if isinstance(bias, PerformerStep) else None
-        bias = bias.bias if favor is not None else bias
+        group = bias.group if isinstance(bias, SharedBeamStep) else 1
+        bias = bias.bias if isinstance(bias, (PerformerStep, SharedBeamStep)) else bias
         if cache:
             k, v = project(q_input, wk, "key", True), project(q_input, wv, "value", True)
-            kv = self._update_cache(k, v)  # [b, h, T, d] each
+            kv = self._update_cache(k, v, group)  # [b / group, h, T * group, d] each
             if kv is None:
                 return None
             k, v, visible = kv
@@ -306,19 +322,34 @@ class MultiHeadAttention(nn.Module):
         return constrain(ctx.astype(dt), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS,
                                           axes.ACT_KV))
 
-    def _update_cache(self, k: Array, v: Array) -> tuple[Array, Array, Array] | None:
+    def _update_cache(self, k: Array, v: Array, group: int = 1
+                      ) -> tuple[Array, Array, Array] | None:
         """Writes this step's head-major k/v [b, h, 1, d] at ``cache_index``; returns the
         whole cache [b, h, T, d] twice and its causal bias [1, 1, 1, T]; None in the init
-        pass, which sizes the cache from the full-length input [b, h, T, d]."""
+        pass, which sizes the cache from the full-length input [b, h, T, d].
+
+        With ``group`` r > 1 (a :class:`SharedBeamStep`'s slots) the cache is
+        [b / r, h, T * r, d], position-major: the r rows of a group write their slots of
+        position ``i`` as one contiguous block, and the cache is used as it is stored (a
+        reshape between the write and the read made XLA copy the whole cache twice a step).
+        """
+        if group > 1:  # [b, h, t, d] -> [b / r, h, t * r, d]: (position, slot) pairs
+            b, h, t, d = k.shape
+            k, v = (x.reshape(b // group, group, h, t, d).transpose(0, 2, 3, 1, 4)
+                    .reshape(b // group, h, t * group, d) for x in (k, v))
         initialized = self.has_variable("cache", "cached_key")
         ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
         idx = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if not initialized:
             return None
+        if ck.value.shape[0] != k.shape[0]:
+            raise ValueError(f"decode step: the cache {ck.value.shape} was sized for another "
+                             f"grouping of rows than this step's keys {k.shape}")
         i = idx.value
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, 0, i, 0))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, 0, i, 0))
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, 0, i * group, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, 0, i * group, 0))
         idx.value = i + 1
-        visible = (jnp.arange(ck.value.shape[2]) <= i)[None, None, None, :]  # [1, 1, 1, T]
+        t = ck.value.shape[2] // group
+        visible = jnp.repeat(jnp.arange(t) <= i, group)[None, None, None, :]  # [1, 1, 1, T*r]
         return ck.value, cv.value, mask_to_bias(visible)

@@ -6,12 +6,16 @@ cross-attention keys and values projected from it). Each step scores
 beam_size`` candidates (enough that ``beam_size`` of them are alive even when every beam
 could end here). Those among the best ``beam_size`` that end (EOS, or the length limit)
 join the finished set, which keeps the best ``beam_size`` by length-penalised score; the
-best ``beam_size`` that do not end become the new alive set, whose KV cache is reordered
-to follow them. An ending candidate ranked below ``beam_size`` is dropped: it only
-served to keep ``beam_size`` beams alive (Hugging Face's and fairseq's rule; T5X lets
-every ending candidate of the ``2 * beam_size`` finish; where they differ jaxmt follows
-Hugging Face, so an imported checkpoint decodes as ``generate()`` does:
-``tests/test_decode_parity.py`` compares ids and scores).
+best ``beam_size`` that do not end become the new alive set. Its self-attention cache
+follows it without moving: the beams of a source share one cache of ``beam_size`` slots
+per position, each beam writes its token into its own slot, and a [b, k, L] table of
+the slots holding each beam's history (reordered like the sequences) masks what it
+reads (``cache_reorder="shared"``; ``"gather"``/``"one_hot"`` move the cache instead).
+An ending candidate ranked below ``beam_size`` is dropped: it only served to keep
+``beam_size`` beams alive (Hugging Face's and fairseq's rule; T5X lets every ending
+candidate of the ``2 * beam_size`` finish; where they differ jaxmt follows Hugging Face,
+so an imported checkpoint decodes as ``generate()`` does: ``tests/test_decode_parity.py``
+compares ids and scores).
 
 Length penalties (``score = log p / lp(length)``, length counting the EOS):
 
@@ -84,16 +88,25 @@ def _batch_axes(module: EncoderDecoder, max_decode_len: int, encoded: jax.Array,
     return jax.tree.map(axis, one, two)
 
 
+def _reorder_how(module: EncoderDecoder, options: DecodeConfig, max_decode_len: int) -> str:
+    """``options.cache_reorder`` with ``"auto"`` resolved: shared caches, except for a
+    Performer decoder (its FAVOR+ step reads a cache of its own), which moves its cache
+    by a one-hot einsum under a mesh of more than one device, else by a gather."""
+    how = options.cache_reorder
+    if how == "auto":
+        performer = module.cfg.attention.resolve("decoder", max_decode_len) == "performer"
+        how = ("shared" if not performer else
+               "one_hot" if jax.sharding.get_abstract_mesh().size > 1 else "gather")
+    return how
+
+
 def _reorder(cache: PyTree, axes: PyTree, beams: jax.Array, how: str) -> PyTree:
     """The cache of rows ``beams`` [b, k] (beam indices within each source row).
 
-    ``how``: ``"gather"`` (``jnp.take``: fastest on one device, but XLA all-gathers the
-    whole cache over a batch-sharded mesh to serve the flat row indices), ``"one_hot"``
-    (an einsum within each source row: stays inside each batch shard) or ``"auto"``
-    (one-hot when tracing under a mesh of more than one device, else gather).
+    ``how``: ``"gather"`` (``jnp.take``: fast on one device, but XLA all-gathers the
+    whole cache over a batch-sharded mesh to serve the flat row indices) or
+    ``"one_hot"`` (an einsum within each source row: stays inside each batch shard).
     """
-    if how == "auto":
-        how = "one_hot" if jax.sharding.get_abstract_mesh().size > 1 else "gather"
     b, k = beams.shape
     flat = (beams + jnp.arange(b)[:, None] * k).reshape(-1)  # [b*k] rows of the cache
 
@@ -111,6 +124,27 @@ def _reorder(cache: PyTree, axes: PyTree, beams: jax.Array, how: str) -> PyTree:
         out = jnp.einsum("bjk,bk...->bj...", one_hot, grouped)  # [b, k_new, ...]
         return jnp.moveaxis(out.astype(x.dtype).reshape(x.shape), 0, axis)
     return jax.tree.map(move, cache, axes)
+
+
+def top_k_blocked(x: jax.Array, n: int, block: int = 128) -> tuple[jax.Array, jax.Array]:
+    """``jax.lax.top_k(x, n)`` over the last axis of ``x`` [b, m], in two cheap passes.
+
+    The n largest values lie in the n blocks of ``block`` with the largest maxima (a value
+    outside them has n larger ones, those maxima), so a vectorised max per block, a top-n
+    of the block maxima and a top-n of those n blocks find them. The blocks are taken in
+    index order, so ties go to the lower index as in ``top_k``. XLA's CPU ``top_k``
+    walks all m values one at a time: over beam search's ``beam_size * vocab`` it was
+    slower than this whole function.
+    """
+    b, m = x.shape
+    if m % block or m < 8 * n * block:
+        return jax.lax.top_k(x, n)
+    blocks = x.reshape(b, m // block, block)
+    _, which = jax.lax.top_k(jnp.max(blocks, axis=-1), n)  # [b, n] blocks
+    which = jnp.sort(which, axis=-1)
+    picked = jnp.take_along_axis(blocks, which[:, :, None], 1).reshape(b, n * block)
+    top, at = jax.lax.top_k(picked, n)  # [b, n]
+    return top, jnp.take_along_axis(which, at // block, 1) * block + at % block
 
 
 def _top(scores: jax.Array, k: int, *arrays: jax.Array):
@@ -147,10 +181,12 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
     b, k, L = enc_tokens.shape[0], o.beam_size, max_decode_len
     enc_seg = (enc_tokens > 0).astype(jnp.int32)
     encoded = module.apply({"params": params}, enc_tokens, enc_seg, method=EncoderDecoder.encode)
-    axes = _batch_axes(module, L, encoded, enc_seg)
+    how = _reorder_how(module, o, L)
+    shared = how == "shared"
+    axes = None if shared else _batch_axes(module, L, encoded, enc_seg)
     # encoded [b, s, e] stays once per source: its k beams (adjacent rows) share the
-    # cross-attention keys and values.
-    cache = init_cache(module, b * k, L, encoded, enc_seg)
+    # cross-attention keys and values (and with `shared`, one self-attention cache).
+    cache = init_cache(module, b * k, L, encoded, enc_seg, group=k if shared else 1)
 
     max_len = max_output_len(enc_tokens, o, L)  # [b]
 
@@ -159,12 +195,18 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
         return (i < L) & ~jnp.all(done)
 
     def body(carry):
-        i, alive_seq, alive_logp, cache, fin_seq, fin_score, done = carry
+        i, alive_seq, alive_logp, slots, cache, fin_seq, fin_score, done = carry
         last = jnp.where(i == 0, PAD_ID, alive_seq[:, :, jnp.maximum(i - 1, 0)])  # [b, k]
+        # Beam j writes position i into its own slot j; earlier positions are where its
+        # ancestors wrote them.
+        slots = jax.lax.dynamic_update_slice(
+            slots, jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[None, :, None], (b, k, 1)),
+            (0, 0, i))  # [b, k, L]
         logits, upd = module.apply(
             {"params": params, "cache": cache}, last.reshape(b * k, 1), encoded, enc_seg,
             decode=True, positions=jnp.full((b * k, 1), i), max_decode_len=L,
-            mutable=["cache"], method=EncoderDecoder.decode)  # [b*k, 1, v]
+            beam_slots=slots if shared else None, mutable=["cache"],
+            method=EncoderDecoder.decode)  # [b*k, 1, v]
         last_logits = logits[:, -1].astype(jnp.float32)  # [b*k, v]
         v = last_logits.shape[-1]
         # Unused rows of the vocabulary get no mass; the processors (min length, forced
@@ -174,7 +216,7 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
                                          jnp.repeat(max_len, k), o)  # [b*k, v]
         length = i + 1  # tokens of a hypothesis that takes its token at position i
         cand = alive_logp[:, :, None] + logp.reshape(b, k, v)  # [b, k, v]
-        cand_logp, cand_idx = jax.lax.top_k(cand.reshape(b, k * v), 2 * k)  # [b, 2k]
+        cand_logp, cand_idx = top_k_blocked(cand.reshape(b, k * v), 2 * k)  # [b, 2k]
         beam, token = cand_idx // v, (cand_idx % v).astype(jnp.int32)
         seq = jnp.take_along_axis(alive_seq, beam[:, :, None], 1)  # [b, 2k, L]
         seq = jax.lax.dynamic_update_slice(seq, token[:, :, None], (0, 0, i))
@@ -193,7 +235,8 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
         # Alive: the best k candidates that did not end.
         alive_logp, alive_seq, alive_beam = _top(jnp.where(ends, NEG_INF, cand_logp), k,
                                                  seq, beam)
-        cache = _reorder(upd["cache"], axes, alive_beam, o.cache_reorder)
+        slots = jnp.take_along_axis(slots, alive_beam[:, :, None], 1)  # [b, k, L]
+        cache = upd["cache"] if shared else _reorder(upd["cache"], axes, alive_beam, how)
 
         # Which rows are done after this step.
         full = jnp.min(fin_score, axis=1) > NEG_INF / 2  # [b]: k hypotheses finished
@@ -205,10 +248,11 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
             bound = alive_logp[:, 0] / length_penalty(at, o.length_penalty, o.alpha)
             stop = full & (bound <= jnp.min(fin_score, axis=1))
         stop = stop | (length >= max_len) | (alive_logp[:, 0] <= NEG_INF / 2)
-        return i + 1, alive_seq, alive_logp, cache, fin_seq, fin_score, done | stop
+        return i + 1, alive_seq, alive_logp, slots, cache, fin_seq, fin_score, done | stop
 
     alive_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (b, 1))
-    carry = (jnp.array(0, jnp.int32), jnp.zeros((b, k, L), jnp.int32), alive_logp, cache,
+    carry = (jnp.array(0, jnp.int32), jnp.zeros((b, k, L), jnp.int32), alive_logp,
+             jnp.zeros((b, k, L), jnp.int32), cache,
              jnp.zeros((b, k, L), jnp.int32), jnp.full((b, k), NEG_INF, jnp.float32),
              jnp.zeros((b,), bool))
     *_, fin_seq, fin_score, _ = jax.lax.while_loop(cond, body, carry)

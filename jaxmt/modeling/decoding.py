@@ -23,13 +23,16 @@ PyTree = Any
 
 
 def init_cache(module: EncoderDecoder, batch: int, max_decode_len: int, encoded: jax.Array,
-               enc_segment_ids: jax.Array) -> PyTree:
+               enc_segment_ids: jax.Array, group: int = 1) -> PyTree:
     """Zero KV cache of ``batch`` rows sized for ``max_decode_len`` target positions
-    (``encoded`` [batch / r, s, e] may have one row per r decoder rows)."""
+    (``encoded`` [batch / r, s, e] may have one row per r decoder rows); ``group`` > 1
+    shares one self-attention cache among each ``group`` adjacent rows (beam slots)."""
     dummy = jnp.zeros((batch, max_decode_len), jnp.int32)
+    slots = (None if group == 1 else
+             jnp.zeros((batch // group, group, max_decode_len), jnp.int32))
     shapes = jax.eval_shape(
         lambda: module.init(jax.random.PRNGKey(0), dummy, encoded, enc_segment_ids, decode=True,
-                            method=EncoderDecoder.decode))["cache"]
+                            beam_slots=slots, method=EncoderDecoder.decode))["cache"]
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 
 from jaxmt.config import ModelConfig
 from jaxmt.kernels.common import RelPos
-from jaxmt.modeling.attention import (Masking, MultiHeadAttention, PerformerStep, dense_bias,
+from jaxmt.modeling.attention import (Masking, MultiHeadAttention, PerformerStep, SharedBeamStep,
+                                      dense_bias,
                                       mask_to_bias)
 from jaxmt.modeling.layers import (Embed, MlpBlock, Norm, RelativePositionBias, bias_param,
                                    constrain, dtype_of, mixed_einsum, normal, param,
@@ -209,7 +210,8 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, encoded: Array, decoder_segment_ids: Array,
                  encoder_segment_ids: Array, positions: Array, deterministic: bool,
-                 decode: bool = False, max_decode_len: int | None = None) -> Array:
+                 decode: bool = False, max_decode_len: int | None = None,
+                 beam_slots: Array | None = None) -> Array:
         """Returns float32 logits [b, t, vocab].
 
         In decode mode ``tokens`` is [b, 1], ``positions`` is the step's position [b, 1]
@@ -219,6 +221,11 @@ class Decoder(nn.Module):
         cross-attention keys and values. A step
         attends exactly over the cache, with the decoder's window under ``local`` and with
         the same FAVOR+ features under ``performer``, so it equals the teacher-forced pass.
+
+        ``beam_slots`` [g, r, T] (decode mode only) makes the r adjacent rows of each group
+        share one self-attention cache (a :class:`SharedBeamStep`): row ``j`` reads
+        position ``s`` from the slot ``beam_slots[:, j, s]`` (this step's own position
+        must name ``j``). The cache is sized for it when the first (init) call has it too.
         """
         cfg = self.cfg
         x = _embed(cfg, self.embed, tokens, positions, deterministic)
@@ -235,7 +242,13 @@ class Decoder(nn.Module):
                     bidirectional=False, param_dtype=cfg.param_dtype,
                     name="relpos_bias")(q_pos, k_pos)  # [1, h, 1, T]
             a = cfg.attention
-            if a.resolve("decoder", max_decode_len) == "performer":  # decode as it trained
+            performer = a.resolve("decoder", max_decode_len) == "performer"
+            if beam_slots is not None:
+                if performer:
+                    raise ValueError("shared beam caches need softmax attention; a performer "
+                                     "decoder reorders its cache (cache_reorder gather/one_hot)")
+                self_bias = _slot_bias(self_bias, beam_slots)  # [g, h|1, r, T*r]
+            elif performer:  # decode as it trained
                 self_bias = PerformerStep(self_bias, a.performer_features, a.seed)
         else:
             self_bias = _masking(cfg, "decoder", decoder_segment_ids, decoder_segment_ids,
@@ -258,6 +271,17 @@ class Decoder(nn.Module):
             logits = logits + bias_param(self, "final_logits_bias", (cfg.vocab_size,),
                                          (axes.VOCAB,), dtype_of(cfg.param_dtype))
         return constrain(logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
+
+
+def _slot_bias(bias: Array, beam_slots: Array) -> SharedBeamStep:
+    """A shared beam cache's self-attention input: ``bias`` [1, h|1, 1, T] over positions,
+    repeated for each of the r slots of a position, plus the mask of the slots each beam
+    reads (keys in the cache's (position, slot) order)."""
+    g, r, t = beam_slots.shape
+    bias = bias[:, :, :1]  # one query position (the init pass has all; it only sizes caches)
+    reads = beam_slots[:, :, :, None] == jnp.arange(r)[None, None, None, :]  # [g, r, T, r]
+    slots = mask_to_bias(reads.reshape(g, 1, r, t * r))  # [g, 1, r(query), T * r(slot)]
+    return SharedBeamStep(jnp.repeat(bias, r, axis=-1) + slots, group=r)
 
 
 def _decode_window(cfg: ModelConfig, q_pos: Array, k_pos: Array) -> Array:
@@ -300,12 +324,14 @@ class EncoderDecoder(nn.Module):
     def decode(self, tokens: Array, encoded: Array, encoder_segment_ids: Array,
                decoder_segment_ids: Array | None = None, positions: Array | None = None,
                deterministic: bool = True, decode: bool = False,
-               max_decode_len: int | None = None) -> Array:
-        """Teacher-forced logits, or with ``decode=True`` one step at ``positions`` [b, 1]."""
+               max_decode_len: int | None = None, beam_slots: Array | None = None) -> Array:
+        """Teacher-forced logits, or with ``decode=True`` one step at ``positions`` [b, 1]
+        (``beam_slots``: :class:`Decoder`'s shared beam caches)."""
         if decoder_segment_ids is None:
             decoder_segment_ids = jnp.ones(tokens.shape, jnp.int32)
         return self.decoder(tokens, encoded, decoder_segment_ids, encoder_segment_ids,
-                            _positions(tokens, positions), deterministic, decode, max_decode_len)
+                            _positions(tokens, positions), deterministic, decode, max_decode_len,
+                            beam_slots)
 
     def __call__(self, batch: dict[str, Array], deterministic: bool = True) -> Array:
         """Teacher-forced logits [b, t, vocab] for a (possibly packed) batch."""
