@@ -10,7 +10,7 @@ from greedy_reference import tiny_decode_setup
 
 from jaxmt.config import AttentionConfig, DecodeConfig, ModelConfig
 from jaxmt.modeling.beam_search import NEG_INF, beam_search, length_penalty, top_k_blocked
-from jaxmt.modeling.decoding import EOS_ID, greedy_decode
+from jaxmt.modeling.decoding import EOS_ID, cache_phases, greedy_decode, sample_decode
 from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.modeling.network import stack_layers
 
@@ -150,6 +150,24 @@ def test_every_decoder_attention_follows_its_beams(decoder):
         with pytest.raises(ValueError, match="shared beam caches need softmax attention"):
             beam_search(model.module, params, enc, 8, None,
                         dataclasses.replace(opts, cache_reorder="shared"))
+
+
+@pytest.mark.slow
+def test_a_growing_cache_changes_nothing(setup):
+    """Decode loops grow their cache through [L/4, L/2, L]: a 64-position cache (three
+    phases) gives what a 63-position one (a single phase) gives, beam and greedy, for
+    outputs forced through every phase."""
+    assert cache_phases(64) == (16, 32, 64) and cache_phases(63) == (63,)
+    assert cache_phases(16) == (16,)
+    model, params, enc = setup
+    for opts in (_opts(beam_size=3, n_best=2, min_len=40, max_len_b=40),
+                 _opts(strategy="greedy", min_len=40, max_len_b=40)):
+        run = beam_search if opts.strategy == "beam" else sample_decode
+        ids, scores = run(model.module, params, enc, 64, None, opts)
+        ids_1, scores_1 = run(model.module, params, enc, 63, None, opts)
+        np.testing.assert_array_equal(np.asarray(ids)[..., :63], np.asarray(ids_1))
+        assert not np.asarray(ids)[..., 40:].any()
+        np.testing.assert_allclose(np.asarray(scores), np.asarray(scores_1), rtol=1e-5)
 
 
 def test_blocked_top_k_equals_top_k_ties_included():

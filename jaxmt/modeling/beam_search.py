@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jaxmt.config import DecodeConfig
 from jaxmt.data.vocab import EOS_ID, PAD_ID  # SentencePiece only, no TF; PAD also starts decoding
 from jaxmt.modeling import logits_processing
-from jaxmt.modeling.decoding import init_cache, max_output_len
+from jaxmt.modeling.decoding import cache_phases, grow_cache, init_cache, max_output_len
 from jaxmt.modeling.network import EncoderDecoder
 
 PyTree = Any
@@ -186,15 +186,17 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
     axes = None if shared else _batch_axes(module, L, encoded, enc_seg)
     # encoded [b, s, e] stays once per source: its k beams (adjacent rows) share the
     # cross-attention keys and values (and with `shared`, one self-attention cache).
-    cache = init_cache(module, b * k, L, encoded, enc_seg, group=k if shared else 1)
+    phases = cache_phases(L)
+    cache = init_cache(module, b * k, phases[0], encoded, enc_seg, group=k if shared else 1)
 
     max_len = max_output_len(enc_tokens, o, L)  # [b]
 
-    def cond(carry):
+    def cond(carry, T):
         i, done = carry[0], carry[-1]
-        return (i < L) & ~jnp.all(done)
+        return (i < T) & ~jnp.all(done)
 
-    def body(carry):
+    def body(carry, T):
+        """One step with a cache of T positions (this phase's)."""
         i, alive_seq, alive_logp, slots, cache, fin_seq, fin_score, done = carry
         last = jnp.where(i == 0, PAD_ID, alive_seq[:, :, jnp.maximum(i - 1, 0)])  # [b, k]
         # Beam j writes position i into its own slot j; earlier positions are where its
@@ -204,8 +206,8 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
             (0, 0, i))  # [b, k, L]
         logits, upd = module.apply(
             {"params": params, "cache": cache}, last.reshape(b * k, 1), encoded, enc_seg,
-            decode=True, positions=jnp.full((b * k, 1), i), max_decode_len=L,
-            beam_slots=slots if shared else None, mutable=["cache"],
+            decode=True, positions=jnp.full((b * k, 1), i), max_decode_len=T,
+            beam_slots=slots[:, :, :T] if shared else None, mutable=["cache"],
             method=EncoderDecoder.decode)  # [b*k, 1, v]
         last_logits = logits[:, -1].astype(jnp.float32)  # [b*k, v]
         v = last_logits.shape[-1]
@@ -255,5 +257,10 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
              jnp.zeros((b, k, L), jnp.int32), cache,
              jnp.zeros((b, k, L), jnp.int32), jnp.full((b, k), NEG_INF, jnp.float32),
              jnp.zeros((b,), bool))
-    *_, fin_seq, fin_score, _ = jax.lax.while_loop(cond, body, carry)
+    for n, T in enumerate(phases):
+        if n:
+            carry = (*carry[:4], grow_cache(carry[4], phases[n - 1], T), *carry[5:])
+        carry = jax.lax.while_loop(functools.partial(cond, T=T), functools.partial(body, T=T),
+                                   carry)
+    *_, fin_seq, fin_score, _ = carry
     return fin_seq[:, :o.n_best], fin_score[:, :o.n_best]

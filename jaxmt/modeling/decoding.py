@@ -36,6 +36,33 @@ def init_cache(module: EncoderDecoder, batch: int, max_decode_len: int, encoded:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+def cache_phases(max_decode_len: int) -> tuple[int, ...]:
+    """The cache lengths a decode loop grows through: [L/4, L/2, L] for L >= 64, else L.
+
+    Attention reads (and beam search masks) the whole cache every step, so the first
+    quarter of the steps runs on a quarter-length cache and the next on a half-length
+    one: about 0.69 of the full-length work, less where every row ends early. Each
+    phase is its own loop (XLA compiles the step once per phase; a ``lax.switch`` over
+    lengths inside one loop copied the cache into each branch).
+    """
+    phases = [max_decode_len]
+    while len(phases) < 3 and phases[0] >= 32 and phases[0] % 2 == 0:
+        phases.insert(0, phases[0] // 2)
+    return tuple(phases)
+
+
+def grow_cache(cache: PyTree, old_len: int, new_len: int) -> PyTree:
+    """``cache`` for ``old_len`` positions, zero-padded to ``new_len``. Keys and values have
+    their positions second to last ([.., T * r, d], position-major), the index none."""
+    def grow(x):
+        if x.ndim < 2:
+            return x
+        r = x.shape[-2] // old_len
+        pad = [(0, 0)] * (x.ndim - 2) + [(0, (new_len - old_len) * r), (0, 0)]
+        return jnp.pad(x, pad)
+    return jax.tree.map(grow, cache)
+
+
 # Greedy decoding as it always was: no length limit but the cache's, no processing.
 _PLAIN_GREEDY = DecodeConfig(strategy="greedy", no_repeat_ngram_size=0, max_len_a=0.0,
                              max_len_b=1 << 30, suppressed_ids=())
@@ -72,18 +99,20 @@ def _decode_loop(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
     # [b, s, e] once per source: its n decodes (adjacent rows) share the cross-attention.
     encoded = module.apply({"params": params}, enc_tokens, enc_seg, method=EncoderDecoder.encode)
     rows = encoded.shape[0] * n
-    cache = init_cache(module, rows, L, encoded, enc_seg)
+    phases = cache_phases(L)
+    cache = init_cache(module, rows, phases[0], encoded, enc_seg)
     max_len = jnp.repeat(max_output_len(enc_tokens, o, L), n)  # [b*n]
 
-    def cond(carry):
+    def cond(carry, T):
         i, finished = carry[0], carry[-1]
-        return (i < L) & ~jnp.all(finished)
+        return (i < T) & ~jnp.all(finished)
 
-    def body(carry):
+    def body(carry, T):
+        """One step with a cache of T positions (this phase's)."""
         i, token, out, logp, cache, finished = carry
         logits, upd = module.apply(
             {"params": params, "cache": cache}, token, encoded, enc_seg, decode=True,
-            positions=jnp.full((rows, 1), i), max_decode_len=L, mutable=["cache"],
+            positions=jnp.full((rows, 1), i), max_decode_len=T, mutable=["cache"],
             method=EncoderDecoder.decode)  # [rows, 1, v]
         last = logits_processing.mask_unused(logits[:, -1].astype(jnp.float32), num_ids)
         # Processors on raw logits, then (sampling only) the warpers: Hugging Face's order.
@@ -107,7 +136,12 @@ def _decode_loop(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
     carry = (jnp.array(0, jnp.int32), jnp.full((rows, 1), PAD_ID, jnp.int32),
              jnp.zeros((rows, L), jnp.int32), jnp.zeros((rows,), jnp.float32), cache,
              jnp.zeros((rows,), bool))
-    _, _, out, logp, _, _ = jax.lax.while_loop(cond, body, carry)
+    for k, T in enumerate(phases):
+        if k:
+            carry = (*carry[:4], grow_cache(carry[4], phases[k - 1], T), carry[5])
+        carry = jax.lax.while_loop(functools.partial(cond, T=T), functools.partial(body, T=T),
+                                   carry)
+    _, _, out, logp, _, _ = carry
     return out, logp
 
 
