@@ -9,6 +9,13 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu AOT compiles from parallel runs
+# One persistent XLA cache for the session: the many tests (and the CLI runs they start)
+# that compile the same small programs compile each once (JAX's default: programs that
+# took 1 s or more). Set here, before the xdist workers start, so they share it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxmt_tests_xla_cache_")
 
 import pytest  # noqa: E402
 
