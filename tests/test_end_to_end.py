@@ -167,7 +167,9 @@ def test_decoding_config_is_stored_and_overridden(model_dir, capsys):
     t.stats.out_truncated = 0
     t.translate(texts, src_lang="en", tgt_lang="de", min_len=3, max_len_a=0.0, max_len_b=3)
     assert t.stats.out_truncated == 2
-    assert any("2 of" in n and "length limit" in n for n in t.report()), t.report()
+    # The note states the cap of the call that cut them (an override), not the stored one.
+    assert any("2 of" in n and "length limit" in n and "0 x source tokens + 3" in n
+               for n in t.report()), t.report()
     with pytest.raises(ValueError, match="no field 'beam'; did you mean 'beam_size'"):
         t.translate(texts, src_lang="en", tgt_lang="de", beam=2)
     with pytest.raises(ValueError, match="DecodeConfig.n_best"):

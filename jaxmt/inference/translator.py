@@ -86,6 +86,8 @@ class DecodeStats:
     out_tokens: int = 0  # of the best output
     src_truncated: int = 0  # inputs longer than max_src_len, cut
     out_truncated: int = 0  # best outputs that reached their length limit without EOS
+    # The (max_len_a, max_len_b) of the calls whose outputs were cut, for the report.
+    cut_caps: set[tuple[float, int]] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,6 +332,8 @@ class Translator:
                 ended = np.flatnonzero(best == EOS_ID)
                 self.stats.out_tokens += int(ended[0]) + 1 if ended.size else len(best)
                 self.stats.out_truncated += int(not ended.size)
+                if not ended.size:
+                    self.stats.cut_caps.add((cfg.max_len_a, cfg.max_len_b))
                 self.stats.src_tokens += len(src)
             self.stats.lines += len(chunk)
             bar.update(len(chunk))
@@ -347,11 +351,13 @@ class Translator:
             notes.append(f"note: {self.stats.src_truncated} input line(s) longer than "
                          f"{self.max_src_len} tokens were truncated (raise --max_len)")
         if self.stats.out_truncated:
+            caps = " or ".join(f"{a:g} x source tokens + {b}"
+                               for a, b in sorted(self.stats.cut_caps))
             notes.append(
                 f"note: {self.stats.out_truncated} of {self.stats.lines} output(s) reached "
-                f"their length limit without ending (at most {self.decode.max_len_a:g} x "
-                f"source tokens + {self.decode.max_len_b}, and {self.max_decode_len}); raise "
-                "--max_len_a/--max_len_b or --max_len if they are cut short")
+                f"their length limit without ending (at most {caps}, and "
+                f"{self.max_decode_len}); raise --max_len_a/--max_len_b or --max_len if they "
+                "are cut short")
         return notes
 
 
