@@ -10,8 +10,8 @@ initialised model on the same batch in one run (set-up shared with
 ``benchmarks/decode_cache.py``). The search is held to the full length (``min_len`` = the
 length), so every variant does the same number of steps.
 
-    python benchmarks/beam_search.py [--model tiny|small] [--batch 16] [--src_len 64]
-        [--decode_len 64] [--beam 4] [--repeats 3] [--json]
+    python benchmarks/beam_search.py [--model tiny|small] [--precision auto|fp32|bf16]
+        [--batch 16] [--src_len 64] [--decode_len 64] [--beam 4] [--repeats 3] [--json]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", choices=sorted(MODELS))
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--src_len", type=int, default=64)
     ap.add_argument("--decode_len", type=int, default=64)
@@ -38,7 +39,7 @@ def main():
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
-    model, params, batch = random_setup(a.model, a.batch, a.src_len)
+    model, params, batch = random_setup(a.model, a.batch, a.src_len, a.precision)
     L = a.decode_len
     seconds = {}
     for how in ("shared", "gather", "one_hot"):
@@ -55,9 +56,9 @@ def main():
     res["shared_vs_gather"] = round(seconds["gather"] / seconds["shared"], 3)
     res["gather_vs_one_hot"] = round(seconds["one_hot"] / seconds["gather"], 3)
     res["beam_vs_greedy_time"] = round(seconds["shared"] / seconds["greedy"], 2)
-    res.update(model=a.model, batch=a.batch, src_len=a.src_len, decode_len=L, beam=a.beam,
+    res.update(model=a.model, precision=model.cfg.resolved_precision, batch=a.batch, src_len=a.src_len, decode_len=L, beam=a.beam,
                platform=jax.devices()[0].platform, jax=jax.__version__)
-    print(f"{a.model} model, batch {a.batch}, source {a.src_len}, {L} output tokens, "
+    print(f"{a.model} model ({res['precision']}), batch {a.batch}, source {a.src_len}, {L} output tokens, "
           f"beam {a.beam}, {res['platform']}")
     for k in ("shared", "gather", "one_hot", "greedy"):
         print(f"  {k:<8}: {seconds[k] * 1e3:8.1f} ms  {res[f'{k}_tokens_per_s']:>9.1f} tokens/s")

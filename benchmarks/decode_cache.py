@@ -12,6 +12,7 @@ generate the full length: the figures are for max-length generation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -57,10 +58,13 @@ def timed(fn, *args, repeats=3):
     return best
 
 
-def random_setup(model_name: str, batch: int, src_len: int):
-    """A randomly initialised model of ``MODELS``, its parameters, and a batch of random
-    sources (no EOS: random weights then decode to the full length)."""
-    model = EncoderDecoderModel(MODELS[model_name])
+def random_setup(model_name: str, batch: int, src_len: int, precision: str | None = None):
+    """A randomly initialised model of ``MODELS`` (in ``precision``, default its own), its
+    parameters, and a batch of random sources (no EOS: random weights then decode to the
+    full length)."""
+    cfg = MODELS[model_name]
+    model = EncoderDecoderModel(cfg if precision is None else
+                                dataclasses.replace(cfg, precision=precision))
     params = nn.unbox(model.init(jax.random.PRNGKey(0), model.dummy_batch(1, 8, 8)))
     rng = np.random.default_rng(0)
     enc = rng.integers(3, model.cfg.vocab_size, (batch, src_len)).astype(np.int32)
