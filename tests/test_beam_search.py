@@ -1,5 +1,6 @@
 """Beam search over the KV cache: exact against brute force where the beam holds every
-prefix, beam 1 equals greedy, length limits per row, shared and moved caches, scanned layers, the blocked top-k."""
+prefix, beam 1 equals greedy, length limits per row, shared and moved caches, scanned
+layers, the growing cache, the blocked top-k."""
 
 import dataclasses
 import itertools

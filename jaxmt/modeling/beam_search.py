@@ -56,7 +56,8 @@ import jax.numpy as jnp
 from jaxmt.config import DecodeConfig
 from jaxmt.data.vocab import EOS_ID, PAD_ID  # SentencePiece only, no TF; PAD also starts decoding
 from jaxmt.modeling import logits_processing
-from jaxmt.modeling.decoding import cache_phases, grow_cache, init_cache, max_output_len
+from jaxmt.modeling.decoding import (cache_phases, init_cache, max_output_len,
+                                     phased_while_loop)
 from jaxmt.modeling.network import EncoderDecoder
 
 PyTree = Any
@@ -199,11 +200,11 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
         """One step with a cache of T positions (this phase's)."""
         i, alive_seq, alive_logp, slots, cache, fin_seq, fin_score, done = carry
         last = jnp.where(i == 0, PAD_ID, alive_seq[:, :, jnp.maximum(i - 1, 0)])  # [b, k]
-        # Beam j writes position i into its own slot j; earlier positions are where its
-        # ancestors wrote them.
-        slots = jax.lax.dynamic_update_slice(
-            slots, jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[None, :, None], (b, k, 1)),
-            (0, 0, i))  # [b, k, L]
+        if shared:  # beam j writes position i into its own slot j; earlier positions
+            # are where its ancestors wrote them
+            slots = jax.lax.dynamic_update_slice(
+                slots, jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[None, :, None],
+                                        (b, k, 1)), (0, 0, i))  # [b, k, L]
         logits, upd = module.apply(
             {"params": params, "cache": cache}, last.reshape(b * k, 1), encoded, enc_seg,
             decode=True, positions=jnp.full((b * k, 1), i), max_decode_len=T,
@@ -237,8 +238,11 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
         # Alive: the best k candidates that did not end.
         alive_logp, alive_seq, alive_beam = _top(jnp.where(ends, NEG_INF, cand_logp), k,
                                                  seq, beam)
-        slots = jnp.take_along_axis(slots, alive_beam[:, :, None], 1)  # [b, k, L]
-        cache = upd["cache"] if shared else _reorder(upd["cache"], axes, alive_beam, how)
+        if shared:
+            slots = jnp.take_along_axis(slots, alive_beam[:, :, None], 1)  # [b, k, L]
+            cache = upd["cache"]
+        else:
+            cache = _reorder(upd["cache"], axes, alive_beam, how)
 
         # Which rows are done after this step.
         full = jnp.min(fin_score, axis=1) > NEG_INF / 2  # [b]: k hypotheses finished
@@ -257,10 +261,5 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
              jnp.zeros((b, k, L), jnp.int32), cache,
              jnp.zeros((b, k, L), jnp.int32), jnp.full((b, k), NEG_INF, jnp.float32),
              jnp.zeros((b,), bool))
-    for n, T in enumerate(phases):
-        if n:
-            carry = (*carry[:4], grow_cache(carry[4], phases[n - 1], T), *carry[5:])
-        carry = jax.lax.while_loop(functools.partial(cond, T=T), functools.partial(body, T=T),
-                                   carry)
-    *_, fin_seq, fin_score, _ = carry
+    *_, fin_seq, fin_score, _ = phased_while_loop(cond, body, carry, phases, cache_at=4)
     return fin_seq[:, :o.n_best], fin_score[:, :o.n_best]

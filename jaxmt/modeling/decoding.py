@@ -37,7 +37,8 @@ def init_cache(module: EncoderDecoder, batch: int, max_decode_len: int, encoded:
 
 
 def cache_phases(max_decode_len: int) -> tuple[int, ...]:
-    """The cache lengths a decode loop grows through: [L/4, L/2, L] for L >= 64, else L.
+    """The cache lengths a decode loop grows through: L halved while the shortest is even
+    and at least 32, three lengths at most (64: 16, 32, 64; 32: 16, 32; 63 or 16: itself).
 
     Attention reads (and beam search masks) the whole cache every step, so the first
     quarter of the steps runs on a quarter-length cache and the next on a half-length
@@ -61,6 +62,20 @@ def grow_cache(cache: PyTree, old_len: int, new_len: int) -> PyTree:
         pad = [(0, 0)] * (x.ndim - 2) + [(0, (new_len - old_len) * r), (0, 0)]
         return jnp.pad(x, pad)
     return jax.tree.map(grow, cache)
+
+
+def phased_while_loop(cond, body, carry: tuple, phases: tuple[int, ...], cache_at: int
+                      ) -> tuple:
+    """``lax.while_loop`` once per cache length of ``phases`` (``cond(carry, T)`` and
+    ``body(carry, T)`` see the phase's length T), the cache (``carry[cache_at]``, sized
+    for the first phase) grown with :func:`grow_cache` between phases."""
+    for n, T in enumerate(phases):
+        if n:
+            carry = (*carry[:cache_at], grow_cache(carry[cache_at], phases[n - 1], T),
+                     *carry[cache_at + 1:])
+        carry = jax.lax.while_loop(functools.partial(cond, T=T), functools.partial(body, T=T),
+                                   carry)
+    return carry
 
 
 # Greedy decoding as it always was: no length limit but the cache's, no processing.
@@ -136,12 +151,7 @@ def _decode_loop(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
     carry = (jnp.array(0, jnp.int32), jnp.full((rows, 1), PAD_ID, jnp.int32),
              jnp.zeros((rows, L), jnp.int32), jnp.zeros((rows,), jnp.float32), cache,
              jnp.zeros((rows,), bool))
-    for k, T in enumerate(phases):
-        if k:
-            carry = (*carry[:4], grow_cache(carry[4], phases[k - 1], T), carry[5])
-        carry = jax.lax.while_loop(functools.partial(cond, T=T), functools.partial(body, T=T),
-                                   carry)
-    _, _, out, logp, _, _ = carry
+    _, _, out, logp, _, _ = phased_while_loop(cond, body, carry, phases, cache_at=4)
     return out, logp
 
 
