@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -185,6 +186,85 @@ class AttentionConfig:
         return impl if impl in _ALLOWED[kind] else "flash"
 
 
+ADAPTER_ROUTES = ("language", "direction")
+# What LoRA can adapt: the attention projections and the MLP's input/output matrices.
+LORA_TARGETS = ("query", "key", "value", "out", "mlp_in", "mlp_out")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """Language adapters (Bapna & Firat 2019): after every encoder and decoder layer, a
+    residual bottleneck LayerNorm -> down-projection -> ReLU -> up-projection, one per
+    routing key, chosen per token by the batch's languages.
+
+    Attributes:
+      size: the bottleneck width; 0 = no adapters.
+      langs: the routing keys, each with its own adapter. ``route="language"``: language
+        codes (``"es"``); the encoder routes by source language and the decoder by target
+        language. ``route="direction"``: directions (``"en-es"``), one adapter per
+        direction in both stacks. A language or direction not listed passes through
+        unadapted (the base model's output exactly).
+      route: "language" | "direction".
+    """
+
+    size: int = 0
+    langs: tuple[str, ...] = ()
+    route: str = "language"
+
+    def __post_init__(self):
+        _check_types(self)
+        _check_min(self, 0, "size")
+        _check(self.route in ADAPTER_ROUTES, "AdapterConfig", "route",
+               f"unknown value {self.route!r}; choose one of {ADAPTER_ROUTES}")
+        _check(len(set(self.langs)) == len(self.langs), "AdapterConfig", "langs",
+               f"duplicate keys in {self.langs}")
+        _check(not self.size or self.langs, "AdapterConfig", "langs",
+               "adapters (size > 0) need at least one language or direction to route to")
+        if self.route == "direction":
+            for k in self.langs:
+                _check(k.count("-") == 1 and all(k.split("-")), "AdapterConfig", "langs",
+                       f"route='direction' takes keys like 'en-es', got {k!r}")
+
+    def route_ids(self, src: str, tgt: str) -> tuple[int, int]:
+        """(encoder id, decoder id) of a direction: indices into ``langs``, -1 where the
+        language (or direction) has no adapter."""
+        idx = lambda k: self.langs.index(k) if k in self.langs else -1  # noqa: E731
+        if self.route == "direction":
+            return idx(f"{src}-{tgt}"), idx(f"{src}-{tgt}")
+        return idx(src), idx(tgt)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adaptation (Hu et al. 2021): ``W + (alpha / rank) * A @ B`` on the
+    projections named in ``targets``, with B = 0 at initialisation (so the model starts
+    as the base) and mergeable into W for inference at no cost.
+
+    Attributes:
+      rank: r; 0 = no LoRA.
+      alpha: the scale numerator (the update is multiplied by alpha / rank).
+      targets: any of :data:`LORA_TARGETS`.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("query", "key", "value", "out", "mlp_in", "mlp_out")
+
+    def __post_init__(self):
+        _check_types(self)
+        _check_min(self, 0, "rank")
+        _check_min(self, 0, "alpha", strict=True)
+        for t in self.targets:
+            _check(t in LORA_TARGETS, "LoraConfig", "targets",
+                   f"unknown target {t!r}; choose from {LORA_TARGETS}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -224,13 +304,18 @@ class ModelConfig:
     precision: str = "auto"  # one of PRECISION_CHOICES
     # A factory, so gin bindings of AttentionConfig apply without naming it here.
     attention: AttentionConfig = dataclasses.field(default_factory=lambda: AttentionConfig())
+    # Parameter-efficient fine-tuning on top of a base (jaxmt train --init_from).
+    adapter: AdapterConfig = dataclasses.field(default_factory=lambda: AdapterConfig())
+    lora: LoraConfig = dataclasses.field(default_factory=lambda: LoraConfig())
 
     def __post_init__(self):
         n = type(self).__name__
-        if isinstance(self.attention, dict):  # from jaxmt_config.json
-            object.__setattr__(self, "attention", AttentionConfig(**self.attention))
-        _check(isinstance(self.attention, AttentionConfig), n, "attention",
-               f"must be an AttentionConfig, got {type(self.attention).__name__}")
+        for f, cls in (("attention", AttentionConfig), ("adapter", AdapterConfig),
+                       ("lora", LoraConfig)):
+            if isinstance(getattr(self, f), dict):  # from jaxmt_config.json
+                object.__setattr__(self, f, cls(**getattr(self, f)))
+            _check(isinstance(getattr(self, f), cls), n, f,
+                   f"must be an {cls.__name__}, got {type(getattr(self, f)).__name__}")
         _check_types(self)
         _check_min(self, 1, "vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
                    "num_encoder_layers", "num_decoder_layers", "relpos_buckets")
@@ -444,9 +529,20 @@ class TrainConfig:
     # is nearer (see jaxmt/train/trainer.py: learning_rate_schedule), so a budget never
     # cuts the schedule off half-way.
     max_minutes: float = 0.0
+    # Regular expressions over parameter paths ("decoder/layers_0/mlp/wo"); a parameter
+    # trains when any of them matches its whole path (re.fullmatch), and the others stay
+    # frozen with no optimizer state. Empty: everything trains, except with adapters or
+    # LoRA (ModelConfig.adapter / .lora), where only their parameters train.
+    trainable: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_types(self)
+        for pattern in self.trainable:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"TrainConfig.trainable: {pattern!r} is not a regular "
+                                 f"expression ({e})") from None
         _check_min(self, 1, "steps", "batch_size", "num_microbatches", "log_every",
                    "checkpoint_every", "keep_checkpoints", "loss_scale_growth_interval",
                    "max_nonfinite_steps")
@@ -640,14 +736,15 @@ _ADDED_LATER = {
     "ModelConfig": {"position_embedding", "norm_type", "norm_position", "norm_epsilon",
                     "use_bias", "scale_embeddings", "tie_embeddings", "rescale_logits",
                     "final_logits_bias", "scan_layers", "encoder_remat", "decoder_remat",
-                    "attention"},
+                    "attention", "adapter", "lora"},
     "MeshConfig": {"replica", "shard_params"},
     "DataConfig": {"corpora", "clean", "mixture_cap", "mixture_caps", "mixture_weights",
                    "bucket_lengths", "cache_dir"},
     "TrainConfig": {"num_microbatches", "loss_scale_init", "loss_scale_growth_interval",
-                    "max_nonfinite_steps", "preemption_grace_s", "max_minutes"},
+                    "max_nonfinite_steps", "preemption_grace_s", "max_minutes", "trainable"},
 }
 _NESTED = {("ModelConfig", "attention"): AttentionConfig,
+           ("ModelConfig", "adapter"): AdapterConfig, ("ModelConfig", "lora"): LoraConfig,
            ("DataConfig", "clean"): sources.CleanConfig}
 
 

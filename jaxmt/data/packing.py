@@ -32,6 +32,10 @@ Example = tuple[Sequence[int], Sequence[int]]
 BATCH_KEYS = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
               "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
               "decoder_segment_ids", "decoder_positions")
+# Per-token routing ids of language adapters (ModelConfig.adapter), present only when
+# the pipeline is asked for them: each token carries its example's encoder / decoder
+# routing id (an index into AdapterConfig.langs, -1 = no adapter); padding is -1.
+LANG_KEYS = ("encoder_lang_ids", "decoder_lang_ids")
 
 
 class _Row:

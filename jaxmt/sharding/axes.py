@@ -31,6 +31,10 @@ MESH_AXES = ("replica", "data", "fsdp", "tensor")
 # Parameter axes.
 VOCAB, EMBED, MLP, HEADS, KV, LAYERS, RELPOS = (
     "vocab", "embed", "mlp", "heads", "kv", "layers", "relpos_buckets")
+# Parameter axes of the fine-tuning additions: one adapter per routing key, the adapters'
+# bottleneck, and LoRA's rank. All small, so replicated; their `embed`, `heads`, `mlp`
+# dimensions follow the base weights' rules.
+ADAPTER_LANGS, ADAPTER_MLP, LORA_RANK = "adapter_langs", "adapter_mlp", "lora_rank"
 # Activation axes.
 ACT_BATCH, ACT_LENGTH, ACT_KV_LENGTH, ACT_EMBED, ACT_HEADS, ACT_KV, ACT_MLP, ACT_VOCAB = (
     "act_batch", "act_length", "act_kv_length", "act_embed", "act_heads", "act_kv",
@@ -58,4 +62,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (KV, None),
     (LAYERS, None),
     (RELPOS, None),
+    (ADAPTER_LANGS, None),
+    (ADAPTER_MLP, None),
+    (LORA_RANK, None),
 )
