@@ -36,7 +36,7 @@ BATCHINGS = ("pack", "bucket", "pad")
 _SCHEDULE_KEY = 0x6275636B  # "buck"
 _PHI = (5 ** 0.5 - 1) / 2  # golden ratio: the lowest-discrepancy Weyl sequence
 
-Example = tuple[Sequence[int], Sequence[int]]
+Example = packing.Example
 
 
 def lengths_error(lengths: Sequence[int], max_len: int) -> str | None:
@@ -182,8 +182,10 @@ def bucketed_batches(examples: Iterable[Example], shapes: Sequence[tuple[int, in
     the stream, which queues the examples of longer buckets until a step of theirs.
 
     Args:
-        examples: (input ids, target ids), already tokenised with EOS appended. A side
-            longer than ``src_len`` / ``tgt_len`` is trimmed to it.
+        examples: (input ids, target ids), already tokenised with EOS appended, or
+            triples with the example's ``(enc_id, dec_id)`` routing ids (the batches
+            then add :data:`jaxmt.data.packing.LANG_KEYS`). A side longer than
+            ``src_len`` / ``tgt_len`` is trimmed to it.
         shapes: ``(rows, length)`` of each bucket *on this process*, lengths strictly
             increasing, the last at least ``max(src_len, tgt_len)``.
         weights: The schedule's probability of each bucket (:func:`schedule_weights`);
@@ -198,8 +200,9 @@ def bucketed_batches(examples: Iterable[Example], shapes: Sequence[tuple[int, in
         Dicts of int32 ``[rows_b, length_b]`` arrays (both sides) with the features of
         :func:`jaxmt.data.packing.row_features` for one segment per row: segment ids
         1 on the example and 0 on padding, positions from 0, decoder inputs the
-        targets shifted right with 0 first, loss weights ``targets != 0``. Ends with
-        the stream, dropping a partial batch and the queued examples.
+        targets shifted right with 0 first, loss weights ``targets != 0``, and the
+        routing ids of examples that carry them. Ends with the stream, dropping a
+        partial batch and the queued examples.
     """
     lengths = np.array([n for _, n in shapes], np.int64)
     w = np.asarray(weights, np.float64)
@@ -226,26 +229,29 @@ def bucketed_batches(examples: Iterable[Example], shapes: Sequence[tuple[int, in
                 len(shapes) - 1)
         step += 1
         rows, length = shapes[b]
-        batch: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
+        batch: list[packing.Row] = []
         for q in range(b, -1, -1):
             while queues[q] and len(batch) < rows:
-                src, tgt = queues[q].popleft()
+                row = queues[q].popleft()
                 stats.queued -= 1
                 stats.promoted += q < b
-                batch.append(([src], [tgt]))
+                batch.append(row)
         while len(batch) < rows:
             ex = next(stream, None)
             if ex is None:
                 return
-            src = np.asarray(ex[0], np.int32)[:src_len]
-            tgt = np.asarray(ex[1], np.int32)[:tgt_len]
+            src, tgt, ids = packing.split_example(ex)
+            src = np.asarray(src, np.int32)[:src_len]
+            tgt = np.asarray(tgt, np.int32)[:tgt_len]
+            # A packed row of one segment (with its routing ids, if it has them).
+            row = ([src], [tgt]) if ids is None else ([src], [tgt], [ids])
             stats.read += 1
             e = int(home[np.searchsorted(lengths, max(len(src), len(tgt)), side="left")])
             if e <= b:
                 stats.promoted += e < b
-                batch.append(([src], [tgt]))
+                batch.append(row)
             else:  # too long for this step: wait for a step of its own bucket
-                queues[e].append((src, tgt))
+                queues[e].append(row)
                 stats.queued += 1
                 stats.peak_queued = max(stats.peak_queued, stats.queued)
         stats.steps[b] += 1

@@ -22,8 +22,9 @@ are written in a seeded full shuffle, dealt round-robin to the files, so each fi
 a random sample of the split and a reader's file shuffle plus its shuffle buffer mix
 well.
 
-A cache is used only when it is *fresh*: its fingerprint (SentencePiece model bytes
-and every source example, in order) matches the registered Task's. A missing cache
+A cache is used only when it is *fresh*: its fingerprint (SentencePiece model bytes,
+or every file of an imported tokenizer, and every source example, in order) matches
+the registered Task's. A missing cache
 means tokenising on the fly; a stale or partial one is an error that says how to
 rebuild it, never silently different data. A Task directory is written under a
 temporary name and renamed into place, so a crash never leaves a half-written cache
@@ -46,7 +47,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import seqio  # noqa: E402
 
-from jaxmt.data import tfdata  # noqa: E402
+from jaxmt.data import signals, tfdata  # noqa: E402
 from jaxmt.data.tfdata import tf  # noqa: E402  (hidden from accelerators there)
 
 CACHE_VERSION = 1
@@ -65,6 +66,26 @@ def _file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def vocab_digest(vocab: str | Path | signals.TextFormat) -> str:
+    """The digest of what a cache's ids are tokenised with.
+
+    A SentencePiece model's path: the SHA-256 of its bytes. A
+    :class:`~jaxmt.data.signals.TextFormat`: of its one file with no ``salt`` the
+    same (so a jaxmt model's ``spm.model`` keeps its digest either way), else a digest
+    of every file (name and bytes, in order: all of Marian's ``source.spm``,
+    ``target.spm`` and ``vocab.json``) and the salt. The template needs no place here:
+    it is in the source examples :func:`fingerprint` hashes.
+    """
+    if not isinstance(vocab, signals.TextFormat):
+        return _file_sha256(vocab)
+    if len(vocab.files) == 1 and not vocab.salt:
+        return _file_sha256(vocab.files[0])
+    h = hashlib.sha256(f"jaxmt-vocab:{vocab.kind}:{vocab.salt}:".encode())
+    for path in vocab.files:
+        h.update(f"{os.path.basename(path)}={_file_sha256(path)};".encode())
     return h.hexdigest()
 
 
@@ -103,7 +124,8 @@ def task_status(cache_dir: str | Path, task: seqio.Task, vocab_sha: str,
         return "stale", (f"{path}: cache format version {manifest.get('version')}, this jaxmt "
                          f"writes {CACHE_VERSION}")
     if manifest.get("vocab_sha256") != vocab_sha:
-        return "stale", f"{path}: built with another SentencePiece model"
+        return "stale", (f"{path}: built with another SentencePiece model (or another "
+                         "tokenizer's files)")
     if manifest.get("fingerprint") != (expected or fingerprint(task, vocab_sha)):
         return "stale", f"{path}: the source examples changed since it was built"
     return "fresh", path
@@ -180,7 +202,7 @@ def _mixture_tasks(mixture: str) -> list[seqio.Task]:
     return list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
 
 
-def build(cache_dir: str | Path, mixture: str, vocab_path: str | Path, *,
+def build(cache_dir: str | Path, mixture: str, vocab_path: str | Path | signals.TextFormat, *,
           num_shards: int = 16, seed: int = 0, overwrite: bool = False,
           progress: bool = True) -> list[dict]:
     """Caches every Task of a registered Mixture (``jaxmt data cache``).
@@ -191,7 +213,9 @@ def build(cache_dir: str | Path, mixture: str, vocab_path: str | Path, *,
         cache_dir: Root of the cache (``DataConfig.cache_dir``, by default
             ``MODEL_DIR/data_cache``).
         mixture: A Mixture or Task registered by :mod:`jaxmt.data.tasks`.
-        vocab_path: The SentencePiece model its Tasks tokenise with.
+        vocab_path: The SentencePiece model its Tasks tokenise with, or the
+            :class:`~jaxmt.data.signals.TextFormat` they were registered with
+            (:func:`vocab_digest` fingerprints every file of it).
         num_shards: Files per Task. A multi-host run reads one subset of the files per
             host when this is at least the number of hosts.
         seed: Seed of the write-time shuffle.
@@ -204,7 +228,7 @@ def build(cache_dir: str | Path, mixture: str, vocab_path: str | Path, *,
     """
     from tqdm import tqdm
 
-    vocab_sha = _file_sha256(vocab_path)
+    vocab_sha = vocab_digest(vocab_path)
     todo = _mixture_tasks(mixture)
     total = sum(t.num_input_examples(SPLIT) or 0 for t in todo)
     bar = tqdm(total=total, desc="cache", unit="ex", disable=not progress, dynamic_ncols=True)
@@ -226,11 +250,13 @@ def build(cache_dir: str | Path, mixture: str, vocab_path: str | Path, *,
     return rows
 
 
-def is_usable(cache_dir: str | Path, mixture: str, vocab_path: str | Path) -> bool:
+def is_usable(cache_dir: str | Path, mixture: str,
+              vocab_path: str | Path | signals.TextFormat) -> bool:
     """Whether every Task of ``mixture`` has a fresh cache under ``cache_dir``.
 
     A check only: nothing global changes; training reads the cache by passing
-    ``cache_dir`` on (``train_batches(cache_dir=...)``).
+    ``cache_dir`` on (``train_batches(cache_dir=...)``). ``vocab_path``: as in
+    :func:`build`.
 
     Returns:
         True when training should read the cache, False when no Task has one
@@ -242,7 +268,7 @@ def is_usable(cache_dir: str | Path, mixture: str, vocab_path: str | Path) -> bo
     """
     if not os.path.isdir(cache_dir):
         return False
-    vocab_sha = _file_sha256(vocab_path)
+    vocab_sha = vocab_digest(vocab_path)
     states = {t.name: task_status(cache_dir, t, vocab_sha) for t in _mixture_tasks(mixture)}
     if all(s == "missing" for s, _ in states.values()):
         return False
@@ -326,8 +352,8 @@ def _task_examples(task_name: str, cache_dir: str, seed: int, shard_index: int,
 
 def cached_examples(mixture: str, cache_dir: str | Path, *, seed: int,
                     src_len: int, tgt_len: int, shard_index: int = 0, num_shards: int = 1,
-                    window: int = 16384, threads: int = 2
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                    window: int = 16384, threads: int = 2,
+                    task_label: Callable[[str], object] | None = None) -> Iterator[tuple]:
     """The training example stream of a Mixture, read from its cache.
 
     What ``Mixture.get_dataset(use_cached=True)`` gives, without its per-example
@@ -336,8 +362,13 @@ def cached_examples(mixture: str, cache_dir: str | Path, *, seed: int,
     ``tgt_len`` with EOS appended after trimming (seqio's ``append_eos_after_trim``).
     Fully determined by the arguments other than ``threads``.
 
+    Args:
+        task_label: Called once per Task name: its result is the third element of each
+            of that Task's examples (the pipeline's routing ids). The examples and
+            their order are the same with or without it.
+
     Yields:
-        ``(inputs, targets)`` int32 arrays.
+        ``(inputs, targets)`` int32 arrays, or ``(inputs, targets, label)``.
     """
     provider = seqio.get_mixture_or_task(mixture)
     task_list = _mixture_tasks(mixture)
@@ -349,11 +380,12 @@ def cached_examples(mixture: str, cache_dir: str | Path, *, seed: int,
                               threads) for t in task_list]
     rng = np.random.default_rng([seed, 0x5EC10])
     cut = {"inputs": src_len - 1, "targets": tgt_len - 1}
+    labels = [(task_label(t.name),) for t in task_list] if task_label else [()] * len(task_list)
     while True:
         for i in rng.choice(len(task_list), size=4096, p=rates):
             src, tgt = next(streams[i])
             yield (np.append(src[:cut["inputs"]], np.int32(eos[i]["inputs"])),
-                   np.append(tgt[:cut["targets"]], np.int32(eos[i]["targets"])))
+                   np.append(tgt[:cut["targets"]], np.int32(eos[i]["targets"])), *labels[i])
 
 
 def summary(rows: list[Mapping]) -> str:

@@ -27,7 +27,7 @@ import gzip
 from pathlib import Path
 from typing import Sequence
 
-from jaxmt.data import sources  # pure Python too: language codes
+from jaxmt.data import signals, sources  # pure Python too: templates, language codes
 
 EMBEDDED_LANGS: tuple[str, ...] = ("en", "de", "fr", "es", "pt", "it", "ru", "ar")
 EMBEDDED_PATH = Path(__file__).resolve().parent / "embedded" / "bible8.tsv.gz"
@@ -83,10 +83,13 @@ def lang_tag(lang: str) -> str:
 def tag_source(text: str, tgt_lang: str) -> str:
     """Prefixes a source sentence with its target-language tag: ``"<2de> text"``.
 
-    This is the only place the tagged format is defined; the seqio tasks and the
-    translator both call it, so training and inference inputs cannot drift apart.
+    The template :data:`jaxmt.data.signals.TAG_TEMPLATE` through
+    :func:`jaxmt.data.signals.format_source`, the one definition of every source
+    signal; the seqio tasks and the translator both call it, so training and
+    inference inputs cannot drift apart.
     """
-    return f"{lang_tag(tgt_lang)} {text}"
+    lang_tag(tgt_lang)  # checks the code
+    return signals.format_source(signals.TAG_TEMPLATE, text, None, tgt_lang)
 
 
 def check_langs(langs: Sequence[str]) -> None:

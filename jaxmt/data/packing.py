@@ -14,6 +14,11 @@ of a row from 1 and are 0 on padding, positions restart at 0 in every segment, a
 decoder inputs are the targets shifted right *within each segment*, with 0 (the BOS
 id) at the start of each segment and on padding.
 
+An example may carry its language-adapter routing ids, ``(inputs, targets, (enc_id,
+dec_id))``: the rows then keep them per segment and the features add
+:data:`LANG_KEYS`, each token carrying its segment's id and padding -1. The ids never
+change how examples are packed.
+
 Pure numpy and Python, no TensorFlow. Deterministic: the rows are a function of the
 input stream and the packer's arguments only (ties break towards the oldest open
 row), so the same examples in the same order give the same rows.
@@ -25,7 +30,15 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-Example = tuple[Sequence[int], Sequence[int]]
+# (input ids, target ids), or with the example's routing ids: (..., (enc_id, dec_id)).
+Example = (tuple[Sequence[int], Sequence[int]]
+           | tuple[Sequence[int], Sequence[int], tuple[int, int]])
+# A packed row: (src_segments, tgt_segments), or with each segment's routing ids:
+# (src_segments, tgt_segments, [(enc_id, dec_id), ...]).
+Row = (tuple[Sequence[np.ndarray], Sequence[np.ndarray]]
+       | tuple[Sequence[np.ndarray], Sequence[np.ndarray], Sequence[tuple[int, int]]])
+# Routing id of a token without one: padding, or an example whose direction has none.
+NO_LANG = -1
 
 # The features of every training batch, whichever way it is made (packed, padded or
 # bucketed; jaxmt.data.pipeline), and what the model's loss reads.
@@ -39,23 +52,33 @@ LANG_KEYS = ("encoder_lang_ids", "decoder_lang_ids")
 
 
 class _Row:
-    __slots__ = ("src", "tgt", "src_used", "tgt_used")
+    __slots__ = ("src", "tgt", "langs", "with_langs", "src_used", "tgt_used")
 
     def __init__(self) -> None:
         self.src: list[np.ndarray] = []
         self.tgt: list[np.ndarray] = []
+        self.langs: list[tuple[int, int]] = []
+        self.with_langs = False
         self.src_used = 0
         self.tgt_used = 0
 
 
+def split_example(ex: Example) -> tuple[Sequence[int], Sequence[int], tuple[int, int] | None]:
+    """``(inputs, targets, ids)`` of an example; ``ids`` is None for a pair."""
+    if len(ex) == 2:
+        return ex[0], ex[1], None
+    enc, dec = ex[2]
+    return ex[0], ex[1], (int(enc), int(dec))
+
+
 def pack_rows(examples: Iterable[Example], src_len: int, tgt_len: int, *,
-              max_open_rows: int = 512, close_at: float = 0.97
-              ) -> Iterator[tuple[list[np.ndarray], list[np.ndarray]]]:
+              max_open_rows: int = 512, close_at: float = 0.97) -> Iterator[Row]:
     """Packs a stream of examples into rows; yields each row's segments as it closes.
 
     Args:
-        examples: (input ids, target ids) pairs, already tokenised with EOS appended.
-            A side longer than its length is trimmed to it (as seqio's converter does).
+        examples: (input ids, target ids) pairs, already tokenised with EOS appended,
+            or triples with the example's ``(enc_id, dec_id)`` routing ids. A side
+            longer than its length is trimmed to it (as seqio's converter does).
         src_len: Encoder row length.
         tgt_len: Decoder row length.
         max_open_rows: Size of the pool of open rows. An example that fits no open
@@ -66,8 +89,9 @@ def pack_rows(examples: Iterable[Example], src_len: int, tgt_len: int, *,
 
     Yields:
         ``(src_segments, tgt_segments)``: the row's examples as int32 arrays, in the
-        order they were placed. When the stream ends, the open rows are emitted in
-        the order they were opened.
+        order they were placed; a row holding a triple adds the list of its
+        segments' ``(enc_id, dec_id)`` (a pair's are ``(-1, -1)``). When the stream
+        ends, the open rows are emitted in the order they were opened.
     """
     if min(src_len, tgt_len, max_open_rows) <= 0:
         raise ValueError(f"src_len, tgt_len and max_open_rows must be positive, got "
@@ -84,14 +108,15 @@ def pack_rows(examples: Iterable[Example], src_len: int, tgt_len: int, *,
     min_src, min_tgt = src_len, tgt_len  # shortest sides seen so far
     inv_s, inv_t = 1.0 / src_len, 1.0 / tgt_len
 
-    def take(slot: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def take(slot: int) -> Row:
         row = rows[slot]
         rows[slot] = None
         room_src[slot] = room_tgt[slot] = -1
         opened[slot] = np.iinfo(np.int64).max
-        return row.src, row.tgt
+        return (row.src, row.tgt, row.langs) if row.with_langs else (row.src, row.tgt)
 
-    for src, tgt in examples:
+    for ex in examples:
+        src, tgt, ids = split_example(ex)
         src = np.asarray(src, np.int32)[:src_len]
         tgt = np.asarray(tgt, np.int32)[:tgt_len]
         ls, lt = len(src), len(tgt)
@@ -119,6 +144,8 @@ def pack_rows(examples: Iterable[Example], src_len: int, tgt_len: int, *,
         row = rows[slot]
         row.src.append(src)
         row.tgt.append(tgt)
+        row.langs.append(ids or (NO_LANG, NO_LANG))
+        row.with_langs |= ids is not None
         row.src_used += ls
         row.tgt_used += lt
         room_src[slot] -= ls
@@ -131,17 +158,25 @@ def pack_rows(examples: Iterable[Example], src_len: int, tgt_len: int, *,
             yield take(int(slot))
 
 
-def row_features(rows: Sequence[tuple[Sequence[np.ndarray], Sequence[np.ndarray]]],
-                 src_len: int, tgt_len: int) -> dict[str, np.ndarray]:
+def row_features(rows: Sequence[Row], src_len: int, tgt_len: int) -> dict[str, np.ndarray]:
     """The model features of packed rows, stacked: int32 [len(rows), src_len|tgt_len].
 
-    Exactly ``EncDecFeatureConverter(pack=True)``'s features for the same rows.
+    Exactly ``EncDecFeatureConverter(pack=True)``'s features for the same rows
+    (:data:`BATCH_KEYS`). When some row carries its segments' routing ids (the
+    3-tuple of :func:`pack_rows`), also :data:`LANG_KEYS`: each token its segment's
+    encoder / decoder id, -1 on padding and on the segments of 2-tuple rows.
     """
     n = len(rows)
-    out = {k: np.zeros((n, src_len if k.startswith("encoder") else tgt_len), np.int32)
-           for k in BATCH_KEYS}
-    for r, (srcs, tgts) in enumerate(rows):
+    keys = BATCH_KEYS + (LANG_KEYS if any(len(row) > 2 for row in rows) else ())
+    out = {k: np.full((n, src_len if k.startswith("encoder") else tgt_len),
+                      NO_LANG if k in LANG_KEYS else 0, np.int32) for k in keys}
+    for r, row in enumerate(rows):
+        srcs, tgts = row[0], row[1]
+        langs = row[2] if len(row) > 2 else None
         for side, segs, length in (("encoder", srcs, src_len), ("decoder", tgts, tgt_len)):
+            if langs is not None and len(langs) != len(segs):
+                raise ValueError(f"row {r}: {len(langs)} routing ids for {len(segs)} "
+                                 f"{side} segments")
             pos = 0
             for seg_id, seg in enumerate(segs, start=1):
                 n_tok = len(seg)
@@ -156,6 +191,8 @@ def row_features(rows: Sequence[tuple[Sequence[np.ndarray], Sequence[np.ndarray]
                         out["decoder_input_tokens"][r, pos + 1:pos + n_tok] = seg[:-1]
                 out[f"{side}_segment_ids"][r, sl] = seg_id
                 out[f"{side}_positions"][r, sl] = np.arange(n_tok, dtype=np.int32)
+                if langs is not None:
+                    out[f"{side}_lang_ids"][r, sl] = langs[seg_id - 1][side == "decoder"]
                 pos += n_tok
     # seqio: loss on every non-padding target (target id 0 is padding).
     out["decoder_loss_weights"] = (out["decoder_target_tokens"] != 0).astype(np.int32)
@@ -165,7 +202,7 @@ def row_features(rows: Sequence[tuple[Sequence[np.ndarray], Sequence[np.ndarray]
 def packed_batches(examples: Iterable[Example], src_len: int, tgt_len: int,
                    batch_size: int, **pack_kwargs) -> Iterator[dict[str, np.ndarray]]:
     """Batches of ``batch_size`` packed rows (see :func:`pack_rows`); drops a last
-    partial batch."""
+    partial batch. Examples with routing ids give batches with :data:`LANG_KEYS`."""
     buf = []
     for row in pack_rows(examples, src_len, tgt_len, **pack_kwargs):
         buf.append(row)

@@ -19,14 +19,14 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
 from jaxmt.data import bucketing, packing, tfdata  # noqa: E402  (tfdata hides GPUs from TF)
-from jaxmt.data.packing import BATCH_KEYS  # noqa: E402
+from jaxmt.data.packing import BATCH_KEYS, LANG_KEYS, NO_LANG  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,17 @@ PACKING = {"max_open_rows": 512, "close_at": 0.97}
 # arguments). Part of the stream's definition too.
 BUCKETING = {"sample": 2048, "margin": 1.2, "min_share": 0.05}
 
+# Language-adapter routing: (src_lang, tgt_lang) -> (encoder id, decoder id), e.g.
+# jaxmt.config.AdapterConfig.route_ids; -1 = no adapter.
+Route = Callable[[str, str], tuple[int, int]]
+
 
 def train_batches(mixture_name: str, src_len: int, tgt_len: int, batch_size: int, seed: int,
                   shard_index: int = 0, num_shards: int = 1, batching: str = "pack", *,
                   buckets: Sequence[tuple[int, int]] = (),
                   bucket_stats: bucketing.BucketStats | None = None,
                   start_batch: int = 0, threads: int | None = None,
-                  cache_dir: str | None = None
+                  cache_dir: str | None = None, route: Route | None = None
                   ) -> Iterator[dict[str, np.ndarray]]:
     """An infinite iterator over this host's training batches.
 
@@ -101,13 +105,22 @@ def train_batches(mixture_name: str, src_len: int, tgt_len: int, batch_size: int
             :func:`jaxmt.data.cache.is_usable`) instead of tokenising the text. A
             different stream from the on-the-fly one, equally determined by the
             arguments, and several times faster (``benchmarks/data_pipeline.py``).
+        route: Language-adapter routing (``AdapterConfig.route_ids``): called once per
+            direction ``(src, tgt)`` of the Mixture's Tasks, it gives the direction's
+            ``(encoder id, decoder id)``; the batches then also have
+            :data:`~jaxmt.data.packing.LANG_KEYS`. A direction it cannot map (it
+            raises ``LookupError`` or ``ValueError``) or a Task of unknown direction
+            (not registered by :mod:`jaxmt.data.tasks`) gets -1 ids, with a warning.
+            The examples, their batching and the other keys are those without it.
 
     Returns:
         An endless iterator of dicts of int32 arrays of shape [batch_size, src_len] (``encoder_*``) or
         [batch_size, tgt_len] (``decoder_*``) with exactly the keys in
         :data:`BATCH_KEYS` (bucketed: [rows, length] of the step's bucket, both
         sides). Segment ids number the examples in a row from 1 and are 0 on padding;
-        positions restart at 0 in each example.
+        positions restart at 0 in each example. With ``route``, also
+        :data:`~jaxmt.data.packing.LANG_KEYS` (same shapes): each token's example's
+        encoder / decoder routing id, -1 on padding.
 
     Raises:
         ValueError: Non-positive sizes, a shard index out of range, a negative
@@ -129,40 +142,109 @@ def train_batches(mixture_name: str, src_len: int, tgt_len: int, batch_size: int
             raise ValueError(f"buckets {buckets}: {err or 'rows must be positive'}")
     threads = threads or default_threads()
     examples = _examples(mixture_name, src_len, tgt_len, seed, shard_index, num_shards,
-                         threads, cache_dir)
+                         threads, cache_dir, route)
+    keys = BATCH_KEYS + (LANG_KEYS if route is not None else ())
     if batching == "bucket":
         return _bucketed_batches(examples, mixture_name, src_len, tgt_len, seed, buckets,
-                                 start_batch, bucket_stats, threads, cache_dir)
+                                 start_batch, bucket_stats, threads, cache_dir, keys)
     if batching == "pack":
-        return _packed_batches(examples, src_len, tgt_len, batch_size, start_batch)
-    return _padded_batches(examples, src_len, tgt_len, batch_size, start_batch)
+        return _packed_batches(examples, src_len, tgt_len, batch_size, start_batch, keys)
+    return _padded_batches(examples, src_len, tgt_len, batch_size, start_batch, keys)
+
+
+class _Router:
+    """``route`` memoised per direction, with -1 ids for what it cannot map."""
+
+    def __init__(self, route: Route) -> None:
+        self._route = route
+        self._ids: dict = {}
+
+    def __call__(self, src: str | bytes | None, tgt: str | bytes | None) -> tuple[int, int]:
+        ids = self._ids.get((src, tgt))
+        if ids is None:
+            ids = self._ids[(src, tgt)] = self._lookup(src, tgt)
+        return ids
+
+    def _lookup(self, src, tgt) -> tuple[int, int]:
+        src, tgt = (x.decode() if isinstance(x, bytes) else x for x in (src, tgt))
+        if src is None or tgt is None:
+            log.warning("routing ids: examples of unknown direction (a Task not registered "
+                        "by jaxmt.data.tasks) get routing ids %d", NO_LANG)
+            return NO_LANG, NO_LANG
+        try:
+            got = self._route(src, tgt)
+        except (LookupError, ValueError) as e:
+            log.warning("routing ids: %s->%s has none (%r); its examples get %d",
+                        src, tgt, e, NO_LANG)
+            return NO_LANG, NO_LANG
+        enc, dec = got
+        ids = (int(enc), int(dec))
+        if min(ids) < NO_LANG:
+            raise ValueError(f"route({src!r}, {tgt!r}) = {got!r}: ids must be >= {NO_LANG}")
+        log.info("routing ids of %s->%s: encoder %d, decoder %d", src, tgt, *ids)
+        return ids
+
+
+def _task_directions(name: str) -> Mapping[str, tuple[str, str]]:
+    """Task name -> (src, tgt) of a Mixture (or Task) registered by jaxmt.data.tasks."""
+    from jaxmt.data import tasks
+
+    if name in tasks.MIXTURES:
+        return tasks.MIXTURES[name].directions
+    for info in tasks.MIXTURES.values():
+        if name in info.directions:
+            return {name: info.directions[name]}
+    return {}
 
 
 def _examples(mixture_name: str, src_len: int, tgt_len: int, seed: int, shard_index: int,
-              num_shards: int, threads: int, cache_dir: str | None
-              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+              num_shards: int, threads: int, cache_dir: str | None, route: Route | None = None
+              ) -> Iterator[tuple]:
     """This host's endless stream of (inputs, targets) ids: tokenised, trimmed to
-    ``src_len``/``tgt_len`` with EOS appended, in the Mixture's sampled order."""
+    ``src_len``/``tgt_len`` with EOS appended, in the Mixture's sampled order. With
+    ``route``, ``(inputs, targets, (enc_id, dec_id))`` triples of the same stream."""
+    router = _Router(route) if route is not None else None
     if cache_dir:
         # Token ids from `jaxmt data cache`, read in blocks and mixed in numpy
         # (jaxmt.data.cache.cached_examples): no tokenising, no per-example tf.data.
         from jaxmt.data import cache
+        dirs = _task_directions(mixture_name) if router is not None else {}
+
+        def label(task: str) -> tuple[int, int]:  # each Task's direction's ids
+            return router(*dirs.get(task, (None, None)))
+
         return cache.cached_examples(
             mixture_name, cache_dir, seed=seed, src_len=src_len, tgt_len=tgt_len,
-            shard_index=shard_index, num_shards=num_shards, threads=threads)
+            shard_index=shard_index, num_shards=num_shards, threads=threads,
+            task_label=label if router is not None else None)
     import seqio  # here, not at the top: seqio loads Flax (through clu), the batching does not
 
+    provider = seqio.get_mixture_or_task(mixture_name)
+    langs = ()
+    if router is not None:
+        from jaxmt.data.tasks import LANG_FEATURES
+
+        langs = LANG_FEATURES
+    # A Mixture keeps only the output features and those passed through; a Task keeps all.
+    extra = {"passthrough_features": langs} if langs and isinstance(provider, seqio.Mixture) else {}
     # Not seqio.get_dataset(): it cannot pass try_in_mem_cache=False, and seqio's
     # in-memory cache would freeze the source's first shuffled epoch (see tasks.py).
-    ds = seqio.get_mixture_or_task(mixture_name).get_dataset(
+    ds = provider.get_dataset(
         {"inputs": src_len, "targets": tgt_len}, split="train", use_cached=False,
         shuffle=True, seed=seed, shard_info=seqio.ShardInfo(shard_index, num_shards),
-        num_epochs=None, try_in_mem_cache=False)
+        num_epochs=None, try_in_mem_cache=False, **extra)
+    langs = tuple(k for k in langs if k in ds.element_spec)
     # The Task's preprocessors tokenise, trim and append EOS; batching is numpy, here.
-    ds = ds.map(lambda ex: {"inputs": ex["inputs"], "targets": ex["targets"]},
+    ds = ds.map(lambda ex: {k: ex[k] for k in ("inputs", "targets") + langs},
                 num_parallel_calls=None)
     ds = ds.prefetch(256).with_options(tfdata.options(threads))
-    return ((ex["inputs"], ex["targets"]) for ex in ds.as_numpy_iterator())
+    if router is None:
+        return ((ex["inputs"], ex["targets"]) for ex in ds.as_numpy_iterator())
+    if not langs:
+        return ((ex["inputs"], ex["targets"], router(None, None))
+                for ex in ds.as_numpy_iterator())
+    return ((ex["inputs"], ex["targets"], router(ex["src_lang"], ex["tgt_lang"]))
+            for ex in ds.as_numpy_iterator())
 
 
 def default_threads() -> int:
@@ -175,15 +257,15 @@ def default_threads() -> int:
     return max(min(2, cores), cores // 2)
 
 
-def _packed_batches(examples: Iterator[tuple[np.ndarray, np.ndarray]], src_len: int,
-                    tgt_len: int, batch_size: int, start_batch: int
+def _packed_batches(examples: Iterator[tuple], src_len: int, tgt_len: int, batch_size: int,
+                    start_batch: int, keys: Sequence[str] = BATCH_KEYS
                     ) -> Iterator[dict[str, np.ndarray]]:
     # The packer is a pure function of the (deterministic) example stream, so skipping
     # its first `start_batch` batches gives exactly an uninterrupted run's position.
     for i, batch in enumerate(packing.packed_batches(examples, src_len, tgt_len, batch_size,
                                                      **PACKING)):
         if i >= start_batch:
-            yield {k: batch[k] for k in BATCH_KEYS}
+            yield {k: batch[k] for k in keys}
 
 
 def sample_lengths(mixture_name: str, src_len: int, tgt_len: int, seed: int,
@@ -197,11 +279,12 @@ def sample_lengths(mixture_name: str, src_len: int, tgt_len: int, seed: int,
                      for s, t in itertools.islice(examples, BUCKETING["sample"])])
 
 
-def _bucketed_batches(examples: Iterator[tuple[np.ndarray, np.ndarray]], mixture_name: str,
+def _bucketed_batches(examples: Iterator[tuple], mixture_name: str,
                       src_len: int, tgt_len: int, seed: int,
                       buckets: Sequence[tuple[int, int]], start_batch: int,
                       stats: bucketing.BucketStats | None, threads: int,
-                      cache_dir: str | None) -> Iterator[dict[str, np.ndarray]]:
+                      cache_dir: str | None, keys: Sequence[str] = BATCH_KEYS
+                      ) -> Iterator[dict[str, np.ndarray]]:
     # Like packing, a pure function of the example stream (and of the schedule, which
     # depends on the seed and the unsharded sample only): replaying and skipping the
     # first `start_batch` batches reaches an uninterrupted run's position.
@@ -211,18 +294,19 @@ def _bucketed_batches(examples: Iterator[tuple[np.ndarray, np.ndarray]], mixture
     for i, batch in enumerate(bucketing.bucketed_batches(examples, buckets, weights, seed,
                                                          src_len, tgt_len, stats=stats)):
         if i >= start_batch:
-            yield {k: batch[k] for k in BATCH_KEYS}
+            yield {k: batch[k] for k in keys}
 
 
-def _padded_batches(examples: Iterator[tuple[np.ndarray, np.ndarray]], src_len: int,
-                    tgt_len: int, batch_size: int, start_batch: int
+def _padded_batches(examples: Iterator[tuple], src_len: int, tgt_len: int, batch_size: int,
+                    start_batch: int, keys: Sequence[str] = BATCH_KEYS
                     ) -> Iterator[dict[str, np.ndarray]]:
-    # One example per row: a packed row of one segment has exactly the unpacked features.
+    # One example per row: a packed row of one segment has exactly the unpacked features
+    # (and the example's routing ids, when it has them).
     for i in itertools.count():
-        rows = [([s], [t]) for s, t in itertools.islice(examples, batch_size)]
+        rows = [tuple([x] for x in ex) for ex in itertools.islice(examples, batch_size)]
         if i >= start_batch:
             batch = packing.row_features(rows, src_len, tgt_len)
-            yield {k: batch[k] for k in BATCH_KEYS}
+            yield {k: batch[k] for k in keys}
 
 
 def position_record(seed: int, batches: int, process_count: int, cached: bool = False) -> dict:

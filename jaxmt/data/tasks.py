@@ -22,6 +22,7 @@ seqio notes that shaped this module:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import zlib
@@ -33,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import seqio  # noqa: E402
 from jaxmt.data.tfdata import tf  # noqa: E402  (hidden from accelerators there)
 
-from jaxmt.data import embedded, sources, vocab  # noqa: E402
+from jaxmt.data import embedded, signals, sources, vocab  # noqa: E402
 from jaxmt.data import mixture as mixlib  # noqa: E402
 from jaxmt.data.mixture import directions  # noqa: E402
 
@@ -122,13 +123,13 @@ def task_name(prefix: str, src: str, tgt: str) -> str:
     return f"{prefix}_{src}_{tgt}"
 
 
-def _dataset_fn(src: str, tgt: str):
+def _dataset_fn(src: str, tgt: str, template: str = signals.TAG_TEMPLATE):
     """The FunctionDataSource callback for one direction (texts built on first use)."""
 
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         pairs, _ = embedded.parallel_pairs(src, tgt, split)
-        return _examples_dataset([embedded.tag_source(s, tgt) for s, _ in pairs],
-                                 [t for _, t in pairs], f"{src}-{tgt}", shuffle_files, seed)
+        return _examples_dataset([signals.format_source(template, s, src, tgt) for s, _ in pairs],
+                                 [t for _, t in pairs], (src, tgt), shuffle_files, seed)
 
     return dataset_fn
 
@@ -145,10 +146,37 @@ def _validate(langs: Sequence[str], pivot: str, temperature: float) -> None:
         raise ValueError(f"temperature must be positive, got {temperature}")
 
 
-def register(vocab_path: str | Path, langs: Sequence[str], pivot: str = "en",
+def _features(vocab_path: str | Path | None, text_format: signals.TextFormat | None,
+              ) -> dict[str, seqio.Feature]:
+    """The Tasks' output features: the vocabulary at ``vocab_path``, or the format's."""
+    if text_format is None:
+        inputs = targets = vocab.seqio_vocabulary(vocab_path)
+    else:
+        inputs, targets = text_format.input_vocab, text_format.target_vocab
+    return {k: seqio.Feature(vocabulary=v, add_eos=True, required=True)
+            for k, v in (("inputs", inputs), ("targets", targets))}
+
+
+def _check_vocab(vocab_path: str | Path | None, text_format: signals.TextFormat | None,
+                 pairs: Sequence[tuple[str, str]]) -> None:
+    """Fails before the registry changes: no vocabulary, or a direction the format
+    cannot signal (e.g. a ``{tgt_name}`` without a name)."""
+    if text_format is None:
+        if vocab_path is None or not os.path.exists(vocab_path):
+            raise FileNotFoundError(f"{vocab_path}: no SentencePiece model there")
+        return
+    if not isinstance(text_format, signals.TextFormat):
+        raise TypeError(f"text_format must be a jaxmt.data.signals.TextFormat, got "
+                        f"{type(text_format).__name__}")
+    for src, tgt in pairs:
+        text_format.check_direction(src, tgt)
+
+
+def register(vocab_path: str | Path | None, langs: Sequence[str], pivot: str = "en",
              temperature: float = 5.0, prefix: str = "jaxmt_bible", *,
              mixture_cap: int = 0, mixture_caps: Mapping[str, int] | None = None,
-             mixture_weights: Mapping[str, float] | None = None) -> str:
+             mixture_weights: Mapping[str, float] | None = None,
+             text_format: signals.TextFormat | None = None) -> str:
     """Registers one Task per direction and a Mixture over them.
 
     Tasks are named ``f"{prefix}_{src}_{tgt}"`` and have splits train, validation and
@@ -169,6 +197,11 @@ def register(vocab_path: str | Path, langs: Sequence[str], pivot: str = "en",
         prefix: Name prefix for the Tasks and the Mixture.
         mixture_cap, mixture_caps, mixture_weights: The DataConfig fields of the same
             names (caps and explicit weights; see :mod:`jaxmt.data.mixture`).
+        text_format: Another model's vocabularies and source signal (an imported base
+            model's: :func:`jaxmt.inference.tokenizer.text_format`). Each source is then
+            ``format_source(text_format.template, text, src, tgt)`` tokenised by its
+            ``input_vocab``, each target tokenised by its ``target_vocab``, and
+            ``vocab_path`` is not read. None: ``vocab_path`` and the ``<2xx>`` tag.
 
     Returns:
         The Mixture's name.
@@ -176,8 +209,8 @@ def register(vocab_path: str | Path, langs: Sequence[str], pivot: str = "en",
     _validate(langs, pivot, temperature)
     mixlib.resolve(directions(langs, pivot), mixture_cap, mixture_caps, mixture_weights,
                    owner="")  # bad caps or weights fail before the registry changes
-    if not os.path.exists(vocab_path):
-        raise FileNotFoundError(f"{vocab_path}: no SentencePiece model there")
+    _check_vocab(vocab_path, text_format, directions(langs, pivot))
+    template = signals.TAG_TEMPLATE if text_format is None else text_format.template
     mixture = f"{prefix}_mix"
     seqio.MixtureRegistry.remove(mixture)
     for a in embedded.EMBEDDED_LANGS:
@@ -185,9 +218,7 @@ def register(vocab_path: str | Path, langs: Sequence[str], pivot: str = "en",
             seqio.TaskRegistry.remove(task_name(prefix, a, b))
             SKIP_REPORTS.pop(task_name(prefix, a, b), None)
 
-    spm_vocab = vocab.seqio_vocabulary(vocab_path)
-    features = {k: seqio.Feature(vocabulary=spm_vocab, add_eos=True, required=True)
-                for k in ("inputs", "targets")}
+    features = _features(vocab_path, text_format)
     train_sizes = {}
     for src, tgt in directions(langs, pivot):
         name = task_name(prefix, src, tgt)
@@ -197,7 +228,7 @@ def register(vocab_path: str | Path, langs: Sequence[str], pivot: str = "en",
         seqio.TaskRegistry.add(
             name,
             source=seqio.FunctionDataSource(
-                _dataset_fn(src, tgt), splits=SPLITS,
+                _dataset_fn(src, tgt, template), splits=SPLITS,
                 num_input_examples={s: r.kept for s, r in reports.items()}),
             preprocessors=[
                 seqio.preprocessors.tokenize,  # keeps the strings as *_pretokenized
@@ -235,9 +266,17 @@ def corpus_task_name(prefix: str, src: str, tgt: str) -> str:
     return task_name(prefix, src.replace("-", "_"), tgt.replace("-", "_"))
 
 
-def _examples_dataset(inputs: list[str], targets: list[str], key: str,
+# String features of every source example: its direction's languages. Not tokenised
+# nor cached; the training pipeline passes them through for language-adapter routing.
+LANG_FEATURES = ("src_lang", "tgt_lang")
+
+
+def _examples_dataset(inputs: list[str], targets: list[str], direction: tuple[str, str],
                       shuffle: bool, seed: int | None) -> tf.data.Dataset:
-    """In-memory string examples of one direction (``key``), reshuffled every epoch."""
+    """In-memory string examples of one direction ``(src, tgt)``, reshuffled every
+    epoch, each with the direction as :data:`LANG_FEATURES`."""
+    src, tgt = direction
+    key = f"{src}-{tgt}"
     ds = tf.data.Dataset.from_tensor_slices({"inputs": tf.constant(inputs, tf.string),
                                              "targets": tf.constant(targets, tf.string)})
     if shuffle:
@@ -248,10 +287,12 @@ def _examples_dataset(inputs: list[str], targets: list[str], key: str,
         if seed is not None:
             seed = (seed * 1_000_003 + zlib.crc32(key.encode())) % 2**31
         ds = ds.shuffle(max(1, len(inputs)), seed=seed, reshuffle_each_iteration=True)
-    return ds
+    return ds.map(lambda ex: {**ex, **{k: tf.constant(v, tf.string)
+                                       for k, v in zip(LANG_FEATURES, direction)}})
 
 
-def _corpus_dataset_fn(src: str, tgt: str, parts: Mapping[str, list[tuple[list, bool]]]):
+def _corpus_dataset_fn(src: str, tgt: str, parts: Mapping[str, list[tuple[list, bool]]],
+                       template: str = signals.TAG_TEMPLATE):
     """The FunctionDataSource callback of one direction of user embedded.
 
     ``parts[split]`` lists ``(pairs, swapped)``: pairs as read from one file, and
@@ -263,20 +304,21 @@ def _corpus_dataset_fn(src: str, tgt: str, parts: Mapping[str, list[tuple[list, 
         for pairs, swapped in parts[split]:
             for a, b in pairs:
                 s, t = (b, a) if swapped else (a, b)
-                inputs.append(embedded.tag_source(s, tgt))
+                inputs.append(signals.format_source(template, s, src, tgt))
                 targets.append(t)
-        return _examples_dataset(inputs, targets, f"{src}-{tgt}", shuffle_files, seed)
+        return _examples_dataset(inputs, targets, (src, tgt), shuffle_files, seed)
 
     return dataset_fn
 
 
 def register_corpus(corpus: Sequence[sources.CorpusSource | Mapping],
-                    vocab_path: str | Path, *, temperature: float = 5.0,
+                    vocab_path: str | Path | None, *, temperature: float = 5.0,
                     prefix: str = "jaxmt_corpus",
                     limits: sources.CleanConfig | Mapping | None = None,
                     report_dir: str | Path | None = None, mixture_cap: int = 0,
                     mixture_caps: Mapping[str, int] | None = None,
-                    mixture_weights: Mapping[str, float] | None = None) -> str:
+                    mixture_weights: Mapping[str, float] | None = None,
+                    text_format: signals.TextFormat | None = None) -> str:
     """Registers user parallel corpora as one seqio Task per direction, plus a Mixture.
 
     Every file is read and checked once, here, by :func:`jaxmt.data.sources.read_pairs`
@@ -303,13 +345,17 @@ def register_corpus(corpus: Sequence[sources.CorpusSource | Mapping],
         limits: A :class:`~jaxmt.data.sources.CleanConfig` or a dict of its fields.
         report_dir: Where to write the skip reports (the model directory).
         mixture_cap, mixture_caps, mixture_weights: As in :func:`register`.
+        text_format: As in :func:`register`; its template replaces the tag (no tag
+            piece is then needed, but every direction must format: a ``{tgt_name}``
+            needs a known name) and ``vocab_path`` is not read.
 
     Returns:
         The Mixture's name.
 
     Raises:
         ValueError: Invalid sources or limits, a target language without a tag in
-            the vocabulary, no train pairs at all, or (strict) a bad record.
+            the vocabulary (or that ``text_format`` cannot signal), no train pairs at
+            all, or (strict) a bad record.
         FileNotFoundError: A missing corpus file or vocabulary.
     """
     corpus = sources.as_sources(corpus)
@@ -320,19 +366,22 @@ def register_corpus(corpus: Sequence[sources.CorpusSource | Mapping],
     limits = limits or sources.CleanConfig()
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    if not os.path.exists(vocab_path):
-        raise FileNotFoundError(f"{vocab_path}: no SentencePiece model there")
     directions_of = {s: [(s.src_lang, s.tgt_lang, False)] + (
         [(s.tgt_lang, s.src_lang, True)] if s.both_directions else []) for s in corpus}
-    mixlib.resolve(list(dict.fromkeys((a, b) for dirs in directions_of.values()
-                                      for a, b, _ in dirs)),
-                   mixture_cap, mixture_caps, mixture_weights, owner="")  # before reading
-    processor = vocab.load_processor(vocab_path)
-    for tgt in sorted({t for dirs in directions_of.values() for _, t, _ in dirs}):
-        try:
-            vocab.tag_id(processor, tgt)
-        except ValueError as e:
-            raise ValueError(f"{vocab_path}: no target-language tag for {tgt!r} ({e})") from None
+    all_directions = list(dict.fromkeys((a, b) for dirs in directions_of.values()
+                                        for a, b, _ in dirs))
+    _check_vocab(vocab_path, text_format, all_directions)
+    mixlib.resolve(all_directions, mixture_cap, mixture_caps, mixture_weights,
+                   owner="")  # before reading
+    template = signals.TAG_TEMPLATE if text_format is None else text_format.template
+    if text_format is None:
+        processor = vocab.load_processor(vocab_path)
+        for tgt in sorted({t for _, t in all_directions}):
+            try:
+                vocab.tag_id(processor, tgt)
+            except ValueError as e:
+                raise ValueError(f"{vocab_path}: no target-language tag for {tgt!r} "
+                                 f"({e})") from None
 
     # Read every file once: one report and one dedup set per language pair and split.
     groups: dict[tuple[str, str, str], tuple[sources.Report, set]] = {}
@@ -366,9 +415,7 @@ def register_corpus(corpus: Sequence[sources.CorpusSource | Mapping],
     for name in _CORPUS_TASKS.pop(prefix, []):
         seqio.TaskRegistry.remove(name)
         SKIP_REPORTS.pop(name, None)
-    spm_vocab = vocab.seqio_vocabulary(vocab_path)
-    features = {k: seqio.Feature(vocabulary=spm_vocab, add_eos=True, required=True)
-                for k in ("inputs", "targets")}
+    features = _features(vocab_path, text_format)
     for (src, tgt), by_split in parts.items():
         name = corpus_task_name(prefix, src, tgt)
         a, b = sorted((src, tgt))
@@ -376,7 +423,7 @@ def register_corpus(corpus: Sequence[sources.CorpusSource | Mapping],
         _CORPUS_TASKS.setdefault(prefix, []).append(name)
         seqio.TaskRegistry.add(
             name,
-            source=seqio.FunctionDataSource(_corpus_dataset_fn(src, tgt, by_split),
+            source=seqio.FunctionDataSource(_corpus_dataset_fn(src, tgt, by_split, template),
                                             splits=tuple(by_split),
                                             num_input_examples=sizes[(src, tgt)]),
             preprocessors=[
@@ -394,16 +441,19 @@ def register_corpus(corpus: Sequence[sources.CorpusSource | Mapping],
     return mixture
 
 
-def register_from_config(data_cfg, vocab_path: str | Path,
-                         report_dir: str | Path | None = None) -> str:
+def register_from_config(data_cfg, vocab_path: str | Path | None,
+                         report_dir: str | Path | None = None, *,
+                         text_format: signals.TextFormat | None = None) -> str:
     """Registers what a :class:`jaxmt.config.DataConfig` trains on; returns the Mixture.
 
     Its ``corpora`` through :func:`register_corpus` (skip reports to ``report_dir``),
     else the embedded corpus's ``langs`` through :func:`register`; the mixture
-    temperature, caps and weights come from the config.
+    temperature, caps and weights come from the config. ``text_format``: as in
+    :func:`register` (a base model's tokenizer and signal; ``vocab_path`` unused).
     """
     mix_kw = dict(temperature=data_cfg.temperature, mixture_cap=data_cfg.mixture_cap,
-                  mixture_caps=data_cfg.mixture_caps, mixture_weights=data_cfg.mixture_weights)
+                  mixture_caps=data_cfg.mixture_caps, mixture_weights=data_cfg.mixture_weights,
+                  text_format=text_format)
     if data_cfg.corpora:
         return register_corpus(data_cfg.corpora, vocab_path, limits=data_cfg.clean,
                                report_dir=report_dir, **mix_kw)
@@ -412,7 +462,7 @@ def register_from_config(data_cfg, vocab_path: str | Path,
 
 # ---------------------------------------------------------------- the rate table
 
-def mixture_stats(mixture: str, vocab_path: str | Path,
+def mixture_stats(mixture: str, vocab_path: str | Path | signals.TextFormat,
                   token_sample: int = 0) -> list[dict]:
     """Per direction of a registered Mixture: sizes, rate and SentencePiece tokens.
 
@@ -422,7 +472,7 @@ def mixture_stats(mixture: str, vocab_path: str | Path,
 
     Args:
         mixture: A Mixture made by :func:`register` or :func:`register_corpus`.
-        vocab_path: Its SentencePiece model.
+        vocab_path: Its SentencePiece model, or the TextFormat it was registered with.
         token_sample: Tokenise only every k-th train pair, k = ceil(pairs /
             token_sample), and scale the counts up (0: tokenise every pair).
 
@@ -435,7 +485,21 @@ def mixture_stats(mixture: str, vocab_path: str | Path,
         raise KeyError(f"{mixture!r} was not registered by jaxmt.data.tasks in this process")
     info = MIXTURES[mixture]
     mix = seqio.get_mixture_or_task(mixture)
-    sp = vocab.load_processor(vocab_path)
+    if isinstance(vocab_path, signals.TextFormat):
+        fmt = vocab_path
+
+        def count(texts, v):
+            return sum(len(v.encode(x.decode())) for x in texts)
+
+        count_src = functools.partial(count, v=fmt.input_vocab)
+        count_tgt = functools.partial(count, v=fmt.target_vocab)
+    else:
+        sp = vocab.load_processor(vocab_path)
+
+        def count_src(texts):
+            return sum(map(len, sp.encode([x.decode() for x in texts])))
+
+        count_tgt = count_src
     out = []
     for task_name_, (src, tgt) in info.directions.items():
         task = seqio.get_mixture_or_task(task_name_)
@@ -446,8 +510,8 @@ def mixture_stats(mixture: str, vocab_path: str | Path,
             ds = ds.shard(stride, 0)
         src_tok = tgt_tok = seen = 0
         for batch in ds.batch(8192).as_numpy_iterator():
-            src_tok += sum(map(len, sp.encode([x.decode() for x in batch["inputs"]])))
-            tgt_tok += sum(map(len, sp.encode([x.decode() for x in batch["targets"]])))
+            src_tok += count_src(batch["inputs"])
+            tgt_tok += count_tgt(batch["targets"])
             seen += len(batch["inputs"])
         scale = n / seen if seen else 0.0
         out.append({"src": src, "tgt": tgt, "task": task_name_, "examples": n,

@@ -524,7 +524,8 @@ def import_checkpoint(hf_dir: str, precision: str = "fp32", scan_layers: bool = 
         precision: jaxmt precision policy of the result (``ModelConfig.precision``).
         scan_layers: Stack the layers for ``nn.scan`` (``ModelConfig.scan_layers``).
         input_prefix: Text put before every source sentence (``{src}``/``{tgt}`` are
-            replaced by the language codes); default: none, or ``">>{tgt}<< "`` for a
+            replaced by the language codes, ``{src_name}``/``{tgt_name}`` by their
+            English names); default: none, or ``">>{tgt}<< "`` for a
             multilingual Marian vocabulary.
 
     Returns:

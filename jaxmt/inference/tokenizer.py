@@ -19,6 +19,7 @@ past the SentencePiece model) as ``skip_special_tokens=True`` does.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Sequence
@@ -26,9 +27,10 @@ from typing import Sequence
 import numpy as np
 import sentencepiece as spm
 
-from jaxmt.config import DataConfig, TokenizerConfig
+from jaxmt.config import VOCAB_FILE, DataConfig, TokenizerConfig
+from jaxmt.data import signals
 from jaxmt.data.embedded import tag_source
-from jaxmt.data.vocab import EOS_ID, PAD_ID, UNK_ID
+from jaxmt.data.vocab import EOS_ID, PAD_ID, UNK_ID, tag_id
 
 _BOUNDARY = "\u2581"  # SentencePiece's word-boundary mark
 
@@ -69,6 +71,15 @@ class Tokenizer:
         """Source ids without the final EOS (the caller truncates, then appends it)."""
         raise NotImplementedError
 
+    def encode_text(self, text: str) -> list[int]:
+        """Source-side ids of ``text`` as it is, with no language signal added (``text``
+        may already start with one), no EOS."""
+        raise NotImplementedError
+
+    def encode_target(self, text: str) -> list[int]:
+        """Target-side ids of ``text`` (what the decoder is trained to emit), no EOS."""
+        raise NotImplementedError
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated ids, up to the first EOS."""
         raise NotImplementedError
@@ -91,17 +102,20 @@ def check_tagged_langs(langs: Sequence[str], src_lang: str | None, tgt_lang: str
 
 def check_prefixed_langs(cfg: TokenizerConfig, src_lang: str | None, tgt_lang: str | None,
                          names: tuple[str, str] = ("src_lang", "tgt_lang")) -> None:
-    """An imported model needs the languages its input prefix names (``{src}``/``{tgt}``),
-    and a ``tgt_lang`` among its ``target_langs`` when it lists them."""
+    """An imported model needs the languages its input prefix names (``{src}``/``{tgt}``,
+    ``{src_name}``/``{tgt_name}``: those need a code with a name), and a ``tgt_lang``
+    among its ``target_langs`` when it lists them."""
     choices = f" (one of {', '.join(cfg.target_langs)})" if cfg.target_langs else ""
+    used = signals.placeholders(cfg.input_prefix)
     for key, lang, name in (("src", src_lang, names[0]), ("tgt", tgt_lang, names[1])):
-        if "{" + key + "}" in cfg.input_prefix and not lang:
+        if used & {key, key + "_name"} and not lang:
             raise ValueError(f"{name} is required: this model's input prefix is "
                              f"{cfg.input_prefix!r}; pass {name}=CODE"
                              f"{choices if key == 'tgt' else ''}")
     if cfg.target_langs and tgt_lang is not None and tgt_lang not in cfg.target_langs:
         raise ValueError(f"{names[1]}={tgt_lang!r} is not one of this model's target languages; "
                          f"choose one of {', '.join(cfg.target_langs)}")
+    signals.format_prefix(cfg.input_prefix, src_lang, tgt_lang)  # a name for every code
 
 
 def check_model_langs(cfgs: dict, src_lang: str | None, tgt_lang: str | None,
@@ -128,6 +142,11 @@ class TaggedTokenizer(Tokenizer):
     def encode(self, text, src_lang, tgt_lang):
         return self.sp.encode(tag_source(text, tgt_lang))
 
+    def encode_text(self, text):
+        return self.sp.encode(text)
+
+    encode_target = encode_text
+
     def decode(self, ids):
         out = []
         for t in _until_eos(ids):
@@ -148,8 +167,11 @@ class _Prefixed(Tokenizer):
         check_prefixed_langs(self.cfg, src_lang, tgt_lang)
 
     def prefix(self, src_lang, tgt_lang) -> str:
-        prefix = self.cfg.input_prefix.replace("{src}", src_lang or "")
-        return prefix.replace("{tgt}", tgt_lang or "")
+        """``input_prefix`` filled in by :func:`jaxmt.data.signals.format_prefix`."""
+        return signals.format_prefix(self.cfg.input_prefix, src_lang, tgt_lang)
+
+    def encode(self, text, src_lang, tgt_lang):
+        return self.encode_text(self.prefix(src_lang, tgt_lang) + text)
 
 
 class T5Tokenizer(_Prefixed):
@@ -163,8 +185,10 @@ class T5Tokenizer(_Prefixed):
         super().__init__(cfg)
         self.sp = sp
 
-    def encode(self, text, src_lang, tgt_lang):
-        return self.sp.encode(self.prefix(src_lang, tgt_lang) + text)
+    def encode_text(self, text):
+        return self.sp.encode(text)
+
+    encode_target = encode_text
 
     def decode(self, ids):
         n = self.sp.get_piece_size()
@@ -202,13 +226,27 @@ class MarianTokenizer(_Prefixed):
         i = self.vocab.get(piece)
         return self.unk if i is None else int(self.from_original[i])
 
-    def encode(self, text, src_lang, tgt_lang):
-        text = self.prefix(src_lang, tgt_lang) + text
+    def _encode_with(self, sp: spm.SentencePieceProcessor, text: str) -> list[int]:
         ids = []
         if text.startswith(">>") and (end := text.find("<<")) != -1:
             ids.append(self._lookup(text[:end + 2]))
             text = text[end + 2:]
-        return ids + [self._lookup(p) for p in self.source.encode(text, out_type=str)]
+        return ids + [self._lookup(p) for p in sp.encode(text, out_type=str)]
+
+    def encode_text(self, text):
+        return self._encode_with(self.source, text)
+
+    def encode_target(self, text):
+        """``target.spm``'s pieces, numbered by the shared ``vocab.json`` and reordered,
+        as the reference tokenizer's ``text_target=`` does."""
+        return self._encode_with(self.target, text)
+
+    def unknown_code(self, text: str) -> str | None:
+        """The leading ``>>xx<<`` code of ``text`` when ``vocab.json`` lacks it, else None."""
+        if text.startswith(">>") and (end := text.find("<<")) != -1:
+            code = text[:end + 2]
+            return None if code in self.vocab else code
+        return None
 
     def decode(self, ids):
         pieces = []
@@ -238,3 +276,90 @@ def load_tokenizer(directory: str, cfg: TokenizerConfig, vocab_size: int) -> Tok
     if "<unk>" not in vocab:
         raise ValueError(f"{files[2]}: no '<unk>' entry")
     return MarianTokenizer(cfg, _processor(files[0]), _processor(files[1]), vocab, vocab_size)
+
+
+def _files_key(paths: Sequence[str], salt: str) -> str:
+    h = hashlib.sha256(salt.encode())
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\x00" + hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def default_template(tok_cfg: TokenizerConfig | None) -> str:
+    """The signal a base model understands, when training is not told another.
+
+    A jaxmt-trained model: its tag ``"<2{tgt}> "``. An imported one: its
+    ``input_prefix`` when set, else T5's ``"translate {src_name} to {tgt_name}: "``,
+    or ``">>{tgt}<< "`` for a Marian vocabulary with ``>>xx<<`` codes, else none.
+    """
+    if tok_cfg is None:
+        return signals.TAG_TEMPLATE
+    if tok_cfg.input_prefix:
+        return tok_cfg.input_prefix
+    if tok_cfg.kind == "t5":
+        return signals.T5_TEMPLATE
+    return signals.MARIAN_TEMPLATE if tok_cfg.target_langs else ""
+
+
+def text_format(directory: str, tok_cfg: TokenizerConfig | None, vocab_size: int,
+                template: str | None = None) -> signals.TextFormat:
+    """What the seqio Tasks need to train on a base model's own tokenizer and signal.
+
+    Imports seqio (and TensorFlow): for training only.
+
+    Args:
+        directory: Where the vocabulary files are: a Hugging Face T5 / mT5 / MarianMT
+            directory, one written by ``jaxmt convert``, or a jaxmt-trained model
+            directory (``spm.model``).
+        tok_cfg: Its :class:`TokenizerConfig` (``hf_import.read_configs`` or the
+            directory's ``jaxmt_config.json``); None for a jaxmt-trained model.
+        vocab_size: The model's vocabulary size (``ModelConfig.vocab_size``): Marian's
+            id reordering depends on it.
+        template: The source signal (:mod:`jaxmt.data.signals`); default
+            :func:`default_template`.
+
+    Returns:
+        A :class:`jaxmt.data.signals.TextFormat` whose ids are this module's
+        tokenizers' for the same text: ``encode(text, src, tgt)`` for sources (the
+        template in place of ``input_prefix``), ``encode_target`` for targets.
+    """
+    from jaxmt.data import vocab as vocablib  # its seqio_vocabulary imports seqio
+
+    template = default_template(tok_cfg) if template is None else template
+    if tok_cfg is None:
+        path = os.path.join(directory, VOCAB_FILE)
+        sp = _processor(path)
+        v = vocablib.seqio_vocabulary(path)
+
+        def check_tag(src: str, tgt: str) -> None:
+            if "<2{tgt}>" in template:
+                try:
+                    tag_id(sp, tgt)
+                except ValueError as e:
+                    raise ValueError(f"{path}: no target-language tag for {tgt!r} ({e})") from None
+
+        return signals.TextFormat(v, v, template, (path,), check=check_tag, kind="jaxmt")
+    files = tuple(os.path.join(directory, f) for f in tok_cfg.vocab_files)
+    if tok_cfg.kind == "t5":
+        _processor(files[0])  # a clear error when it is missing
+        v = vocablib.seqio_vocabulary(files[0])
+        return signals.TextFormat(v, v, template, files, kind="t5")
+    from jaxmt.data.pyvocab import FunctionVocabulary  # seqio
+
+    tok = load_tokenizer(directory, tok_cfg, vocab_size)
+
+    salt = f"marian:{vocab_size}:{tuple(tok_cfg.reordered_ids)}"
+    key = _files_key(files, salt)
+    source = FunctionVocabulary(tok.encode_text, tok.decode, vocab_size, key=key + ":source")
+    target = FunctionVocabulary(tok.encode_target, tok.decode, vocab_size, key=key + ":target")
+
+    def check_code(src: str, tgt: str) -> None:
+        code = tok.unknown_code(signals.format_prefix(template, src, tgt))
+        if code is not None:
+            have = ", ".join(tok_cfg.target_langs) or "none"
+            raise ValueError(f"{files[2]}: no token {code!r} for {src}->{tgt} (template "
+                             f"{template!r}); this model's language codes: {have}")
+
+    return signals.TextFormat(source, target, template, files, salt=salt, check=check_code,
+                              kind="marian")
