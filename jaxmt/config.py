@@ -433,6 +433,12 @@ class DataConfig:
     # Pre-tokenised cache written by `jaxmt data cache` (jaxmt/data/cache.py); training reads
     # it when every direction has a fresh one there. "" = MODEL_DIR/data_cache.
     cache_dir: str = ""
+    # The target-language signal put before every source when fine-tuning an imported
+    # base (jaxmt train --init_from): a template with {src}, {tgt} (codes) and {src_name},
+    # {tgt_name} (English names). "auto": the base's own (T5: "translate {src_name} to
+    # {tgt_name}: ", multilingual opus-mt: ">>{tgt}<< "). jaxmt models always use their
+    # <2xx> tags.
+    input_prefix: str = "auto"
 
     def __post_init__(self):
         n = type(self).__name__
@@ -679,8 +685,10 @@ class TokenizerConfig:
         vocab_files: File names in the model directory: ``("spiece.model",)`` or
             ``("source.spm", "target.spm", "vocab.json")``.
         input_prefix: Prepended to every source text. ``{src}`` and ``{tgt}`` are
-            replaced by the ``src_lang``/``tgt_lang`` arguments, e.g. ``">>{tgt}<< "``
-            for a multilingual Marian model or ``"translate English to German: "``.
+            replaced by the ``src_lang``/``tgt_lang`` arguments, ``{src_name}`` and
+            ``{tgt_name}`` by their English names (:func:`jaxmt.data.signals.format_prefix`),
+            e.g. ``">>{tgt}<< "`` for a multilingual Marian model or
+            ``"translate {src_name} to {tgt_name}: "`` for T5.
         target_langs: The values ``tgt_lang`` may take (a multilingual Marian model's
             ``>>xx<<`` codes); empty means the prefix decides alone.
         reordered_ids: Original ids that became jaxmt's pad 0, EOS 1 and UNK 2; the
@@ -739,7 +747,7 @@ _ADDED_LATER = {
                     "attention", "adapter", "lora"},
     "MeshConfig": {"replica", "shard_params"},
     "DataConfig": {"corpora", "clean", "mixture_cap", "mixture_caps", "mixture_weights",
-                   "bucket_lengths", "cache_dir"},
+                   "bucket_lengths", "cache_dir", "input_prefix"},
     "TrainConfig": {"num_microbatches", "loss_scale_init", "loss_scale_growth_interval",
                     "max_nonfinite_steps", "preemption_grace_s", "max_minutes", "trainable"},
 }

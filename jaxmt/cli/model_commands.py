@@ -21,6 +21,8 @@ from jaxmt.sharding.multihost import CLUSTER_DETECTION  # jax only when initiali
 def cmd_train(args, gin_overrides) -> int:
     from jaxmt.sharding import multihost
 
+    if args.init_from and not os.path.isdir(args.init_from):
+        raise SystemExit(f"error: --init_from={args.init_from}: no such directory")
     # Before gin (whose imports may build configs) and before anything touches devices.
     try:
         where = multihost.initialize(args.coordinator_address, args.num_processes,
@@ -32,7 +34,7 @@ def cmd_train(args, gin_overrides) -> int:
     from jaxmt.train.run import train
 
     t0 = time.time()
-    last = train(model_dir=args.model_dir)
+    last = train(model_dir=args.model_dir, init_from=args.init_from)
     if "stopped_at" in last:  # SIGTERM/SIGINT: saved; exit 0 so schedulers requeue
         print(f"train stopped by {last['stopped_by']} after {time.time() - t0:.0f}s at step "
               f"{last['stopped_at']}; rerun the same command to resume", flush=True)
@@ -328,6 +330,25 @@ def cmd_convert(args, gin_overrides) -> int:
     return 0
 
 
+def cmd_export(args, gin_overrides) -> int:
+    if not os.path.isdir(args.model_dir):
+        raise SystemExit(f"error: --model_dir={args.model_dir}: no such directory")
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        raise SystemExit(f"error: --out={args.out}: already exists and is not an empty "
+                         "directory")
+    model_configs(args.model_dir)  # a clear error for a directory that is no model
+    import jax
+
+    from jaxmt.inference.export import export
+
+    tr = export(args.model_dir, args.out, merge_lora=args.merge_lora)
+    n = sum(int(x.size) for x in jax.tree.leaves(tr.params))
+    print(f"exported {args.model_dir} -> {args.out}"
+          f"{' with LoRA merged' if args.merge_lora else ''}: {n / 1e6:.2f}M parameters, "
+          "self-contained", flush=True)
+    return 0
+
+
 def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "multi-process", "Run the same command once per process (host). Unset flags fall back "
@@ -350,6 +371,11 @@ def add_parsers(sub) -> None:
     t = sub.add_parser("train", help="train (or resume) a model")
     t.add_argument("--gin_file", action="append", help="gin file; repeatable")
     t.add_argument("--model_dir", required=True)
+    t.add_argument("--init_from", default="",
+                   help="start from this pretrained base (never modified): a Hugging Face "
+                        "T5/mT5/MarianMT folder, a `jaxmt convert` output or a jaxmt model "
+                        "directory; its weights, architecture and tokenizer are used "
+                        "(run file: runs/finetune.gin)")
     _add_distributed_flags(t)
     t.set_defaults(func=cmd_train, takes_gin=True)
     e = sub.add_parser("eval", help="BLEU/chrF per direction on a split")
@@ -380,5 +406,13 @@ def add_parsers(sub) -> None:
     c.add_argument("--scan_layers", action="store_true", help="stack layers for nn.scan")
     c.add_argument("--input_prefix", default=None,
                    help="text before every source sentence; {src}/{tgt} become the language "
-                        "codes (e.g. 'translate English to German: ' for T5)")
+                        "codes, {src_name}/{tgt_name} their English names (e.g. 'translate "
+                        "{src_name} to {tgt_name}: ' for T5)")
     c.set_defaults(func=cmd_convert)
+    x = sub.add_parser("export", help="write a fine-tuned model (adapters/LoRA and their base) "
+                       "as one self-contained directory")
+    x.add_argument("--model_dir", required=True, help="a directory written by `jaxmt train`")
+    x.add_argument("--out", required=True, help="new directory")
+    x.add_argument("--merge_lora", action="store_true",
+                   help="fold LoRA factors into the base weights (same outputs, no extra cost)")
+    x.set_defaults(func=cmd_export)

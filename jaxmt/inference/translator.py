@@ -43,8 +43,11 @@ from jaxmt import config as cfglib
 from jaxmt.checkpoint import Checkpointer, abstract_like
 from jaxmt.config import (IMPORTED_DECODE, IMPORTED_MAX_LEN, DataConfig, DecodeConfig,
                           MeshConfig, ModelConfig)
+from jaxmt.data.packing import LANG_KEYS
 from jaxmt.data.vocab import EOS_ID
+from jaxmt.inference import pretrained
 from jaxmt.inference.tokenizer import TaggedTokenizer, Tokenizer, load_tokenizer
+from jaxmt.modeling import param_tree
 from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.sharding.partitioning import Partitioner
 
@@ -164,9 +167,9 @@ class Translator:
         self.params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, placement))
         model = self.model
 
-        def predict(params, tokens, rng, decode, max_decode_len, num_ids):
-            return model.predict_batch_with_aux(params, {"encoder_input_tokens": tokens},
-                                                decode=decode, max_decode_len=max_decode_len,
+        def predict(params, batch, rng, decode, max_decode_len, num_ids):
+            return model.predict_batch_with_aux(params, batch, decode=decode,
+                                                max_decode_len=max_decode_len,
                                                 num_ids=num_ids, rng=rng)
         # Compiled once per (shape, decode config, length): the modules' logical
         # constraints resolve on this mesh; inputs bring their own shardings.
@@ -185,7 +188,7 @@ class Translator:
     def from_pretrained(cls, model_dir: str, step: int | None = None,
                         input_prefix: str | None = None, precision: str = "fp32",
                         encoder_attention: str | None = None, mesh: MeshConfig | None = None,
-                        **kwargs) -> "Translator":
+                        merge_lora: bool = False, **kwargs) -> "Translator":
         """Loads config, vocabulary and the (latest) checkpoint's parameters.
 
         ``model_dir`` is a jaxmt model directory (trained, or written by ``jaxmt
@@ -204,9 +207,16 @@ class Translator:
         default: the first device alone): checkpoint parameters are restored straight
         into their shards, imported ones placed there after conversion.
 
+        A directory fine-tuned with adapters or LoRA over a frozen base
+        (``jaxmt train --init_from``) holds only those parameters: the base named in its
+        ``base.json`` is loaded with them, once its fingerprint is checked.
+        ``merge_lora`` folds LoRA factors into the base weights (the same outputs, at
+        the base model's cost).
+
         Raises:
             ValueError: ``mesh`` does not fit the devices or the model's dimensions
-                (before any weights are read).
+                (before any weights are read); the base of an adapter/LoRA directory is
+                missing or has changed since it was trained on.
         """
         from jaxmt.inference import hf_import
 
@@ -222,14 +232,26 @@ class Translator:
         cfgs = cfglib.load(model_dir)
         model_cfg = with_encoder_attention(cfgs["model"], encoder_attention)
         abstract = param_placement(model_cfg, partitioner)
+        record = pretrained.read_record(model_dir)
+        base = None
+        if record.get("saved") == "trainable":  # checked before any weights are read
+            base = pretrained.base_of(model_dir, scan_layers=model_cfg.scan_layers)
+            stored = param_tree.subset(abstract, param_tree.trainable_paths(
+                param_tree.paths(abstract), cfgs["train"], model_cfg))
         ckpt = Checkpointer(model_dir, async_save=False, read_only=True)  # writes nothing
         try:
+            target = abstract if base is None else stored
             if step is None:
-                step, params = ckpt.restore_latest_params(abstract)
+                step, params = ckpt.restore_latest_params(target)
             else:
-                params = ckpt.restore_params(step, abstract)
+                params = ckpt.restore_params(step, target)
         finally:
             ckpt.close()
+        if base is not None:
+            params = param_tree.assemble(abstract, pretrained.load_params(base, abstract), params)
+        if merge_lora and model_cfg.lora.rank:
+            from jaxmt.modeling.adapters import merge_lora as merge
+            params, model_cfg = merge(params, model_cfg)
         if "tokenizer" in cfgs:  # written by `jaxmt convert`
             tok_cfg = cfgs["tokenizer"]
             if input_prefix is not None:
@@ -241,7 +263,9 @@ class Translator:
         kwargs.setdefault("max_src_len", data_cfg.max_eval_len)
         kwargs.setdefault("max_decode_len", data_cfg.max_eval_len)
         kwargs.setdefault("decode", cfgs.get("decode", DecodeConfig()))
-        return cls(model_cfg, params, TaggedTokenizer(sp, data_cfg.corpus_langs), **kwargs)
+        # A model fine-tuned from a jaxmt base still reads the base's languages.
+        langs = tuple(dict.fromkeys(record.get("langs", []) + list(data_cfg.corpus_langs)))
+        return cls(model_cfg, params, TaggedTokenizer(sp, langs), **kwargs)
 
     @classmethod
     def _imported(cls, vocab_dir: str, model_cfg: ModelConfig, tok_cfg, params: PyTree,
@@ -320,8 +344,15 @@ class Translator:
             arr = np.zeros((-(-rows // dp) * dp, src_len), np.int32)
             for r, (_, ids) in enumerate(chunk):
                 arr[r, : len(ids)] = ids
-            tokens = jax.device_put(arr, self.partitioner.batch_sharding)
-            ids, scores = self._predict(self.params, tokens, jax.random.fold_in(rng, n_batch),
+            batch = {"encoder_input_tokens": arr}
+            if self.model.cfg.adapter.size:  # language adapters route by the direction
+                for key, i in zip(LANG_KEYS, self.model.cfg.adapter.route_ids(src_lang, tgt_lang)):
+                    batch[key] = np.full((arr.shape[0],), i, np.int32)
+            rows_spec = jax.sharding.PartitionSpec(self.partitioner.batch_spec[0])
+            batch = {k: jax.device_put(v, self.partitioner.batch_sharding if v.ndim == 2
+                                       else self.partitioner.sharding(rows_spec))
+                     for k, v in batch.items()}
+            ids, scores = self._predict(self.params, batch, jax.random.fold_in(rng, n_batch),
                                         cfg, dec_len, self.tokenizer.num_ids)
             ids, scores = np.asarray(ids), np.asarray(scores)  # gathered to the host
             n_batch += 1

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from jaxmt.config import AttentionConfig
+from jaxmt.config import AttentionConfig, LoraConfig
 from jaxmt.kernels.bigbird_attention import bigbird_attention
 from jaxmt.kernels.blockwise_attention import blockwise_attention
 from jaxmt.kernels.common import BlockSizes, RelPos, bias_of
@@ -33,7 +33,8 @@ from jaxmt.kernels.dot_product import dot_product_attention
 from jaxmt.kernels.flash_attention import flash_attention
 from jaxmt.kernels.local_attention import local_attention
 from jaxmt.kernels.performer_attention import performer_attention, performer_cached
-from jaxmt.modeling.layers import bias_param, constrain, dtype_of, mixed_einsum, normal, param
+from jaxmt.modeling.layers import (bias_param, constrain, dtype_of, lora, lora_on, mixed_einsum,
+                                   normal, param)
 from jaxmt.sharding import axes
 
 Array = jax.Array
@@ -208,6 +209,9 @@ class MultiHeadAttention(nn.Module):
     not depend on the step, so XLA hoists it out of the decode loop. Its ``kv_input``
     may have one row per group of ``r`` adjacent query rows (the beams or samples of a
     source row): keys and values are then computed and read once per group.
+
+    ``lora`` adds LoRA updates to the projections it targets (``query``, ``key``,
+    ``value``, ``out``), in decode steps too.
     """
 
     num_heads: int
@@ -217,6 +221,7 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
+    lora: LoraConfig = LoraConfig()
 
     @nn.compact
     def __call__(self, q_input: Array, kv_input: Array, bias: Array | None,
@@ -252,6 +257,10 @@ class MultiHeadAttention(nn.Module):
             else:
                 y = mixed_einsum("bte,ehd->bthd", x, w, dt)  # [b, t, h, d] float32
                 names = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, axes.ACT_KV)
+            if lora_on(self.lora, name):
+                eqs = ("bte,er->btr", "btr,rhd->bhtd" if head_major else "btr,rhd->bthd")
+                y = y + lora(self, name, x, eqs, w.shape, (axes.EMBED, axes.HEADS, axes.KV), 1,
+                             self.lora, dt, pdt)  # y's layout, float32
             if self.use_bias:
                 b = bias_param(self, f"{name}_bias", (h, d), (axes.HEADS, axes.KV), pdt)
                 y = y + (b[:, None] if head_major else b)
@@ -263,7 +272,6 @@ class MultiHeadAttention(nn.Module):
             ctx = self._decode_step(q_input, kv_input, bias, cache, project, wq, wk, wv)
             if ctx is None:  # init pass: the cache is sized, the output is never read
                 return jnp.zeros(q_input.shape, dt)
-            out = mixed_einsum("bqhd,hde->bqe", ctx, wo, dt)  # [b, 1, e] float32
         else:
             if isinstance(bias, (PerformerStep, SharedBeamStep)):
                 raise ValueError(f"a {type(bias).__name__} is a decode-step input")
@@ -276,7 +284,10 @@ class MultiHeadAttention(nn.Module):
                 ctx = dense_attention(q, k, v, bias, dt, drop)  # [b, q, h, d]
             ctx = constrain(ctx.astype(dt), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS,
                                              axes.ACT_KV))
-            out = mixed_einsum("bqhd,hde->bqe", ctx, wo, dt)  # [b, q, e] float32
+        out = mixed_einsum("bqhd,hde->bqe", ctx, wo, dt)  # [b, q, e] float32 (q = 1: decode)
+        if lora_on(self.lora, "out"):
+            out = out + lora(self, "out", ctx, ("bqhd,hdr->bqr", "bqr,re->bqe"), wo.shape,
+                             (axes.HEADS, axes.KV, axes.EMBED), 2, self.lora, dt, pdt)  # [b, q, e]
         if self.use_bias:
             out = out + bias_param(self, "out_bias", (e,), (axes.EMBED,), pdt)
         out = checkpoint_name(out.astype(dt), "attention_out")

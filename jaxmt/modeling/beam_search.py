@@ -56,8 +56,8 @@ import jax.numpy as jnp
 from jaxmt.config import DecodeConfig
 from jaxmt.data.vocab import EOS_ID, PAD_ID  # SentencePiece only, no TF; PAD also starts decoding
 from jaxmt.modeling import logits_processing
-from jaxmt.modeling.decoding import (cache_phases, init_cache, max_output_len,
-                                     phased_while_loop)
+from jaxmt.modeling.decoding import (LangIds, cache_phases, init_cache, max_output_len,
+                                     phased_while_loop, split_lang_ids)
 from jaxmt.modeling.network import EncoderDecoder
 
 PyTree = Any
@@ -159,7 +159,8 @@ def _top(scores: jax.Array, k: int, *arrays: jax.Array):
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
 def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
                 max_decode_len: int, num_ids: int | None = None,
-                options: DecodeConfig = DecodeConfig()) -> tuple[jax.Array, jax.Array]:
+                options: DecodeConfig = DecodeConfig(), lang_ids: LangIds = None
+                ) -> tuple[jax.Array, jax.Array]:
     """Beam search translation of a batch.
 
     Args:
@@ -170,6 +171,8 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
         num_ids: only ids below this are generated (static).
         options: beam size, n-best, penalties, stopping and lengths (static; the
             sampling fields are not used).
+        lang_ids: with adapters, their routing ids per source row: (encoder ids [b] or
+            [b, s], decoder ids [b]); a source's beams share its decoder id.
 
     Returns:
         ``(ids, scores)``: [b, n_best, max_decode_len] ids, best first (EOS, then 0s
@@ -180,8 +183,10 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
     """
     o = options
     b, k, L = enc_tokens.shape[0], o.beam_size, max_decode_len
+    enc_ids, dec_ids = split_lang_ids(lang_ids)
     enc_seg = (enc_tokens > 0).astype(jnp.int32)
-    encoded = module.apply({"params": params}, enc_tokens, enc_seg, method=EncoderDecoder.encode)
+    encoded = module.apply({"params": params}, enc_tokens, enc_seg, lang_ids=enc_ids,
+                           method=EncoderDecoder.encode)
     how = _reorder_how(module, o, L)
     shared = how == "shared"
     axes = None if shared else _batch_axes(module, L, encoded, enc_seg)
@@ -208,8 +213,8 @@ def beam_search(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
         logits, upd = module.apply(
             {"params": params, "cache": cache}, last.reshape(b * k, 1), encoded, enc_seg,
             decode=True, positions=jnp.full((b * k, 1), i), max_decode_len=T,
-            beam_slots=slots[:, :, :T] if shared else None, mutable=["cache"],
-            method=EncoderDecoder.decode)  # [b*k, 1, v]
+            beam_slots=slots[:, :, :T] if shared else None, lang_ids=dec_ids,
+            mutable=["cache"], method=EncoderDecoder.decode)  # [b*k, 1, v]; ids per source
         last_logits = logits[:, -1].astype(jnp.float32)  # [b*k, v]
         v = last_logits.shape[-1]
         # Unused rows of the vocabulary get no mass; the processors (min length, forced

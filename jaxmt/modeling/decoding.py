@@ -20,6 +20,9 @@ from jaxmt.modeling import logits_processing
 from jaxmt.modeling.network import EncoderDecoder
 
 PyTree = Any
+# Routing ids of language adapters for a decode: (encoder ids [b] or [b, s], decoder ids
+# [b]), one per source row; None without adapters.
+LangIds = tuple[jax.Array, jax.Array] | None
 
 
 def init_cache(module: EncoderDecoder, batch: int, max_decode_len: int, encoded: jax.Array,
@@ -30,10 +33,17 @@ def init_cache(module: EncoderDecoder, batch: int, max_decode_len: int, encoded:
     dummy = jnp.zeros((batch, max_decode_len), jnp.int32)
     slots = (None if group == 1 else
              jnp.zeros((batch // group, group, max_decode_len), jnp.int32))
+    # Adapters need routing ids to run; which ones does not change the cache's shapes.
+    ids = jnp.zeros((batch,), jnp.int32) if module.cfg.adapter.size else None
     shapes = jax.eval_shape(
         lambda: module.init(jax.random.PRNGKey(0), dummy, encoded, enc_segment_ids, decode=True,
-                            beam_slots=slots, method=EncoderDecoder.decode))["cache"]
+                            beam_slots=slots, lang_ids=ids, method=EncoderDecoder.decode))["cache"]
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def split_lang_ids(lang_ids: LangIds) -> tuple[jax.Array | None, jax.Array | None]:
+    """(encoder ids, decoder ids) of a decode's ``lang_ids``; (None, None) for None."""
+    return (None, None) if lang_ids is None else lang_ids
 
 
 def cache_phases(max_decode_len: int) -> tuple[int, ...]:
@@ -103,16 +113,20 @@ def first_argmax(x: jax.Array) -> jax.Array:
 
 def _decode_loop(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
                  max_decode_len: int, num_ids: int | None, options: DecodeConfig,
-                 rng: jax.Array | None, scored: bool = True) -> tuple[jax.Array, jax.Array]:
+                 rng: jax.Array | None, scored: bool = True, lang_ids: LangIds = None
+                 ) -> tuple[jax.Array, jax.Array]:
     """:func:`sample_decode`'s loop, unsorted: ([b * n, L] ids, [b * n] log-probabilities),
     the ``n`` decodes of a source row adjacent. ``scored=False`` skips the scores (zeros)
-    and their softmax, for :func:`greedy_decode`'s speed."""
+    and their softmax, for :func:`greedy_decode`'s speed. ``lang_ids``: the adapters'
+    routing ids per source row (:data:`LangIds`)."""
     o, L = options, max_decode_len
     sample = o.strategy == "sample"
     n = o.num_decodes if sample else 1
+    enc_ids, dec_ids = split_lang_ids(lang_ids)
     enc_seg = (enc_tokens > 0).astype(jnp.int32)
     # [b, s, e] once per source: its n decodes (adjacent rows) share the cross-attention.
-    encoded = module.apply({"params": params}, enc_tokens, enc_seg, method=EncoderDecoder.encode)
+    encoded = module.apply({"params": params}, enc_tokens, enc_seg, lang_ids=enc_ids,
+                           method=EncoderDecoder.encode)
     rows = encoded.shape[0] * n
     phases = cache_phases(L)
     cache = init_cache(module, rows, phases[0], encoded, enc_seg)
@@ -127,8 +141,8 @@ def _decode_loop(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
         i, token, out, logp, cache, finished = carry
         logits, upd = module.apply(
             {"params": params, "cache": cache}, token, encoded, enc_seg, decode=True,
-            positions=jnp.full((rows, 1), i), max_decode_len=T, mutable=["cache"],
-            method=EncoderDecoder.decode)  # [rows, 1, v]
+            positions=jnp.full((rows, 1), i), max_decode_len=T, lang_ids=dec_ids,
+            mutable=["cache"], method=EncoderDecoder.decode)  # [rows, 1, v]; ids per source
         last = logits_processing.mask_unused(logits[:, -1].astype(jnp.float32), num_ids)
         # Processors on raw logits, then (sampling only) the warpers: Hugging Face's order.
         scores = logits_processing.process(last, out, i, max_len, o)  # [rows, v]
@@ -157,7 +171,8 @@ def _decode_loop(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def greedy_decode(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
-                  max_decode_len: int, num_ids: int | None = None) -> jax.Array:
+                  max_decode_len: int, num_ids: int | None = None,
+                  lang_ids: LangIds = None) -> jax.Array:
     """Greedy translation of a batch, without :class:`DecodeConfig`'s length limits and
     processing (:func:`sample_decode` with every processor off).
 
@@ -168,19 +183,21 @@ def greedy_decode(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
         max_decode_len: cache length and the most tokens generated (static).
         num_ids: only ids below this are generated (static): a vocabulary with fewer
             pieces than ``ModelConfig.vocab_size`` leaves the rest of the logits unused.
+        lang_ids: with adapters, their routing ids per source row: (encoder ids [b] or
+            [b, s], decoder ids [b]), indices into ``AdapterConfig.langs`` or -1.
 
     Returns:
         [b, max_decode_len] generated ids; EOS then 0s after each row's end.
     """
     return _decode_loop(module, params, enc_tokens, max_decode_len, num_ids, _PLAIN_GREEDY,
-                        None, scored=False)[0]
+                        None, scored=False, lang_ids=lang_ids)[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
 def sample_decode(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
                   max_decode_len: int, num_ids: int | None = None,
-                  options: DecodeConfig = _PLAIN_GREEDY, rng: jax.Array | None = None
-                  ) -> tuple[jax.Array, jax.Array]:
+                  options: DecodeConfig = _PLAIN_GREEDY, rng: jax.Array | None = None,
+                  lang_ids: LangIds = None) -> tuple[jax.Array, jax.Array]:
     """Greedy or sampled translation of a batch, with ``options``' length limits and
     logits processing (:mod:`jaxmt.modeling.logits_processing`).
 
@@ -200,6 +217,8 @@ def sample_decode(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
         num_ids: only ids below this are generated (static).
         options: the strategy and its settings (static; the beam fields are not used).
         rng: the sampling key; default ``PRNGKey(options.seed)``. Unused when greedy.
+        lang_ids: with adapters, their routing ids per source row: (encoder ids [b] or
+            [b, s], decoder ids [b]); a source's samples share its decoder id.
 
     Returns:
         ``(ids, scores)``: [b, n_best, max_decode_len] ids, best first (EOS then 0s after
@@ -211,7 +230,8 @@ def sample_decode(module: EncoderDecoder, params: PyTree, enc_tokens: jax.Array,
                          f"{options.strategy!r} (beam search is beam_search)")
     if options.strategy == "sample" and rng is None:
         rng = jax.random.PRNGKey(options.seed)
-    out, logp = _decode_loop(module, params, enc_tokens, max_decode_len, num_ids, options, rng)
+    out, logp = _decode_loop(module, params, enc_tokens, max_decode_len, num_ids, options, rng,
+                             lang_ids=lang_ids)
     b = enc_tokens.shape[0]
     n = out.shape[0] // b
     out, logp = out.reshape(b, n, max_decode_len), logp.reshape(b, n)

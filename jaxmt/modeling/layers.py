@@ -9,6 +9,7 @@ Matmuls take inputs in the compute dtype and accumulate in float32.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxmt.config import LoraConfig
 from jaxmt.kernels.common import RelPos, bias_of
 from jaxmt.sharding import axes
 
@@ -98,6 +100,36 @@ def mixed_einsum(eq: str, x: Array, w: Array, dtype) -> Array:
     return checkpoint_name(_einsum_f32acc(eq, x.astype(dtype), w.astype(dtype)), "dot")
 
 
+def lora_on(cfg: LoraConfig, target: str) -> bool:
+    """Whether LoRA adapts ``target`` (one of :data:`jaxmt.config.LORA_TARGETS`)."""
+    return cfg.rank > 0 and target in cfg.targets
+
+
+def lora(mod: nn.Module, name: str, x: Array, eqs: tuple[str, str], w_shape: tuple[int, ...],
+         w_names: tuple[str, ...], n_in: int, cfg: LoraConfig, dtype, param_dtype) -> Array:
+    """LoRA's update (Hu et al. 2021) of the projection ``x W``: ``scale * (x A) B``, float32.
+
+    Creates ``{name}_lora_a`` A [*in, r] (normal, std fan_in ** -0.5) and ``{name}_lora_b``
+    B [r, *out] (zeros, so the model starts as the base) beside the weight ``name`` W
+    [*in, *out], whose first ``n_in`` dimensions are contracted with ``x``. Both matmuls
+    take ``dtype`` operands and accumulate in float32, like W's.
+
+    Args:
+      eqs: the two einsums: ``x`` with A (to [..., r]), then that with B (to W's output
+        layout), e.g. ``("bte,er->btr", "btr,rhd->bthd")``.
+      w_names: W's logical axes; A and B take them with ``lora_rank`` added.
+      cfg: the rank and scale (the caller checks that ``name`` is a target).
+    """
+    a_shape, b_shape = (*w_shape[:n_in], cfg.rank), (cfg.rank, *w_shape[n_in:])
+    fan_in = math.prod(w_shape[:n_in])
+    a = param(mod, f"{name}_lora_a", normal(fan_in ** -0.5), a_shape,
+              (*w_names[:n_in], axes.LORA_RANK), param_dtype)
+    b = param(mod, f"{name}_lora_b", nn.initializers.zeros, b_shape,
+              (axes.LORA_RANK, *w_names[n_in:]), param_dtype)
+    xa = mixed_einsum(eqs[0], x, a, dtype)  # [..., r] float32
+    return cfg.scale * mixed_einsum(eqs[1], xa, b, dtype)  # W's output layout, float32
+
+
 class Embed(nn.Module):
     """Token embedding table [vocab, embed]."""
 
@@ -175,7 +207,8 @@ class MlpBlock(nn.Module):
     """Feed-forward block: prod_i act_i(x W_i + b_i) then W_o (+ b_o).
 
     One activation is the classic MLP (ReLU in T5, swish in Marian); two make it
-    gated (gated-GELU in T5.1.1). Biases only with ``use_bias``.
+    gated (gated-GELU in T5.1.1). Biases only with ``use_bias``. ``lora`` adds LoRA
+    updates to each W_i (target ``mlp_in``) and to W_o (``mlp_out``).
     """
 
     emb_dim: int
@@ -185,6 +218,7 @@ class MlpBlock(nn.Module):
     dropout_rate: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
+    lora: LoraConfig = LoraConfig()
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -196,6 +230,9 @@ class MlpBlock(nn.Module):
             w = param(self, f"wi_{i}", normal(self.emb_dim ** -0.5),
                       (self.emb_dim, self.mlp_dim), (axes.EMBED, axes.MLP), pdt)
             y = mixed_einsum("ble,em->blm", x, w, dt)  # [b, l, mlp] float32
+            if lora_on(self.lora, "mlp_in"):
+                y = y + lora(self, f"wi_{i}", x, ("ble,er->blr", "blr,rm->blm"),
+                             w.shape, (axes.EMBED, axes.MLP), 1, self.lora, dt, pdt)  # [b, l, m]
             if self.use_bias:
                 y = y + bias_param(self, f"wi_{i}_bias", (self.mlp_dim,), (axes.MLP,), pdt)
             # The activation runs in the compute dtype: what the backward keeps of the
@@ -207,6 +244,9 @@ class MlpBlock(nn.Module):
         wo = param(self, "wo", normal(self.mlp_dim ** -0.5), (self.mlp_dim, self.emb_dim),
                    (axes.MLP, axes.EMBED), pdt)
         out = mixed_einsum("blm,me->ble", h, wo, dt)  # [b, l, e] float32
+        if lora_on(self.lora, "mlp_out"):
+            out = out + lora(self, "wo", h, ("blm,mr->blr", "blr,re->ble"), wo.shape,
+                             (axes.MLP, axes.EMBED), 1, self.lora, dt, pdt)  # [b, l, e]
         if self.use_bias:
             out = out + bias_param(self, "wo_bias", (self.emb_dim,), (axes.EMBED,), pdt)
         out = out.astype(dt)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmt.config import DecodeConfig, ModelConfig
-from jaxmt.data.packing import BATCH_KEYS
+from jaxmt.data.packing import BATCH_KEYS, LANG_KEYS
 from jaxmt.modeling import decoding
 from jaxmt.modeling.beam_search import beam_search
 from jaxmt.modeling.network import EncoderDecoder
@@ -91,15 +91,25 @@ class EncoderDecoderModel:
         self.cfg = cfg
         self.module = EncoderDecoder(cfg)
 
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        """The features a training batch needs: :data:`BATCH_KEYS`, and with adapters
+        their routing ids (:data:`LANG_KEYS`)."""
+        return BATCH_KEYS + (LANG_KEYS if self.cfg.adapter.size else ())
+
     def dummy_batch(self, batch: int, src_len: int, tgt_len: int) -> dict[str, Array]:
-        shapes = {k: (batch, src_len if k.startswith("encoder") else tgt_len) for k in BATCH_KEYS}
-        return {k: jnp.ones(s, jnp.int32) for k, s in shapes.items()}
+        """All ones (routing ids: every token to the first adapter), for shapes and init."""
+        shapes = {k: (batch, src_len if k.startswith("encoder") else tgt_len)
+                  for k in self.batch_keys}
+        return {k: jnp.ones(s, jnp.int32) if k not in LANG_KEYS else jnp.zeros(s, jnp.int32)
+                for k, s in shapes.items()}
 
     def random_batch(self, batch: int, src_len: int, tgt_len: int, seed: int = 0
                      ) -> dict[str, np.ndarray]:
         """Full rows (no padding) of random ids >= 3: for benchmarks and tests.
 
         Targets are the source ids (a copy task), shifted right for the decoder input.
+        With adapters, every token is routed to the first one.
         """
         rng = np.random.default_rng(seed)
         src = rng.integers(3, self.cfg.vocab_size, (batch, src_len)).astype(np.int32)
@@ -108,10 +118,14 @@ class EncoderDecoderModel:
         ones = lambda n: np.ones((batch, n), np.int32)
         pos = lambda n: np.tile(np.arange(n, dtype=np.int32), (batch, 1))
         dec = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1)
-        return dict(encoder_input_tokens=src, encoder_segment_ids=ones(src_len),
-                    encoder_positions=pos(src_len), decoder_input_tokens=dec,
-                    decoder_target_tokens=tgt, decoder_loss_weights=ones(tgt_len),
-                    decoder_segment_ids=ones(tgt_len), decoder_positions=pos(tgt_len))
+        out = dict(encoder_input_tokens=src, encoder_segment_ids=ones(src_len),
+                   encoder_positions=pos(src_len), decoder_input_tokens=dec,
+                   decoder_target_tokens=tgt, decoder_loss_weights=ones(tgt_len),
+                   decoder_segment_ids=ones(tgt_len), decoder_positions=pos(tgt_len))
+        if self.cfg.adapter.size:
+            zeros = lambda n: np.zeros((batch, n), np.int32)  # noqa: E731
+            out.update(encoder_lang_ids=zeros(src_len), decoder_lang_ids=zeros(tgt_len))
+        return out
 
     def init(self, rng: Array, batch: dict[str, Array]) -> PyTree:
         """Boxed parameters (``nn.LogicallyPartitioned`` leaves carry logical axes)."""
@@ -167,6 +181,22 @@ class EncoderDecoderModel:
         log_z, tgt_logit, _, _ = _ce_stats(logits, batch["decoder_target_tokens"])  # [b, t]
         return jnp.sum((tgt_logit - log_z) * batch["decoder_loss_weights"], axis=-1)
 
+    def lang_ids(self, batch: dict[str, Array]) -> decoding.LangIds:
+        """A decode's adapter routing ids from ``batch``: (``encoder_lang_ids`` [b] or
+        [b, s], ``decoder_lang_ids`` [b]); None without adapters (ids are ignored).
+
+        Raises:
+          ValueError: the model has adapters and a key is missing (naming it).
+        """
+        if not self.cfg.adapter.size:
+            return None
+        for k in LANG_KEYS:
+            if batch.get(k) is None:
+                raise ValueError(f"ModelConfig.adapter.size > 0: decoding routes the adapters "
+                                 f"by the batch's '{k}' (an index into AdapterConfig.langs "
+                                 f"per source row, -1 for none), which is missing")
+        return tuple(jnp.asarray(batch[k], jnp.int32) for k in LANG_KEYS)
+
     def predict_batch(self, params: PyTree, batch: dict[str, Array],
                       decode_fn: Callable | None = None, **options) -> Array:
         """Greedy (or ``decode_fn``'s) target ids for a batch of sources (T5X's
@@ -175,9 +205,11 @@ class EncoderDecoderModel:
         Args:
           params: the parameters (unboxed).
           batch: needs ``encoder_input_tokens``, [b, s] ids, 0-padded, each row ending
-            in EOS; other keys are ignored.
+            in EOS, and with adapters ``encoder_lang_ids`` ([b] or [b, s]) and
+            ``decoder_lang_ids`` ([b]); other keys are ignored.
           decode_fn: ``decode_fn(module, params, encoder_tokens, **options)``; default
-            :func:`jaxmt.modeling.decoding.greedy_decode` (KV cache).
+            :func:`jaxmt.modeling.decoding.greedy_decode` (KV cache). With adapters it
+            also gets ``lang_ids=(encoder ids, decoder ids)``.
           **options: the strategy's options, e.g. ``max_decode_len`` and ``num_ids``.
 
         Returns:
@@ -185,6 +217,9 @@ class EncoderDecoderModel:
           each row's end.
         """
         decode_fn = decoding.greedy_decode if decode_fn is None else decode_fn
+        lang_ids = self.lang_ids(batch)
+        if lang_ids is not None:
+            options = dict(options, lang_ids=lang_ids)
         return decode_fn(self.module, params, batch["encoder_input_tokens"], **options)
 
     def predict_batch_with_aux(self, params: PyTree, batch: dict[str, Array],
@@ -196,7 +231,9 @@ class EncoderDecoderModel:
 
         Args:
           params: the parameters (unboxed).
-          batch: needs ``encoder_input_tokens``, [b, s] ids, 0-padded, rows ending in EOS.
+          batch: needs ``encoder_input_tokens``, [b, s] ids, 0-padded, rows ending in EOS,
+            and with adapters ``encoder_lang_ids`` ([b] or [b, s]) and
+            ``decoder_lang_ids`` ([b]), the routing ids of each source row.
           decode: the strategy and its settings.
           max_decode_len: the KV cache's length, the longest output possible.
           num_ids: only ids below this are generated (a vocabulary with fewer pieces
@@ -208,8 +245,9 @@ class EncoderDecoderModel:
           after each output's end; no EOS where the length limit cut it off), and their
           [b, n_best] scores (beam search: length-penalised log-probabilities).
         """
-        enc = batch["encoder_input_tokens"]
+        enc, lang_ids = batch["encoder_input_tokens"], self.lang_ids(batch)
         if decode.strategy == "beam":
-            return beam_search(self.module, params, enc, max_decode_len, num_ids, decode)
+            return beam_search(self.module, params, enc, max_decode_len, num_ids, decode,
+                               lang_ids)
         return decoding.sample_decode(self.module, params, enc, max_decode_len, num_ids,
-                                      decode, rng)
+                                      decode, rng, lang_ids)

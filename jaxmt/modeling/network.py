@@ -11,8 +11,10 @@ Layers are unrolled (``layers_0``, ``layers_1``, ...) or, with ``scan_layers``, 
 as depth grows. Either form can be rematerialised per stack with a named policy.
 
 Packed inputs are supported through segment ids: tokens attend only within their
-segment. This module is pure computation; losses and decoding live in
-:mod:`jaxmt.modeling.model` and :mod:`jaxmt.modeling.decoding`.
+segment. Language adapters (after every layer, chosen per token by its routing id)
+and LoRA (on the projections) come with ``ModelConfig.adapter`` / ``.lora``; see
+:mod:`jaxmt.modeling.adapters`. This module is pure computation; losses and decoding
+live in :mod:`jaxmt.modeling.model` and :mod:`jaxmt.modeling.decoding`.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import jax.numpy as jnp
 
 from jaxmt.config import ModelConfig
 from jaxmt.kernels.common import RelPos
+from jaxmt.modeling import adapters
 from jaxmt.modeling.attention import (Masking, MultiHeadAttention, PerformerStep, SharedBeamStep,
-                                      dense_bias,
-                                      mask_to_bias)
+                                      dense_bias, mask_to_bias)
 from jaxmt.modeling.layers import (Embed, MlpBlock, Norm, RelativePositionBias, bias_param,
                                    constrain, dtype_of, mixed_einsum, normal, param,
                                    sinusoidal_positions)
@@ -69,13 +71,14 @@ def remat_policy(name: str):
 def _attn(cfg: ModelConfig, name: str) -> MultiHeadAttention:
     return MultiHeadAttention(num_heads=cfg.num_heads, head_dim=cfg.head_dim, emb_dim=cfg.emb_dim,
                               use_bias=cfg.use_bias, dropout_rate=cfg.dropout_rate,
-                              dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+                              dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=cfg.lora,
+                              name=name)
 
 
 def _mlp(cfg: ModelConfig) -> MlpBlock:
     return MlpBlock(emb_dim=cfg.emb_dim, mlp_dim=cfg.mlp_dim, activations=cfg.mlp_activations,
                     use_bias=cfg.use_bias, dropout_rate=cfg.dropout_rate, dtype=cfg.dtype,
-                    param_dtype=cfg.param_dtype, name="mlp")
+                    param_dtype=cfg.param_dtype, lora=cfg.lora, name="mlp")
 
 
 def _norm(cfg: ModelConfig, name: str) -> Norm:
@@ -92,16 +95,23 @@ def _residual(cfg: ModelConfig, name: str, x: Array, sublayer, deterministic: bo
     return norm(x + drop(sublayer(x), deterministic=deterministic))
 
 
+def _adapt(cfg: ModelConfig, x: Array, lang_ids: Array | None) -> Array:
+    """A layer's output through its language adapter (routing ids [b, t]), if any."""
+    return adapters.adapter(cfg)(x, lang_ids) if cfg.adapter.size else x
+
+
 class EncoderLayer(nn.Module):
     cfg: ModelConfig
     scanned: bool = False  # nn.scan wants (carry, output)
 
     @nn.compact
-    def __call__(self, x: Array, bias: Array, deterministic: bool):
+    def __call__(self, x: Array, bias: Array, deterministic: bool,
+                 lang_ids: Array | None = None):
         cfg = self.cfg
         x = _residual(cfg, "attention_norm", x,
                       lambda y: _attn(cfg, "attention")(y, y, bias, deterministic), deterministic)
         x = _residual(cfg, "mlp_norm", x, lambda y: _mlp(cfg)(y, deterministic), deterministic)
+        x = _adapt(cfg, x, lang_ids)
         return (x, None) if self.scanned else x
 
 
@@ -111,7 +121,7 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
-                 deterministic: bool, decode: bool):
+                 deterministic: bool, decode: bool, lang_ids: Array | None = None):
         cfg = self.cfg
         x = _residual(cfg, "self_attention_norm", x,
                       lambda y: _attn(cfg, "self_attention")(y, y, self_bias, deterministic,
@@ -121,6 +131,7 @@ class DecoderLayer(nn.Module):
                                                               deterministic, decode=decode,
                                                               cache=False), deterministic)
         x = _residual(cfg, "mlp_norm", x, lambda y: _mlp(cfg)(y, deterministic), deterministic)
+        x = _adapt(cfg, x, lang_ids)
         return (x, None) if self.scanned else x
 
 
@@ -191,14 +202,18 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, segment_ids: Array, positions: Array,
-                 deterministic: bool) -> Array:
+                 deterministic: bool, lang_ids: Array | None = None) -> Array:
+        """Returns the encoded source [b, s, e]; ``lang_ids`` [b] or [b, s] routes the
+        adapters (ignored without them)."""
         cfg = self.cfg
+        lang_ids = (adapters.token_ids(lang_ids, *tokens.shape, "encoder_lang_ids")
+                    if cfg.adapter.size else None)  # [b, s]; without adapters, ignored
         x = _embed(cfg, self.embed, tokens, positions, deterministic)
         # Bias positions are plain indices: with packing, cross-segment pairs are masked.
         bias = _masking(cfg, "encoder", segment_ids, segment_ids,
                         _relpos_table(cfg, bidirectional=True), bidirectional=True)
         x = _run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, cfg.encoder_remat, (3,),
-                        x, bias, deterministic)
+                        x, bias, deterministic, lang_ids)
         x = _final(cfg, x, deterministic)
         return constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
@@ -211,7 +226,7 @@ class Decoder(nn.Module):
     def __call__(self, tokens: Array, encoded: Array, decoder_segment_ids: Array,
                  encoder_segment_ids: Array, positions: Array, deterministic: bool,
                  decode: bool = False, max_decode_len: int | None = None,
-                 beam_slots: Array | None = None) -> Array:
+                 beam_slots: Array | None = None, lang_ids: Array | None = None) -> Array:
         """Returns float32 logits [b, t, vocab].
 
         In decode mode ``tokens`` is [b, 1], ``positions`` is the step's position [b, 1]
@@ -226,8 +241,14 @@ class Decoder(nn.Module):
         share one self-attention cache (a :class:`SharedBeamStep`): row ``j`` reads
         position ``s`` from the slot ``beam_slots[:, j, s]`` (this step's own position
         must name ``j``). The cache is sized for it when the first (init) call has it too.
+
+        ``lang_ids`` routes the adapters (ignored without them): [b] or [b, t]; in decode
+        mode also [b / r], one per group of r adjacent rows (a source's beams or samples).
         """
         cfg = self.cfg
+        lang_ids = (adapters.token_ids(lang_ids, *tokens.shape, "decoder_lang_ids",
+                                       groups=decode)
+                    if cfg.adapter.size else None)  # [b, t]; without adapters, ignored
         x = _embed(cfg, self.embed, tokens, positions, deterministic)
         if decode:
             max_decode_len = max_decode_len or tokens.shape[1]  # init sizes the cache
@@ -256,7 +277,7 @@ class Decoder(nn.Module):
             cross_bias = _masking(cfg, "cross", decoder_segment_ids, encoder_segment_ids, None,
                                   bidirectional=True)
         x = _run_layers(cfg, DecoderLayer, cfg.num_decoder_layers, cfg.decoder_remat, (5, 6),
-                        x, encoded, self_bias, cross_bias, deterministic, decode)
+                        x, encoded, self_bias, cross_bias, deterministic, decode, lang_ids)
         x = _final(cfg, x, deterministic)
         if cfg.rescale_logits:  # original T5 with tied embeddings
             x = x * (cfg.emb_dim ** -0.5)
@@ -316,31 +337,38 @@ class EncoderDecoder(nn.Module):
         self.decoder = Decoder(cfg, self.token_embed)
 
     def encode(self, tokens: Array, segment_ids: Array | None = None,
-               positions: Array | None = None, deterministic: bool = True) -> Array:
+               positions: Array | None = None, deterministic: bool = True,
+               lang_ids: Array | None = None) -> Array:
+        """The encoded source [b, s, e]; ``lang_ids`` [b] or [b, s] routes the adapters."""
         if segment_ids is None:
             segment_ids = (tokens > 0).astype(jnp.int32)
-        return self.encoder(tokens, segment_ids, _positions(tokens, positions), deterministic)
+        return self.encoder(tokens, segment_ids, _positions(tokens, positions), deterministic,
+                            lang_ids)
 
     def decode(self, tokens: Array, encoded: Array, encoder_segment_ids: Array,
                decoder_segment_ids: Array | None = None, positions: Array | None = None,
                deterministic: bool = True, decode: bool = False,
-               max_decode_len: int | None = None, beam_slots: Array | None = None) -> Array:
+               max_decode_len: int | None = None, beam_slots: Array | None = None,
+               lang_ids: Array | None = None) -> Array:
         """Teacher-forced logits, or with ``decode=True`` one step at ``positions`` [b, 1]
-        (``beam_slots``: :class:`Decoder`'s shared beam caches)."""
+        (``beam_slots``: :class:`Decoder`'s shared beam caches). ``lang_ids`` routes the
+        adapters: [b] or [b, t]; in a decode step [b] or one per source group [b / r]."""
         if decoder_segment_ids is None:
             decoder_segment_ids = jnp.ones(tokens.shape, jnp.int32)
         return self.decoder(tokens, encoded, decoder_segment_ids, encoder_segment_ids,
                             _positions(tokens, positions), deterministic, decode, max_decode_len,
-                            beam_slots)
+                            beam_slots, lang_ids)
 
     def __call__(self, batch: dict[str, Array], deterministic: bool = True) -> Array:
-        """Teacher-forced logits [b, t, vocab] for a (possibly packed) batch."""
+        """Teacher-forced logits [b, t, vocab] for a (possibly packed) batch; with adapters
+        it needs the routing ids ``encoder_lang_ids`` and ``decoder_lang_ids``."""
         enc_seg = batch["encoder_segment_ids"]
         encoded = self.encode(batch["encoder_input_tokens"], enc_seg,
-                              batch.get("encoder_positions"), deterministic)
+                              batch.get("encoder_positions"), deterministic,
+                              batch.get("encoder_lang_ids"))
         return self.decode(batch["decoder_input_tokens"], encoded, enc_seg,
                            batch["decoder_segment_ids"], batch.get("decoder_positions"),
-                           deterministic)
+                           deterministic, lang_ids=batch.get("decoder_lang_ids"))
 
 
 _LAYER = re.compile(r"layers_(\d+)$")

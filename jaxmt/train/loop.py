@@ -129,7 +129,8 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
         if data_position is not None:
             step_meta = dict(step_meta, data=dict(
                 data_position, batches=data_position["batches"] + done - start_step))
-        ckpt.save(done, state.params, state.opt_state, checkpoint_meta(state, step_meta, done))
+        ckpt.save(done, trainer.checkpoint_params(state.params), state.opt_state,
+                  checkpoint_meta(state, step_meta, done))
 
     try:
         with StopSignals() as signals:

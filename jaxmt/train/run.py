@@ -23,7 +23,10 @@ from jaxmt import hardware
 from jaxmt.checkpoint import Checkpointer
 from jaxmt.config import DataConfig, DecodeConfig, MeshConfig, ModelConfig, TrainConfig
 from jaxmt.fileio import write_atomic
+from jaxmt.inference import pretrained
+from jaxmt.modeling import param_tree
 from jaxmt.sharding.partitioning import Partitioner
+from jaxmt.train import finetune
 from jaxmt.train.loop import train_loop
 from jaxmt.train.trainer import Trainer, TrainState
 
@@ -32,7 +35,7 @@ from jaxmt.train.trainer import Trainer, TrainState
 def train(model_dir: str, model_cfg: ModelConfig | None = None,
           mesh_cfg: MeshConfig | None = None, data_cfg: DataConfig | None = None,
           train_cfg: TrainConfig | None = None, progress: bool = True,
-          decode_cfg: DecodeConfig | None = None) -> dict:
+          decode_cfg: DecodeConfig | None = None, init_from: str = "") -> dict:
     """The ``jaxmt train`` entry point: vocabulary, data, sharded state, loop, checkpoints.
 
     Rerunning on the same ``model_dir`` resumes from the latest checkpoint.
@@ -44,6 +47,10 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
         is built by gin (``ModelConfig()`` with the parsed bindings), so a notebook or
         test can pass them directly and need no global gin state.
       progress: show a progress bar.
+      init_from: a pretrained base to start from (:mod:`jaxmt.train.finetune`): a Hugging
+        Face T5/mT5/MarianMT folder, a ``jaxmt convert`` output or a jaxmt model
+        directory. Its parameters, architecture and tokenizer are used; it is never
+        written to. A resumed run finds its base in ``model_dir/base.json``.
 
     Returns:
       The last logged metrics; after a SIGTERM/SIGINT, with ``stopped_by`` (the
@@ -56,15 +63,23 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
     data_cfg = DataConfig() if data_cfg is None else data_cfg
     train_cfg = TrainConfig() if train_cfg is None else train_cfg
     decode_cfg = DecodeConfig() if decode_cfg is None else decode_cfg
+    # Everything that can refuse the run does so before the first file is written.
+    base = _base(model_dir, init_from, model_cfg)
+    if base is not None:
+        model_cfg = finetune.model_config(base, model_cfg)
+        if decode_cfg == DecodeConfig() and base.decode is not None:
+            decode_cfg = base.decode  # an imported base's generation defaults
+    tok_cfg = finetune.tokenizer_config(base, data_cfg) if base is not None else None
     # "auto" becomes a concrete policy here, so the checkpoints' config records the
     # numerics that translate/eval and every resume use.
     requested = model_cfg.precision
     model_cfg, precision_reason = resolve_precision(model_dir, model_cfg)
-    # Everything that can refuse the run does so before the first file is written.
     check_resumable(model_dir, model_cfg, data_cfg, train_cfg)
     print(f"precision: {model_cfg.precision} ({precision_reason})", flush=True)
     partitioner = Partitioner(mesh_cfg)
     trainer = Trainer(model_cfg, train_cfg, partitioner, data_cfg.src_len, data_cfg.tgt_len)
+    # Over a frozen base, checkpoints keep only what trains; a full fine-tune saves all.
+    trainer.save_trained_only = base is not None and bool(trainer.frozen)
     local_shapes, bucket_stats = (), None
     if data_cfg.batching == "bucket":
         from jaxmt.data import bucketing
@@ -86,26 +101,39 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
     lead = jax.process_index() == 0
     spm_path = os.path.join(model_dir, cfglib.VOCAB_FILE)
     if lead:
-        write_atomic(os.path.join(model_dir, cfglib.CONFIG_FILE), cfglib.to_json(
-            model=model_cfg, mesh=mesh_cfg, data=data_cfg, train=train_cfg, decode=decode_cfg))
+        sections = dict(model=model_cfg, mesh=mesh_cfg, data=data_cfg, train=train_cfg,
+                        decode=decode_cfg)
+        if tok_cfg is not None:
+            sections["tokenizer"] = tok_cfg
+        write_atomic(os.path.join(model_dir, cfglib.CONFIG_FILE), cfglib.to_json(**sections))
+        if base is not None:
+            finetune.copy_vocab(base, model_dir)
+            pretrained.write_record(model_dir, pretrained.record(
+                base, "trainable" if trainer.save_trained_only else "full"))
         write_atomic(os.path.join(model_dir, "config.gin"), gin.operative_config_str())
         write_atomic(os.path.join(model_dir, PRECISION_FILE), json.dumps(
             {"requested": requested, "precision": model_cfg.precision,
              "reason": precision_reason, "device": jax.devices()[0].device_kind}, indent=2))
-        if not os.path.exists(spm_path):
+        if not os.path.exists(spm_path) and tok_cfg is None:
             print(f"training SentencePiece vocabulary ({data_cfg.vocab_size} pieces) -> "
                   f"{spm_path}", flush=True)
             vocab.train_for_config(spm_path, data_cfg, train_cfg.seed)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxmt:vocabulary")
-    n_pieces = vocab.load_processor(spm_path).get_piece_size()
-    if n_pieces > model_cfg.vocab_size:
-        raise ValueError(f"{spm_path}: {n_pieces} pieces exceed ModelConfig.vocab_size="
-                         f"{model_cfg.vocab_size}; raise it or lower DataConfig.vocab_size.")
+    text_format = None
+    if tok_cfg is not None:  # the imported base's tokenizer and target-language signal
+        from jaxmt.inference.tokenizer import text_format as make_text_format
+        text_format = make_text_format(model_dir, tok_cfg, model_cfg.vocab_size)
+    else:
+        n_pieces = vocab.load_processor(spm_path).get_piece_size()
+        if n_pieces > model_cfg.vocab_size:
+            raise ValueError(f"{spm_path}: {n_pieces} pieces exceed ModelConfig.vocab_size="
+                             f"{model_cfg.vocab_size}; raise it or lower DataConfig.vocab_size.")
     # The user's files are read and checked once, here (jaxmt/data/sources.py).
-    mixture = tasks.register_from_config(data_cfg, spm_path, report_dir=model_dir if lead else None)
+    mixture = tasks.register_from_config(data_cfg, spm_path, report_dir=model_dir if lead else None,
+                                         text_format=text_format)
     cache_dir = data_cfg.cache_dir or os.path.join(model_dir, cfglib.CACHE_DIR)
-    use_cache = cache.is_usable(cache_dir, mixture, spm_path)  # stale -> error, absent -> False
+    use_cache = cache.is_usable(cache_dir, mixture, text_format or spm_path)  # stale: error
     print(f"data: reading the pre-tokenised cache in {cache_dir}" if use_cache else
           f"data: tokenising on the fly (`jaxmt data cache` writes a cache to {cache_dir})",
           flush=True)
@@ -115,7 +143,19 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
         print(f"data {report.summary()}", flush=True)
 
     ckpt = Checkpointer(model_dir, keep=train_cfg.keep_checkpoints)
-    state, start, saved_meta = resume_state(trainer, ckpt)
+    fresh = None
+    if base is not None:
+        print(f"init_from: {base.directory} ({base.kind}"
+              f"{'' if base.step is None else f', step {base.step}'}, fingerprint "
+              f"{base.fingerprint[:12]}); trains {trainer.num_params(True) / 1e6:.3f}M of "
+              f"{trainer.num_params() / 1e6:.2f}M parameters "
+              f"({100 * trainer.num_params(True) / trainer.num_params():.2f}%); optimizer "
+              f"state {trainer.optimizer_bytes() / 2**20:.2f} MiB (full fine-tuning: "
+              f"{trainer.optimizer_bytes(frozen=False) / 2**20:.2f} MiB)", flush=True)
+        if trainer.save_trained_only:  # a resume puts the saved part over these
+            trainer.base_params = pretrained.load_params(base, trainer.abstract_state.params)
+        fresh = lambda: _from_base(trainer, base)  # noqa: E731
+    state, start, saved_meta = resume_state(trainer, ckpt, fresh)
     if start:
         # The saved data position (or, for an older checkpoint, a warning and a reseed).
         position = pipeline.resume_position(saved_meta, seed=train_cfg.seed, step=start,
@@ -141,12 +181,14 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
     if position["batches"]:
         print(f"data: skipping {position['batches']} batches to the saved position",
               flush=True)
+    route = model_cfg.adapter.route_ids if model_cfg.adapter.size else None
     batches = pipeline.train_batches(
         mixture, data_cfg.src_len, data_cfg.tgt_len,
         partitioner.host_local_batch_size(train_cfg.batch_size), seed=position["seed"],
         shard_index=jax.process_index(), num_shards=jax.process_count(),
         batching=data_cfg.batching, buckets=local_shapes, bucket_stats=bucket_stats,
-        start_batch=position["batches"], cache_dir=cache_dir if use_cache else None)
+        start_batch=position["batches"], cache_dir=cache_dir if use_cache else None,
+        route=route)
     try:
         _, last = train_loop(trainer, batches, model_dir, ckpt, state, start,
                              progress=progress, data_position=position, train_seconds=spent)
@@ -168,9 +210,32 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
     return last
 
 
-def resume_state(trainer: Trainer, ckpt: Checkpointer) -> tuple[TrainState, int, dict]:
+def _base(model_dir: str, init_from: str, model_cfg: ModelConfig):
+    """The run's base (None without one): ``init_from``, or the one ``model_dir``
+    recorded when a fine-tuning run is resumed; checked against the directory."""
+    rec = finetune.check_model_dir(model_dir, None) if not init_from else {}
+    if not init_from and not rec:
+        return None
+    if init_from:
+        base = pretrained.describe(init_from, scan_layers=model_cfg.scan_layers)
+        finetune.check_model_dir(model_dir, base)
+        return base
+    return pretrained.base_of(model_dir, scan_layers=model_cfg.scan_layers)
+
+
+def _from_base(trainer: Trainer, base) -> TrainState:
+    """A new state whose parameters are the base's (new adapters/LoRA keep their init)."""
+    state = trainer.init_state(trainer.cfg.seed)
+    base_params = trainer.base_params
+    if base_params is None:
+        base_params = pretrained.load_params(base, trainer.abstract_state.params)
+    return state.replace(params=param_tree.overlay(state.params, base_params))
+
+
+def resume_state(trainer: Trainer, ckpt: Checkpointer, fresh=None
+                 ) -> tuple[TrainState, int, dict]:
     """``(state, step, meta)`` of the newest checkpoint that restores, else a new state
-    at step 0 (``TrainConfig.seed``) and empty meta.
+    at step 0 (``fresh()``, default one from ``TrainConfig.seed``) and empty meta.
 
     Unreadable newer steps are warned about and set aside (kept, see
     :meth:`~jaxmt.checkpoint.Checkpointer.set_aside`) so this run can write their step
@@ -179,7 +244,7 @@ def resume_state(trainer: Trainer, ckpt: Checkpointer) -> tuple[TrainState, int,
     """
     found = ckpt.restore_latest(lambda step: trainer.restore_state(ckpt, step))
     if not found:
-        return trainer.init_state(trainer.cfg.seed), 0, {}
+        return (fresh() if fresh else trainer.init_state(trainer.cfg.seed)), 0, {}
     step, (state, meta) = found
     bad = [s for s in ckpt.all_steps() if s > step]
     if bad:

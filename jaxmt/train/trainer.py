@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from jaxmt import hardware
 from jaxmt.checkpoint import Checkpointer, abstract_like
 from jaxmt.config import ModelConfig, TrainConfig
+from jaxmt.modeling import param_tree
 from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.sharding import axes
 from jaxmt.sharding.partitioning import Partitioner
@@ -75,11 +76,29 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     return lambda step: learning_rate(cfg, step, cfg.steps)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, trainable: set[str] | None = None
+                   ) -> optax.GradientTransformation:
     """Clipping, then Adafactor or AdamW with a unit learning rate: the train step
     multiplies the update by :func:`learning_rate` (both optimizers end in a linear
     scale, so this is the same update). A schedule callable, not the constant 1.0, keeps
-    the optimizer state's structure (its step count) as checkpoints have it."""
+    the optimizer state's structure (its step count) as checkpoints have it.
+
+    With ``trainable`` (parameter paths, :mod:`jaxmt.modeling.param_tree`), the others are
+    frozen through ``optax.multi_transform``: their branch is ``set_to_zero``, which
+    keeps no state, so frozen parameters cost no optimizer memory; clipping is inside
+    the trainable branch (the global norm is that of the trained parameters).
+    """
+    opt = _optimizer(cfg)
+    if trainable is None:
+        return opt
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: "train" if param_tree.path_str(p) in trainable else "freeze", params)
+    return optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()}, labels)
+
+
+def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     unit = optax.constant_schedule(1.0)
     if cfg.optimizer == "adamw":
         # No decay on vectors (norm scales, bias tables are 2-D but tiny; keep T5X's habit).
@@ -98,7 +117,8 @@ def _fix_unmatched_boxes(tree: PyTree) -> PyTree:
     left unannotated, i.e. replicated: they are small."""
     def fix(x):
         if isinstance(x, nn.LogicallyPartitioned) and (
-                len(x.names) != x.value.ndim or 1 in x.value.shape):
+                not hasattr(x.value, "ndim")  # a frozen parameter's optax.MaskedNode
+                or len(x.names) != x.value.ndim or 1 in x.value.shape):
             return x.value
         return x
     return jax.tree.map(fix, tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
@@ -115,22 +135,47 @@ class Trainer:
         self.model = EncoderDecoderModel(model_cfg)
         self.cfg = train_cfg
         self.partitioner = partitioner
-        self.tx = make_optimizer(train_cfg)
         self.schedule = learning_rate_schedule(train_cfg)
         partitioner.check_model(model_cfg)
         partitioner.check_batch(train_cfg.batch_size, train_cfg.num_microbatches)
         self._dummy = self.model.dummy_batch(1, src_len, tgt_len)
+        all_paths = param_tree.paths(self.model.param_shapes())
+        self.trainable = param_tree.trainable_paths(all_paths, train_cfg, model_cfg)
+        self.frozen = all_paths - self.trainable
+        self.tx = make_optimizer(train_cfg, self.trainable if self.frozen else None)
+        # Set by the run when the base's parameters are not saved (adapters/LoRA over a
+        # frozen base): checkpoints hold the trained parameters only, and a restore puts
+        # them over ``base_params``.
+        self.save_trained_only = False
+        self.base_params: PyTree | None = None
         boxed = partitioner.eval_shape(self._init_boxed, jax.ShapeDtypeStruct((2,), jnp.uint32))
         self.state_shardings = partitioner.logical_shardings(boxed).replace(
             params=partitioner.logical_shardings(boxed.params, params=True))
         # Gradients are laid out like the optimizer state (which follows the parameters'
         # names under the full rules): under ZeRO-1 this reduce-scatters them.
-        self.grad_shardings = partitioner.logical_shardings(boxed.params)
+        self.grad_shardings = self.trained(partitioner.logical_shardings(boxed.params))
         if self.loss_scaling:
             self.state_shardings = self.state_shardings.replace(loss_scale=jax.tree.map(
                 lambda _: partitioner.replicated, self.state_shardings.loss_scale))
         self.abstract_state = abstract_like(nn.unbox(boxed), self.state_shardings)
         self._init_fn = self._step_fn = self._scalars_fn = self._finite_fn = None
+
+    def trained(self, tree: PyTree) -> PyTree:
+        """The part of a parameter-shaped tree that trains (all of it when nothing is
+        frozen)."""
+        return param_tree.subset(tree, self.trainable) if self.frozen else tree
+
+    def checkpoint_params(self, params: PyTree) -> PyTree:
+        """What a checkpoint stores of ``params``: the trained part over a base
+        (:attr:`base_params`), else everything."""
+        return self.trained(params) if self.save_trained_only else params
+
+    def optimizer_bytes(self, frozen: bool = True) -> int:
+        """Bytes of optimizer state (all devices together); ``frozen=False``: what it
+        would be if every parameter trained (full fine-tuning)."""
+        state = self.abstract_state.opt_state if frozen else jax.eval_shape(
+            _optimizer(self.cfg).init, self.abstract_state.params)
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
 
     @property
     def loss_scaling(self) -> bool:
@@ -176,8 +221,11 @@ class Trainer:
         A checkpoint without a loss scale (another policy, or older) starts from
         ``TrainConfig.loss_scale_init``.
         """
-        params, opt_state, meta = ckpt.restore(step, self.abstract_state.params,
-                                               self.abstract_state.opt_state)
+        params, opt_state, meta = ckpt.restore(
+            step, self.checkpoint_params(self.abstract_state.params),
+            self.abstract_state.opt_state)
+        if self.save_trained_only:  # the trained part, over the frozen base
+            params = param_tree.assemble(self.abstract_state.params, self.base_params, params)
         saved = meta.get("loss_scale")
         scale, good_steps = scaling.from_json(saved) if saved else (None, 0)
         # A budgeted run resumes with its horizon; otherwise TrainConfig.steps (which a
@@ -202,8 +250,10 @@ class Trainer:
                                                    out_shardings=self.partitioner.replicated)
         return bool(self._finite_fn(params))
 
-    def num_params(self) -> int:
-        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
+    def num_params(self, trained_only: bool = False) -> int:
+        params = self.abstract_state.params
+        params = self.trained(params) if trained_only else params
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
     def _microbatches(self, batch: dict) -> dict:
         """``[B, L]`` arrays as ``[n, B / n, L]``: microbatch i takes rows i, i + n, ...,
@@ -232,14 +282,18 @@ class Trainer:
                        if self.model.cfg.dropout_rate > 0 else None)
         ntok = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
 
+        # Gradients of the trained parameters only: frozen ones get none computed.
+        trained = self.trained(state.params)
+
         def grads_of(mb, rng_mb):
-            loss_fn = lambda p: self.model.loss(p, mb, dropout_rng=rng_mb,
-                                                label_smoothing=cfg.label_smoothing,
-                                                z_loss=cfg.z_loss, normalizer=ntok)
+            loss_fn = lambda p: self.model.loss(  # noqa: E731
+                param_tree.overlay(state.params, p) if self.frozen else p, mb,
+                dropout_rng=rng_mb, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
+                normalizer=ntok)
             if not self.loss_scaling:
-                return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+                return jax.value_and_grad(loss_fn, has_aux=True)(trained)
             (loss, metrics), grads, _ = scaling.scaled_value_and_grad(
-                loss_fn, state.params, state.loss_scale)
+                loss_fn, trained, state.loss_scale)
             return (loss, metrics), grads
 
         n = cfg.num_microbatches
@@ -285,12 +339,12 @@ class Trainer:
         init = (jnp.zeros((), jnp.float32),
                 jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), metric_shapes),
                 jax.lax.with_sharding_constraint(jax.tree.map(
-                    lambda x: jnp.zeros((d,) + x.shape, jnp.float32), state.params),
+                    lambda x: jnp.zeros((d,) + x.shape, jnp.float32), trained),
                     acc_shardings))
         (loss, metrics, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(n)))
         # One reduction over the shards; back to each parameter's dtype, so the
         # optimizer state keeps its dtypes.
-        grads = jax.tree.map(lambda g, p: jnp.sum(g, axis=0).astype(p.dtype), grads, state.params)
+        grads = jax.tree.map(lambda g, p: jnp.sum(g, axis=0).astype(p.dtype), grads, trained)
         return loss, metrics, grads
 
     def _train_step(self, state: TrainState, batch: dict, rng: jax.Array):
@@ -299,10 +353,15 @@ class Trainer:
         # Under every policy a step whose loss or gradients are not finite is skipped
         # (float16 overflow is only the common case; bf16 and fp32 runs diverge too).
         finite = jnp.isfinite(loss) & scaling.all_finite(grads)
+        if self.frozen:  # set_to_zero never reads the frozen zeros: XLA drops them
+            grads = param_tree.overlay(jax.tree.map(jnp.zeros_like, state.params), grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         lr = learning_rate(self.cfg, state.step, state.lr_horizon)
         updates = jax.tree.map(lambda u: u * lr.astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
+        if self.frozen:  # frozen parameters stay bit-identical (x + 0 turns -0.0 into 0.0)
+            params = param_tree.overlay(state.params, self.trained(params))
+            grads = self.trained(grads)
         # A skipped step keeps the old parameters and optimizer state: a leaf-wise
         # select (Flax's DynamicScale recipe), so the step has no data-dependent
         # control flow; the update is computed either way.

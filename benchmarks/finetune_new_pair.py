@@ -1,0 +1,156 @@
+"""Add a language pair to a trained model: full fine-tuning, adapters, LoRA, or a mix.
+
+The experiment the seed implies: a base trained on English <-> {German, French} (a jaxmt
+model directory) learns English <-> Spanish four ways, each for the same steps and batch,
+all with ``jaxmt train --init_from BASE`` (``gin_configs/runs/finetune.gin``'s recipe):
+
+* ``full``: every parameter trains on en<->es;
+* ``adapters``: language adapters (Bapna & Firat 2019) for "es" only, the base frozen;
+* ``lora``: LoRA on every attention and MLP projection, the base frozen;
+* ``mix``: every parameter trains on en<->{de, fr, es} (the old pairs kept in the data).
+
+Columns: chrF on the new pair's held-out books (test split), the chrF change on the old
+pairs against the base (forgetting), trainable parameters as a share of the model,
+optimizer-state bytes, and training tokens/s at the last log step.
+
+    python benchmarks/finetune_new_pair.py --base runs/base_en_de_fr --out runs/ft --json
+
+The base: ``jaxmt train --gin_file=runs/demo.gin --gin.LANGS='("en","de","fr")'
+--gin.TRAIN_MINUTES=0 --gin.TRAIN_STEPS=2000 --model_dir runs/base_en_de_fr``.
+Variants already trained in ``--out`` are resumed (nothing is retrained); the base is
+only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+NEW, OLD = ("es",), ("de", "fr")
+
+
+def variants(args) -> dict:
+    from jaxmt.config import AdapterConfig, LoraConfig
+
+    # Adafactor scales each update by its parameter's size, which starts adapters' and
+    # LoRA's zero-initialised matrices at a crawl: those train with AdamW (their papers' choice).
+    return {
+        "full": dict(langs=("en",) + NEW, optimizer="adafactor", lr=args.full_lr),
+        "adapters": dict(langs=("en",) + NEW, optimizer="adamw", lr=args.peft_lr,
+                         adapter=AdapterConfig(size=args.adapter_size, langs=NEW)),
+        "lora": dict(langs=("en",) + NEW, optimizer="adamw", lr=args.peft_lr,
+                     lora=LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)),
+        "mix": dict(langs=("en",) + OLD + NEW, optimizer="adafactor", lr=args.full_lr),
+    }
+
+
+def train_variant(base: str, model_dir: str, spec: dict, args):
+    """Trains (or resumes) one variant; returns its Trainer-level figures and last metrics."""
+    from jaxmt.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
+    from jaxmt.train.run import train
+
+    model = ModelConfig(**{k: spec[k] for k in ("adapter", "lora") if k in spec})
+    data = DataConfig(langs=spec["langs"], src_len=args.seq_len, tgt_len=args.seq_len,
+                      max_eval_len=128)
+    steps = TrainConfig(steps=args.steps, batch_size=args.batch, optimizer=spec["optimizer"],
+                        learning_rate=spec["lr"], warmup_steps=50, label_smoothing=0.0,
+                        log_every=50, checkpoint_every=args.steps, weight_decay=0.0)
+    last = train(model_dir, model_cfg=model, mesh_cfg=MeshConfig(), data_cfg=data,
+                 train_cfg=steps, progress=not args.json, init_from=base)
+    if not last:  # already trained: the summary of that run
+        with open(os.path.join(model_dir, "train_summary.json")) as f:
+            last = json.load(f)
+    return last
+
+
+def figures(model_dir: str) -> dict:
+    """Trainable share and optimizer-state bytes of a trained variant (abstract: no data)."""
+    from jaxmt import config as cfglib
+    from jaxmt.sharding.partitioning import Partitioner
+    from jaxmt.train.trainer import Trainer
+
+    import jax
+
+    cfgs = cfglib.load(model_dir)
+    tr = Trainer(cfgs["model"], cfgs["train"], Partitioner(cfgs["mesh"], jax.devices()[:1]),
+                 cfgs["data"].src_len, cfgs["data"].tgt_len)
+    return {"trainable_share": tr.num_params(True) / tr.num_params(),
+            "trainable_params": tr.num_params(True), "params": tr.num_params(),
+            "optimizer_bytes": tr.optimizer_bytes()}
+
+
+def evaluate_dir(model_dir: str, directions, max_examples: int) -> dict:
+    from jaxmt.inference.evaluation import evaluate
+    from jaxmt.inference.translator import Translator
+
+    tr = Translator.from_pretrained(model_dir, decode=_greedy())
+    res = evaluate(tr, directions, split="test", max_examples=max_examples)
+    return {d: r["chrf"] for d, r in res["directions"].items()}
+
+
+def _greedy():
+    from jaxmt.config import DecodeConfig
+
+    return DecodeConfig(strategy="greedy")  # as runs/demo.gin decodes the base
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", required=True, help="jaxmt model directory trained on en<->{de,fr}")
+    p.add_argument("--out", required=True, help="where the four variants' directories go")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--full_lr", type=float, default=5e-3, help="Adafactor, full and mix")
+    p.add_argument("--peft_lr", type=float, default=1e-3, help="AdamW, adapters and LoRA")
+    p.add_argument("--adapter_size", type=int, default=64)
+    p.add_argument("--lora_rank", type=int, default=8)
+    p.add_argument("--max_examples", type=int, default=100, help="test verses per direction")
+    p.add_argument("--only", default="", help="comma-separated variants (default all)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.base):
+        raise SystemExit(f"error: --base={args.base}: no such directory")
+    new_dirs = [d for lang in NEW for d in (("en", lang), (lang, "en"))]
+    old_dirs = [d for lang in OLD for d in (("en", lang), (lang, "en"))]
+    key = lambda d: f"{d[0]}-{d[1]}"  # noqa: E731
+    t0 = time.time()
+    base_scores = evaluate_dir(args.base, old_dirs, args.max_examples)
+    rows = {}
+    chosen = variants(args)
+    if args.only:
+        chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+    for name, spec in chosen.items():
+        d = os.path.join(args.out, name)
+        last = train_variant(args.base, d, spec, args)
+        scores = evaluate_dir(d, new_dirs + old_dirs, args.max_examples)
+        new = sum(scores[key(x)] for x in new_dirs) / len(new_dirs)
+        old = sum(scores[key(x)] - base_scores[key(x)] for x in old_dirs) / len(old_dirs)
+        rows[name] = dict(figures(d), new_pair_chrf=round(new, 2), old_pairs_chrf_change=round(old, 2),
+                          tokens_per_s=round(float(last.get("tokens_per_s", 0.0))),
+                          scores=scores)
+        print(f"{name}: new pair chrF {new:.2f}, old pairs {old:+.2f}", file=sys.stderr, flush=True)
+    print("\n| variant | new pair chrF (en-es, es-en) | old pairs chrF change | trainable | "
+          "optimizer state | train tok/s |\n|---|---:|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['new_pair_chrf']:.1f} | {r['old_pairs_chrf_change']:+.1f} | "
+              f"{100 * r['trainable_share']:.2f}% | {r['optimizer_bytes'] / 2**20:.2f} MiB | "
+              f"{r['tokens_per_s']:,} |")
+    full = rows.get("full")
+    summary = {"base_old_pairs": base_scores, "variants": rows, "seconds": round(time.time() - t0)}
+    if full and "adapters" in rows:
+        summary["adapters_vs_full"] = {
+            "trainable_share": rows["adapters"]["trainable_share"],
+            "optimizer_bytes_ratio": rows["adapters"]["optimizer_bytes"] / full["optimizer_bytes"],
+            "new_pair_chrf_delta": rows["adapters"]["new_pair_chrf"] - full["new_pair_chrf"],
+            "old_pairs_chrf_change": rows["adapters"]["old_pairs_chrf_change"]}
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
