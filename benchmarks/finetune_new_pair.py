@@ -11,7 +11,8 @@ all with ``jaxmt train --init_from BASE`` (``gin_configs/runs/finetune.gin``'s r
 
 Columns: chrF on the new pair's held-out books (test split), the chrF change on the old
 pairs against the base (forgetting), trainable parameters as a share of the model,
-optimizer-state bytes, and training tokens/s at the last log step.
+optimizer-state bytes, and training tokens/s (source + target tokens of one train step
+of the run's shape, best of --timed_steps, all variants timed alike).
 
     python benchmarks/finetune_new_pair.py --base runs/base_en_de_fr --out runs/ft --json
 
@@ -35,13 +36,15 @@ NEW, OLD = ("es",), ("de", "fr")
 def variants(args) -> dict:
     from jaxmt.config import AdapterConfig, LoraConfig
 
-    # Adafactor scales each update by its parameter's size, which starts adapters' and
-    # LoRA's zero-initialised matrices at a crawl: those train with AdamW (their papers' choice).
+    peft = dict(optimizer=args.peft_optimizer, lr=args.peft_lr)
     return {
         "full": dict(langs=("en",) + NEW, optimizer="adafactor", lr=args.full_lr),
-        "adapters": dict(langs=("en",) + NEW, optimizer="adamw", lr=args.peft_lr,
-                         adapter=AdapterConfig(size=args.adapter_size, langs=NEW)),
-        "lora": dict(langs=("en",) + NEW, optimizer="adamw", lr=args.peft_lr,
+        "adapters": dict(langs=("en",) + NEW, **peft,
+                         adapter=AdapterConfig(
+                             size=args.adapter_size, route=args.adapter_route,
+                             langs=NEW if args.adapter_route == "language" else tuple(
+                                 f"{a}-{b}" for n in NEW for a, b in (("en", n), (n, "en"))))),
+        "lora": dict(langs=("en",) + NEW, **peft,
                      lora=LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)),
         "mix": dict(langs=("en",) + OLD + NEW, optimizer="adafactor", lr=args.full_lr),
     }
@@ -66,27 +69,51 @@ def train_variant(base: str, model_dir: str, spec: dict, args):
     return last
 
 
-def figures(model_dir: str) -> dict:
-    """Trainable share and optimizer-state bytes of a trained variant (abstract: no data)."""
+def figures(model_dir: str, timed_steps: int) -> dict:
+    """Trainable share, optimizer-state bytes and train-step speed of a trained variant.
+
+    The speed is measured here, on one fixed random batch of the run's shape (best of
+    ``timed_steps`` steps after a warm-up), so every variant is timed alike; the runs'
+    own logged speeds depend on what else the machine was doing.
+    """
+    import jax
+    import numpy as np
+
     from jaxmt import config as cfglib
     from jaxmt.sharding.partitioning import Partitioner
     from jaxmt.train.trainer import Trainer
 
-    import jax
-
     cfgs = cfglib.load(model_dir)
+    data = cfgs["data"]
     tr = Trainer(cfgs["model"], cfgs["train"], Partitioner(cfgs["mesh"], jax.devices()[:1]),
-                 cfgs["data"].src_len, cfgs["data"].tgt_len)
-    return {"trainable_share": tr.num_params(True) / tr.num_params(),
-            "trainable_params": tr.num_params(True), "params": tr.num_params(),
-            "optimizer_bytes": tr.optimizer_bytes()}
+                 data.src_len, data.tgt_len)
+    out = {"trainable_share": tr.num_params(True) / tr.num_params(),
+           "trainable_params": tr.num_params(True), "params": tr.num_params(),
+           "optimizer_bytes": tr.optimizer_bytes(),
+           "optimizer_bytes_full_ft": tr.optimizer_bytes(frozen=False)}
+    batch = tr.model.random_batch(tr.cfg.batch_size, data.src_len, data.tgt_len)
+    state, step, times = tr.init_state(0), tr.step_fn(), []
+    for i in range(timed_steps + 1):
+        t = time.perf_counter()
+        state, metrics = step(state, batch, jax.random.PRNGKey(i))
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - t)
+    tokens = int(np.sum(batch["decoder_loss_weights"]) + np.sum(batch["encoder_segment_ids"] > 0))
+    out["tokens_per_s"] = round(tokens / min(times[1:]))
+    return out
 
 
-def evaluate_dir(model_dir: str, directions, max_examples: int) -> dict:
+def evaluate_dir(model_dir: str, directions, max_examples: int, precision: str) -> dict:
+    import dataclasses
+
     from jaxmt.inference.evaluation import evaluate
     from jaxmt.inference.translator import Translator
 
     tr = Translator.from_pretrained(model_dir, decode=_greedy())
+    if precision != tr.model.cfg.precision:  # the same numerics for every model compared
+        tr = Translator(dataclasses.replace(tr.model.cfg, precision=precision), tr.params,
+                        tr.tokenizer, max_src_len=tr.max_src_len,
+                        max_decode_len=tr.max_decode_len, decode=tr.decode)
     res = evaluate(tr, directions, split="test", max_examples=max_examples)
     return {d: r["chrf"] for d, r in res["directions"].items()}
 
@@ -105,11 +132,21 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--full_lr", type=float, default=5e-3, help="Adafactor, full and mix")
-    p.add_argument("--peft_lr", type=float, default=1e-3, help="AdamW, adapters and LoRA")
+    p.add_argument("--peft_optimizer", default="adamw", choices=("adamw", "adafactor"),
+                   help="adapters and LoRA (Adafactor scales updates by each parameter's "
+                        "size, which starts their zero-initialised matrices slowly)")
+    p.add_argument("--peft_lr", type=float, default=1e-3, help="adapters and LoRA")
     p.add_argument("--adapter_size", type=int, default=64)
+    p.add_argument("--adapter_route", default="language", choices=("language", "direction"),
+                   help="language: the encoder's adapter by source language, the decoder's "
+                        "by target language; direction: one adapter per new direction in both")
     p.add_argument("--lora_rank", type=int, default=8)
     p.add_argument("--max_examples", type=int, default=100, help="test verses per direction")
+    p.add_argument("--eval_precision", default="fp32",
+                   help="decode every model (the base too) with this policy, so a frozen base's "
+                        "outputs are compared without bf16 fusion differences")
     p.add_argument("--only", default="", help="comma-separated variants (default all)")
+    p.add_argument("--timed_steps", type=int, default=5, help="train steps timed per variant")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if not os.path.isdir(args.base):
@@ -118,7 +155,7 @@ def main(argv=None) -> int:
     old_dirs = [d for lang in OLD for d in (("en", lang), (lang, "en"))]
     key = lambda d: f"{d[0]}-{d[1]}"  # noqa: E731
     t0 = time.time()
-    base_scores = evaluate_dir(args.base, old_dirs, args.max_examples)
+    base_scores = evaluate_dir(args.base, old_dirs, args.max_examples, args.eval_precision)
     rows = {}
     chosen = variants(args)
     if args.only:
@@ -126,18 +163,20 @@ def main(argv=None) -> int:
     for name, spec in chosen.items():
         d = os.path.join(args.out, name)
         last = train_variant(args.base, d, spec, args)
-        scores = evaluate_dir(d, new_dirs + old_dirs, args.max_examples)
+        scores = evaluate_dir(d, new_dirs + old_dirs, args.max_examples, args.eval_precision)
         new = sum(scores[key(x)] for x in new_dirs) / len(new_dirs)
         old = sum(scores[key(x)] - base_scores[key(x)] for x in old_dirs) / len(old_dirs)
-        rows[name] = dict(figures(d), new_pair_chrf=round(new, 2), old_pairs_chrf_change=round(old, 2),
-                          tokens_per_s=round(float(last.get("tokens_per_s", 0.0))),
-                          scores=scores)
+        rows[name] = dict(figures(d, args.timed_steps), new_pair_chrf=round(new, 2),
+                          old_pairs_chrf_change=round(old, 2), scores=scores,
+                          logged_tokens_per_s=round(float(last.get("tokens_per_s", 0.0))))
         print(f"{name}: new pair chrF {new:.2f}, old pairs {old:+.2f}", file=sys.stderr, flush=True)
     print("\n| variant | new pair chrF (en-es, es-en) | old pairs chrF change | trainable | "
-          "optimizer state | train tok/s |\n|---|---:|---:|---:|---:|---:|")
+          "optimizer state (share of full fine-tuning, same optimizer) | train tok/s |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['new_pair_chrf']:.1f} | {r['old_pairs_chrf_change']:+.1f} | "
-              f"{100 * r['trainable_share']:.2f}% | {r['optimizer_bytes'] / 2**20:.2f} MiB | "
+        print(f"| {name} | {r['new_pair_chrf']:.1f} | {r['old_pairs_chrf_change']:+.2f} | "
+              f"{100 * r['trainable_share']:.2f}% | {r['optimizer_bytes'] / 2**20:.2f} MiB "
+              f"({100 * r['optimizer_bytes'] / r['optimizer_bytes_full_ft']:.1f}%) | "
               f"{r['tokens_per_s']:,} |")
     full = rows.get("full")
     summary = {"base_old_pairs": base_scores, "variants": rows, "seconds": round(time.time() - t0)}

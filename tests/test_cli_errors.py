@@ -203,6 +203,12 @@ def test_mistakes_are_one_line_before_anything_loads(bad_inputs):
          "binary.tsv: not a SentencePiece model \\(.*\\); pass --vocab=FILE.model"),
         (["data", "validate", "--src_lang=en", "--tgt_lang=de", binary],
          "binary.tsv: not a UTF-8 text corpus .*; pass a UTF-8 TSV, JSONL or text file"),
+        (["train", f"--model_dir={tmp / 'ft'}", f"--init_from={tmp / 'none'}"],
+         "--init_from=.*none: no such directory"),
+        (["export", f"--model_dir={tmp / 'none'}", f"--out={tmp / 'out'}"],
+         "--model_dir=.*none: no such directory"),
+        (["export", f"--model_dir={model}", f"--out={binary}"],
+         "--out=.*binary.tsv: already exists and is not an empty directory"),
         # Hugging Face folders are read with hf_import, which imports JAX: last.
         (["convert", f"--from_hf={tmp / 'empty'}", f"--out={tmp / 'out'}"],
          "empty: not a Hugging Face checkpoint \\(no config.json\\)"),

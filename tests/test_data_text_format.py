@@ -10,7 +10,6 @@ default (jaxmt's ``spm.model`` and ``<2xx>`` tag) must stay as it was.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import shutil
 
@@ -28,16 +27,10 @@ EOS = vocab.EOS_ID
 N_PAIRS = 40
 BIG = {"inputs": 4096, "targets": 4096}
 
+from spm_models import train_spm  # noqa: E402
 
 # ----------------------------------------------------------------------------- fixtures
 
-def _train_spm(lines, vocab_size, **ids) -> bytes:
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="unigram",
-        vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0,
-        num_threads=1, minloglevel=2, **ids)
-    return model.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +68,7 @@ def _write_config(d, cfg) -> None:
 def t5_dir(tmp_path_factory, texts):
     """A T5 directory as read_configs sees it: config.json and spiece.model (no weights)."""
     d = tmp_path_factory.mktemp("tf_t5")
-    proto = _train_spm(texts["en"] + texts["de"], 400, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    proto = train_spm(texts["en"] + texts["de"], 400, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
     (d / "spiece.model").write_bytes(proto)
     n = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
     _write_config(d, {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"],
@@ -102,7 +95,7 @@ def _marian_vocab(src: bytes, tgt: bytes, codes=()) -> dict[str, int]:
 def _make_marian(d, texts, codes=()):
     """opus-mt layout: source.spm (en), target.spm (de), vocab.json (</s> 0, <unk> 1,
     <pad> last, optional >>xx<< codes), config.json."""
-    src, tgt = _train_spm(texts["en"], 300), _train_spm(texts["de"], 300)
+    src, tgt = train_spm(texts["en"], 300), train_spm(texts["de"], 300)
     (d / "source.spm").write_bytes(src)
     (d / "target.spm").write_bytes(tgt)
     v = _marian_vocab(src, tgt, codes)

@@ -36,21 +36,40 @@ def _flat(tree) -> dict[str, np.ndarray]:
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-@pytest.mark.parametrize("mesh,micro", [(MeshConfig(data=-1), 1),
-                                        (MeshConfig(data=2, fsdp=2, tensor=2), 2)])
-def test_frozen_parameters_stay_bit_identical(mesh, micro):
-    model = ModelConfig(**dict(TINY, vocab_size=64))
+ADDED = dict(adapter=AdapterConfig(size=8, langs=("de", "fr")), lora=LoraConfig(rank=2))
+
+
+@pytest.mark.parametrize("mesh,micro,added", [
+    (MeshConfig(data=-1), 1, {}),
+    (MeshConfig(data=2, fsdp=2, tensor=2), 2, {}),
+    (MeshConfig(data=2, fsdp=4), 1, ADDED),
+    (MeshConfig(data=4, tensor=2), 2, dict(ADDED, scan_layers=True, encoder_remat="full"))],
+    ids=["dp", "fsdp_tp_micro", "adapters_lora_fsdp", "adapters_lora_tp_scan_remat_micro"])
+def test_frozen_parameters_stay_bit_identical(mesh, micro, added):
+    model = ModelConfig(**dict(TINY, vocab_size=64), **added)
     train = TrainConfig(batch_size=16, steps=10, warmup_steps=0, num_microbatches=micro,
-                        trainable=(r"decoder/.*",))
+                        trainable=() if added else (r"decoder/.*",), optimizer="adamw")
     tr = Trainer(model, train, Partitioner(mesh), 16, 16)
     state = tr.init_state(0)
+    # The added parameters start as the identity (up / B = 0): make every one count.
+    noisy = lambda p, x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(7), x.shape, x.dtype) \
+        if p in tr.trainable and added else x  # noqa: E731
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: noisy(param_tree.path_str(p), x), state.params)
+    state = state.replace(params=jax.device_put(params, jax.tree.map(
+        lambda x: x.sharding, state.params)))
     before = _flat(state.params)
     step = tr.step_fn()
     for i in range(2):
-        state, metrics = step(state, tr.model.random_batch(16, 16, 16, seed=i),
-                              jax.random.PRNGKey(i))
+        batch = tr.model.random_batch(16, 16, 16, seed=i)
+        if added:  # rows of three routes: de, fr, and none (-1)
+            for k in ("encoder_lang_ids", "decoder_lang_ids"):
+                batch[k] = np.repeat(np.array([0, 1, -1, 1] * 4, np.int32)[:, None], 16, 1)
+        state, metrics = step(state, batch, jax.random.PRNGKey(i))
     after = _flat(state.params)
-    assert tr.frozen and tr.trainable == {p for p in before if p.startswith("decoder/")}
+    want = ({p for p in before if "/adapter/" in p or "_lora_" in p} if added
+            else {p for p in before if p.startswith("decoder/")})
+    assert tr.frozen and tr.trainable == want
     for p in tr.frozen:
         assert np.array_equal(before[p], after[p]), p
     assert all(not np.array_equal(before[p], after[p]) for p in tr.trainable)
@@ -185,9 +204,8 @@ def test_init_from_hugging_face_t5_first_step_loss_equals_transformers(tmp_path,
     checkpoint's own tokenizer and T5's text prefix; the base is byte-identical after."""
     torch = pytest.importorskip("torch", reason="needs torch (pip install 'jaxmt[hf]')")
     transformers = pytest.importorskip("transformers", reason="needs transformers ('jaxmt[hf]')")
-    import io
-
     import sentencepiece as spm
+    from spm_models import train_spm
 
     from jaxmt.data import pipeline
     from jaxmt.data.embedded import load_split
@@ -196,15 +214,11 @@ def test_init_from_hugging_face_t5_first_step_loss_equals_transformers(tmp_path,
     torch.set_num_threads(1)
     _, texts = load_split("train", ["en", "de"])
     lines = [t for t in texts["en"][:300] + texts["de"][:300] if t]
-    proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=proto,
-                                   model_type="unigram", vocab_size=400, hard_vocab_limit=False,
-                                   character_coverage=1.0, num_threads=1, minloglevel=2,
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    model_bytes = train_spm(lines, 400, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
     hf_dir = tmp_path / "t5"
     hf_dir.mkdir()
-    (hf_dir / "spiece.model").write_bytes(proto.getvalue())
-    n = spm.SentencePieceProcessor(model_proto=proto.getvalue()).get_piece_size()
+    (hf_dir / "spiece.model").write_bytes(model_bytes)
+    n = spm.SentencePieceProcessor(model_proto=model_bytes).get_piece_size()
     torch.manual_seed(0)
     ref = transformers.T5ForConditionalGeneration(transformers.T5Config(
         # Original T5 (ReLU, tied embeddings): transformers 5 ties every T5's output layer
@@ -220,6 +234,9 @@ def test_init_from_hugging_face_t5_first_step_loss_equals_transformers(tmp_path,
         base_dir = tmp_path / "converted"
         convert(str(hf_dir), str(base_dir))
     digest = _tree_digest(str(base_dir))
+    if converted:  # training it in place would start from random weights: refused
+        with pytest.raises(ValueError, match="is an imported checkpoint.*--init_from"):
+            train(str(base_dir), model_cfg=ModelConfig(precision="fp32"), progress=False)
 
     data = DataConfig(langs=("en", "de"), src_len=32, tgt_len=32, batching="pad")
     steps = TrainConfig(steps=1, batch_size=8, warmup_steps=0, label_smoothing=0.0, z_loss=0.0,
@@ -235,7 +252,7 @@ def test_init_from_hugging_face_t5_first_step_loss_equals_transformers(tmp_path,
     # The run's first batch (the same stream: the registered mixture, seed and batching).
     batch = next(pipeline.train_batches("jaxmt_bible_mix", 32, 32, 8, seed=steps.seed,
                                         batching="pad"))
-    sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
     first = sp.decode([int(t) for t in batch["encoder_input_tokens"][0] if t > 1])
     assert first.startswith("translate English to German: ") or first.startswith(
         "translate German to English: ")

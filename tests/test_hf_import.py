@@ -58,16 +58,10 @@ TEXTS = ["In the beginning God created the heaven and the earth.",
          "And the earth was without form, and void.",
          "Jesus wept.", "Blessed are the meek: for they shall inherit the earth."]
 
+from spm_models import train_spm  # noqa: E402
 
 # ----------------------------------------------------------------------------- fixtures
 
-def _train_spm(lines: list[str], vocab_size: int, **ids) -> bytes:
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="unigram",
-        vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0,
-        num_threads=1, minloglevel=2, **ids)
-    return model.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +73,7 @@ def corpus() -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def t5_spm(corpus) -> bytes:
     # T5 convention: pad 0, eos 1, unk 2, no bos.
-    return _train_spm(corpus["en"] + corpus["de"], 400, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    return train_spm(corpus["en"] + corpus["de"], 400, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
 
 
 def _randomize(model, scale: float = 0.2) -> None:
@@ -146,7 +140,7 @@ def mt5_dir(tmp_path_factory, t5_spm):
 def marian_dir(tmp_path_factory, corpus):
     """opus-mt layout: source.spm/target.spm, vocab.json with </s> 0, <unk> 1, <pad> last."""
     d = tmp_path_factory.mktemp("marian")
-    src, tgt = _train_spm(corpus["en"], 300), _train_spm(corpus["de"], 300)
+    src, tgt = train_spm(corpus["en"], 300), train_spm(corpus["de"], 300)
     (d / "source.spm").write_bytes(src)
     (d / "target.spm").write_bytes(tgt)
     vocab = {"</s>": 0, "<unk>": 1}
