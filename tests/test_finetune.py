@@ -262,3 +262,21 @@ def test_init_from_hugging_face_t5_first_step_loss_equals_transformers(tmp_path,
     with torch.no_grad():
         want = float(ref(input_ids=enc, attention_mask=(enc > 0).long(), labels=labels).loss)
     assert abs(float(last["loss"]) - want) < 1e-4, (float(last["loss"]), want)
+    if converted:  # `jaxmt data cache` tokenises with the base's tokenizer, as train does
+        import gin
+
+        from jaxmt import cli
+        from jaxmt import config as cfglib
+        from jaxmt.data import cache
+        from jaxmt.inference.tokenizer import text_format
+
+        gin.clear_config()
+        try:
+            assert cli.main(["data", "cache", "--model_dir", out, "--num_shards", "1",
+                             '--gin.DataConfig.langs=("en", "de")']) == 0
+        finally:
+            gin.clear_config()
+        cfgs = cfglib.load(out)
+        fmt = text_format(out, cfgs["tokenizer"], cfgs["model"].vocab_size)
+        assert cache.is_usable(os.path.join(out, "data_cache"), "jaxmt_bible_mix", fmt)
+

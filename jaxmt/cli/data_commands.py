@@ -87,6 +87,25 @@ def _data_configs(args, gin_overrides):
         raise SystemExit(f"error: {e}") from None
 
 
+def _base_tokenizer(model_dir: str | None):
+    """The TextFormat of a directory fine-tuned from an imported base (`jaxmt train
+    --init_from`: its tokenizer section and files), which its data is tokenised with;
+    None for a directory that uses spm.model."""
+    from jaxmt import config as cfglib
+
+    if not model_dir or not os.path.exists(os.path.join(model_dir, cfglib.CONFIG_FILE)):
+        return None
+    try:
+        cfgs = cfglib.load(model_dir)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if "tokenizer" not in cfgs:
+        return None
+    from jaxmt.inference.tokenizer import text_format
+
+    return text_format(model_dir, cfgs["tokenizer"], cfgs["model"].vocab_size)
+
+
 def cmd_data_mixture(args, gin_overrides) -> int:
     import tempfile
 
@@ -98,8 +117,11 @@ def cmd_data_mixture(args, gin_overrides) -> int:
     from jaxmt import config as cfglib
     from jaxmt.data import mixture as mixlib
     from jaxmt.data import tasks, vocab  # TensorFlow: after the checks
+    fmt = None if args.vocab else _base_tokenizer(args.model_dir)
     with tempfile.TemporaryDirectory(prefix="jaxmt_mixture_") as tmp:
-        if args.vocab:
+        if fmt is not None:
+            spm_path = None
+        elif args.vocab:
             spm_path = args.vocab
         elif args.model_dir:
             spm_path = os.path.join(args.model_dir, cfglib.VOCAB_FILE)
@@ -109,13 +131,13 @@ def cmd_data_mixture(args, gin_overrides) -> int:
                   "`jaxmt train` would (pass --vocab or --model_dir to reuse one)",
                   file=sys.stderr, flush=True)
             vocab.train_for_config(spm_path, data_cfg, train_cfg.seed)
-        if not os.path.exists(spm_path):
+        if fmt is None and not os.path.exists(spm_path):
             raise SystemExit(f"error: {spm_path}: no SentencePiece model there")
         try:
-            mixture = tasks.register_from_config(data_cfg, spm_path)
+            mixture = tasks.register_from_config(data_cfg, spm_path, text_format=fmt)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: {e}") from None
-        stats = tasks.mixture_stats(mixture, spm_path, token_sample=args.token_sample)
+        stats = tasks.mixture_stats(mixture, fmt or spm_path, token_sample=args.token_sample)
         if args.examples_per_row is not None:
             per_row, how = args.examples_per_row, "--examples_per_row"
         elif data_cfg.batching == "pad":
@@ -167,11 +189,13 @@ def cmd_data_cache(args, gin_overrides) -> int:
         raise SystemExit("error: where should the cache go? Pass --model_dir (the cache goes "
                          "to MODEL_DIR/data_cache, where `jaxmt train` looks), --cache_dir, or "
                          "set DataConfig.cache_dir")
+    fmt = None if args.vocab else _base_tokenizer(args.model_dir)
     spm_path = args.vocab or (args.model_dir and os.path.join(args.model_dir, cfglib.VOCAB_FILE))
-    if not spm_path:
+    # A directory fine-tuned from an imported base tokenises with the base's files (fmt).
+    if fmt is None and not spm_path:
         raise SystemExit("error: pass --model_dir (its spm.model, trained there as `jaxmt "
                          "train` would if missing) or --vocab")
-    if not os.path.exists(spm_path):
+    if fmt is None and not os.path.exists(spm_path):
         if args.vocab:
             raise SystemExit(f"error: {spm_path}: no SentencePiece model there")
         print(f"training a {data_cfg.vocab_size}-piece SentencePiece vocabulary as `jaxmt "
@@ -179,11 +203,11 @@ def cmd_data_cache(args, gin_overrides) -> int:
         os.makedirs(args.model_dir, exist_ok=True)
         vocab.train_for_config(spm_path, data_cfg, train_cfg.seed)
     try:
-        mixture = tasks.register_from_config(data_cfg, spm_path)
+        mixture = tasks.register_from_config(data_cfg, spm_path, text_format=fmt)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     t0 = time.time()
-    rows = cache.build(cache_dir, mixture, spm_path, num_shards=args.num_shards,
+    rows = cache.build(cache_dir, mixture, fmt or spm_path, num_shards=args.num_shards,
                        seed=train_cfg.seed, overwrite=args.overwrite, progress=not args.json)
     seconds = time.time() - t0
     if args.json:
