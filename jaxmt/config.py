@@ -777,7 +777,23 @@ def _fields_from(cls: type, raw: Any, where: str) -> dict[str, Any]:
         nested = _NESTED.get((cls.__name__, k))
         if nested and isinstance(v, dict):
             out[k] = nested(**_fields_from(nested, v, f"{where}.{k}"))
+    for k in fields:  # added later: the class's default, never a gin binding of this run
+        if k not in raw:
+            nested = _NESTED.get((cls.__name__, k))
+            out[k] = declared_default(nested) if nested else declared_default(cls, k)
     return out
+
+
+def declared_default(cls: type, name: str | None = None) -> Any:
+    """A field's declared default (``name``), or a ``cls`` built from every field's
+    declared default: explicit arguments, so gin's bindings for the class do not apply."""
+    if name is None:
+        return cls(**{f.name: declared_default(cls, f.name) for f in dataclasses.fields(cls)})
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    nested = _NESTED.get((cls.__name__, name))
+    if nested is not None:
+        return declared_default(nested)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def from_json(text: str, source: str = CONFIG_FILE) -> dict[str, Any]:

@@ -280,3 +280,29 @@ def test_init_from_hugging_face_t5_first_step_loss_equals_transformers(tmp_path,
         fmt = text_format(out, cfgs["tokenizer"], cfgs["model"].vocab_size)
         assert cache.is_usable(os.path.join(out, "data_cache"), "jaxmt_bible_mix", fmt)
 
+
+
+def test_stored_configs_ignore_this_runs_gin_bindings_for_fields_they_lack():
+    """A base written before adapters existed has no `adapter` field: reading it while the
+    run binds AdapterConfig.size must give the declared default, not the binding (else the
+    base would seem to have the run's adapters)."""
+    import dataclasses
+
+    import gin
+
+    from jaxmt import config as cfglib
+
+    text = cfglib.to_json(model=ModelConfig(**TINY))
+    raw = json.loads(text)
+    del raw["model"]["adapter"], raw["model"]["lora"], raw["model"]["attention"]
+    gin.clear_config()
+    try:
+        gin.parse_config(["AdapterConfig.size = 48", 'AdapterConfig.langs = ("es",)',
+                          "LoraConfig.rank = 4", 'AttentionConfig.encoder = "local"'])
+        model = cfglib.from_json(json.dumps(raw))["model"]
+        assert ModelConfig().adapter.size == 48  # the binding is live
+    finally:
+        gin.clear_config()
+    assert model.adapter == AdapterConfig() and model.lora == LoraConfig()
+    assert model.attention.encoder == "xla"
+    assert dataclasses.replace(model, precision="fp32") == ModelConfig(**TINY)

@@ -292,7 +292,8 @@ def cmd_translate(args, gin_overrides) -> int:
     from jaxmt.inference.tokenizer import check_model_langs
 
     cfgs = model_configs(args.model_dir)
-    check_model_langs(cfgs, args.src_lang, args.tgt_lang, names=("--src_lang", "--tgt_lang"))
+    check_model_langs(cfgs, args.src_lang, args.tgt_lang, names=("--src_lang", "--tgt_lang"),
+                      model_dir=args.model_dir)
     decode = decode_config(args, cfgs)
     mesh = mesh_config(args)
     if args.input and not os.path.isfile(args.input):

@@ -31,10 +31,11 @@ from jaxmt.checkpoint import Checkpointer
 from jaxmt.config import DataConfig, DecodeConfig, ModelConfig, TokenizerConfig
 from jaxmt.fileio import write_atomic
 from jaxmt.inference import hf_import
+from jaxmt.inference.tokenizer import BASE_FILE
 from jaxmt.modeling.param_tree import paths, subset
 
 PyTree = Any
-BASE_FILE = "base.json"  # in a fine-tuned model directory: where it started
+
 KINDS = ("hf", "converted", "jaxmt")
 
 

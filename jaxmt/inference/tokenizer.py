@@ -118,14 +118,35 @@ def check_prefixed_langs(cfg: TokenizerConfig, src_lang: str | None, tgt_lang: s
     signals.format_prefix(cfg.input_prefix, src_lang, tgt_lang)  # a name for every code
 
 
+BASE_FILE = "base.json"  # a fine-tuned directory's record of its base (inference/pretrained.py)
+
+
+def tagged_langs(model_dir: str, data_cfg: DataConfig) -> tuple[str, ...]:
+    """The languages a jaxmt-tagged model reads: those it trained on, and, fine-tuned
+    from a jaxmt base (``jaxmt train --init_from``), the base's (its ``base.json``)."""
+    base = []
+    path = os.path.join(model_dir, BASE_FILE)
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                base = list(json.load(f).get("langs") or [])
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: unreadable ({e})") from None
+    return tuple(dict.fromkeys(base + list(data_cfg.corpus_langs)))
+
+
 def check_model_langs(cfgs: dict, src_lang: str | None, tgt_lang: str | None,
-                      names: tuple[str, str] = ("src_lang", "tgt_lang")) -> None:
+                      names: tuple[str, str] = ("src_lang", "tgt_lang"),
+                      model_dir: str | None = None) -> None:
     """The language check of the tokenizer a model directory's configs describe
-    (``jaxmt_config.json``'s sections), without loading any vocabulary or weights."""
+    (``jaxmt_config.json``'s sections, and ``model_dir``'s base record), without loading
+    any vocabulary or weights."""
     if "tokenizer" in cfgs:
         check_prefixed_langs(cfgs["tokenizer"], src_lang, tgt_lang, names)
     else:
-        check_tagged_langs(cfgs.get("data", DataConfig()).corpus_langs, src_lang, tgt_lang, names)
+        data = cfgs.get("data", DataConfig())
+        langs = tagged_langs(model_dir, data) if model_dir else data.corpus_langs
+        check_tagged_langs(langs, src_lang, tgt_lang, names)
 
 
 class TaggedTokenizer(Tokenizer):

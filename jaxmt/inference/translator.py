@@ -46,7 +46,7 @@ from jaxmt.config import (IMPORTED_DECODE, IMPORTED_MAX_LEN, DataConfig, DecodeC
 from jaxmt.data.packing import LANG_KEYS
 from jaxmt.data.vocab import EOS_ID
 from jaxmt.inference import pretrained
-from jaxmt.inference.tokenizer import TaggedTokenizer, Tokenizer, load_tokenizer
+from jaxmt.inference.tokenizer import TaggedTokenizer, Tokenizer, load_tokenizer, tagged_langs
 from jaxmt.modeling import param_tree
 from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.sharding.partitioning import Partitioner
@@ -263,9 +263,8 @@ class Translator:
         kwargs.setdefault("max_src_len", data_cfg.max_eval_len)
         kwargs.setdefault("max_decode_len", data_cfg.max_eval_len)
         kwargs.setdefault("decode", cfgs.get("decode", DecodeConfig()))
-        # A model fine-tuned from a jaxmt base still reads the base's languages.
-        langs = tuple(dict.fromkeys(record.get("langs", []) + list(data_cfg.corpus_langs)))
-        return cls(model_cfg, params, TaggedTokenizer(sp, langs), **kwargs)
+        return cls(model_cfg, params, TaggedTokenizer(sp, tagged_langs(model_dir, data_cfg)),
+                   **kwargs)
 
     @classmethod
     def _imported(cls, vocab_dir: str, model_cfg: ModelConfig, tok_cfg, params: PyTree,

@@ -29,16 +29,6 @@ FREE_MODEL_FIELDS = ("dropout_rate", "encoder_remat", "decoder_remat", "attentio
                      "adapter", "lora")
 
 
-def _defaults(cls) -> dict:
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return out
-
-
 def model_config(base: pretrained.Base, asked: ModelConfig) -> ModelConfig:
     """The run's ModelConfig: the base's architecture, with the free fields the run set.
 
@@ -49,7 +39,9 @@ def model_config(base: pretrained.Base, asked: ModelConfig) -> ModelConfig:
       ValueError: the run set an architecture field to something the base is not,
         naming each field.
     """
-    defaults = _defaults(ModelConfig)
+    # Declared defaults, not gin's: a bound field is one the run set.
+    defaults = {f.name: cfglib.declared_default(ModelConfig, f.name)
+                for f in dataclasses.fields(ModelConfig)}
     changes, clashes = {}, []
     for f in dataclasses.fields(ModelConfig):
         value = getattr(asked, f.name)
