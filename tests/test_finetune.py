@@ -197,11 +197,11 @@ def test_architecture_over_a_base_is_an_error_and_the_dir_is_untouched(base_dir,
 # ----------------------------------------------------------------------------- Hugging Face
 
 @pytest.mark.slow
-@pytest.mark.parametrize("converted", [True, False], ids=["converted", "hf_folder"])
-def test_init_from_hugging_face_t5_first_step_loss_equals_transformers(tmp_path, converted):
-    """`--init_from` a converted Hugging Face T5 (and the Hugging Face folder itself): the
-    first step's loss is transformers' loss on the same batch (fp32), with the
-    checkpoint's own tokenizer and T5's text prefix; the base is byte-identical after."""
+def test_init_from_hugging_face_t5_first_step_loss_equals_transformers(tmp_path):
+    """`--init_from` a converted Hugging Face T5: the first step's loss is transformers'
+    loss on the same batch (fp32), with the checkpoint's own tokenizer and T5's text
+    prefix; the base is byte-identical after. The Hugging Face folder itself, as a base,
+    gives the same parameters."""
     torch = pytest.importorskip("torch", reason="needs torch (pip install 'jaxmt[hf]')")
     transformers = pytest.importorskip("transformers", reason="needs transformers ('jaxmt[hf]')")
     import sentencepiece as spm
@@ -227,16 +227,23 @@ def test_init_from_hugging_face_t5_first_step_loss_equals_transformers(tmp_path,
         feed_forward_proj="relu", decoder_start_token_id=0, dropout_rate=0.0,
         relative_attention_num_buckets=16, relative_attention_max_distance=32)).eval()
     ref.save_pretrained(hf_dir)
-    base_dir = hf_dir
-    if converted:
-        from jaxmt.inference.hf_import import convert
+    from jaxmt.inference import pretrained
+    from jaxmt.inference.hf_import import convert
+    from jaxmt.inference.translator import make_partitioner, param_placement
 
-        base_dir = tmp_path / "converted"
-        convert(str(hf_dir), str(base_dir))
+    base_dir = tmp_path / "converted"
+    convert(str(hf_dir), str(base_dir))
+    loaded = {}
+    for d in (hf_dir, base_dir):
+        b = pretrained.describe(str(d))
+        loaded[d] = _flat(pretrained.load_params(b, param_placement(b.model,
+                                                                    make_partitioner())))
+    assert loaded[hf_dir].keys() == loaded[base_dir].keys()
+    assert all(np.array_equal(loaded[hf_dir][k], loaded[base_dir][k]) for k in loaded[hf_dir])
     digest = _tree_digest(str(base_dir))
-    if converted:  # training it in place would start from random weights: refused
-        with pytest.raises(ValueError, match="is an imported checkpoint.*--init_from"):
-            train(str(base_dir), model_cfg=ModelConfig(precision="fp32"), progress=False)
+    # training it in place would start from random weights: refused
+    with pytest.raises(ValueError, match="is an imported checkpoint.*--init_from"):
+        train(str(base_dir), model_cfg=ModelConfig(precision="fp32"), progress=False)
 
     data = DataConfig(langs=("en", "de"), src_len=32, tgt_len=32, batching="pad")
     steps = TrainConfig(steps=1, batch_size=8, warmup_steps=0, label_smoothing=0.0, z_loss=0.0,
@@ -262,23 +269,23 @@ def test_init_from_hugging_face_t5_first_step_loss_equals_transformers(tmp_path,
     with torch.no_grad():
         want = float(ref(input_ids=enc, attention_mask=(enc > 0).long(), labels=labels).loss)
     assert abs(float(last["loss"]) - want) < 1e-4, (float(last["loss"]), want)
-    if converted:  # `jaxmt data cache` tokenises with the base's tokenizer, as train does
-        import gin
+    # `jaxmt data cache` tokenises with the base's tokenizer, as train does
+    import gin
 
-        from jaxmt import cli
-        from jaxmt import config as cfglib
-        from jaxmt.data import cache
-        from jaxmt.inference.tokenizer import text_format
+    from jaxmt import cli
+    from jaxmt import config as cfglib
+    from jaxmt.data import cache
+    from jaxmt.inference.tokenizer import text_format
 
+    gin.clear_config()
+    try:
+        assert cli.main(["data", "cache", "--model_dir", out, "--num_shards", "1",
+                         '--gin.DataConfig.langs=("en", "de")']) == 0
+    finally:
         gin.clear_config()
-        try:
-            assert cli.main(["data", "cache", "--model_dir", out, "--num_shards", "1",
-                             '--gin.DataConfig.langs=("en", "de")']) == 0
-        finally:
-            gin.clear_config()
-        cfgs = cfglib.load(out)
-        fmt = text_format(out, cfgs["tokenizer"], cfgs["model"].vocab_size)
-        assert cache.is_usable(os.path.join(out, "data_cache"), "jaxmt_bible_mix", fmt)
+    cfgs = cfglib.load(out)
+    fmt = text_format(out, cfgs["tokenizer"], cfgs["model"].vocab_size)
+    assert cache.is_usable(os.path.join(out, "data_cache"), "jaxmt_bible_mix", fmt)
 
 
 
