@@ -99,8 +99,8 @@ def fingerprint(directory: str, kind: str, step: int | None) -> str:
     return _sha_files(directory, files)
 
 
-def describe(directory: str, precision: str = "fp32", scan_layers: bool | None = None
-             ) -> Base:
+def describe(directory: str, precision: str = "fp32", scan_layers: bool | None = None,
+             step: int | None = None) -> Base:
     """Reads a base's configs (no weights) and fingerprints it.
 
     Args:
@@ -109,6 +109,7 @@ def describe(directory: str, precision: str = "fp32", scan_layers: bool | None =
       precision: the policy of the returned ModelConfig.
       scan_layers: a Hugging Face base's layer layout (default unrolled); a jaxmt base
         keeps its own.
+      step: a jaxmt base's checkpoint step (default its newest).
 
     Raises:
       FileNotFoundError / ValueError: not a base, or one without a readable checkpoint;
@@ -134,11 +135,13 @@ def describe(directory: str, precision: str = "fp32", scan_layers: bool | None =
                          f"over its own base; export it first (`jaxmt export --merge_lora`)")
     ckpt = Checkpointer(directory, async_save=False, read_only=True)
     try:
-        step = ckpt.latest_step()
+        steps = ckpt.all_steps()
     finally:
         ckpt.close()
-    if step is None:
-        raise FileNotFoundError(f"--init_from {directory}: no checkpoint there")
+    step = steps[0] if step is None and steps else step
+    if step not in steps:
+        raise FileNotFoundError(f"--init_from {directory}: no checkpoint"
+                                f"{'' if step is None else f' step {step}'} there")
     model = dataclasses.replace(cfgs["model"], precision=precision)
     kind = "converted" if "tokenizer" in cfgs else "jaxmt"
     return Base(directory, kind, model, cfgs.get("tokenizer"), cfgs.get("decode"),
@@ -214,13 +217,10 @@ def base_of(model_dir: str, precision: str = "fp32", scan_layers: bool | None = 
     rec = read_record(model_dir)
     where = os.path.join(model_dir, BASE_FILE)
     try:
-        base = describe(rec["init_from"], precision=precision, scan_layers=scan_layers)
+        base = describe(rec["init_from"], precision=precision, scan_layers=scan_layers,
+                        step=rec.get("step"))  # the step it was trained on, hashed once
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"{where}: its base {rec['init_from']} cannot be read ({e})") from None
-    if rec["kind"] != "hf" and base.step != rec.get("step"):
-        base = dataclasses.replace(base, step=rec.get("step"),
-                                   fingerprint=fingerprint(base.directory, base.kind,
-                                                           rec.get("step")))
     if base.fingerprint != rec["fingerprint"]:
         raise ValueError(f"{where}: the base {rec['init_from']} has changed since this model "
                          f"was trained on it (fingerprint {base.fingerprint[:12]}, recorded "
