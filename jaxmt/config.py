@@ -187,6 +187,7 @@ class AttentionConfig:
 
 
 ADAPTER_ROUTES = ("language", "direction")
+QUANT_MODES = ("none", "int8", "w8a8")
 # What LoRA can adapt: the attention projections and the MLP's input/output matrices.
 LORA_TARGETS = ("query", "key", "value", "out", "mlp_in", "mlp_out")
 
@@ -307,6 +308,12 @@ class ModelConfig:
     # Parameter-efficient fine-tuning on top of a base (jaxmt train --init_from).
     adapter: AdapterConfig = dataclasses.field(default_factory=lambda: AdapterConfig())
     lora: LoraConfig = dataclasses.field(default_factory=lambda: LoraConfig())
+    # Post-training int8 for inference (`jaxmt quantize`, jaxmt/compress/quantize.py): the
+    # projection and embedding weights are stored as int8 with per-output-channel float32
+    # scales. "int8": weight-only (dequantized into the compute dtype, so it saves memory
+    # and bytes on disk); "w8a8": also the activations, per token, with int8 x int8 ->
+    # int32 dots. A quantized model decodes only; it does not train.
+    quant: str = "none"  # one of QUANT_MODES
 
     def __post_init__(self):
         n = type(self).__name__
@@ -326,7 +333,8 @@ class ModelConfig:
             _check(a in ACTIVATIONS, n, "mlp_activations", f"unknown activation {a!r} {ACTIVATIONS}")
         choices = {"position_embedding": ("relative", "sinusoidal"), "norm_type": ("rms", "layer"),
                    "norm_position": ("pre", "post"), "encoder_remat": REMAT_POLICIES,
-                   "decoder_remat": REMAT_POLICIES, "precision": PRECISION_CHOICES}
+                   "decoder_remat": REMAT_POLICIES, "precision": PRECISION_CHOICES,
+                   "quant": QUANT_MODES}
         for f, allowed in choices.items():
             _check(getattr(self, f) in allowed, n, f,
                    f"unknown value {getattr(self, f)!r}; choose one of {allowed}")
@@ -439,6 +447,12 @@ class DataConfig:
     # {tgt_name}: ", multilingual opus-mt: ">>{tgt}<< "). jaxmt models always use their
     # <2xx> tags.
     input_prefix: str = "auto"
+    # Sequence-level distillation (Kim & Rush 2016): the directory `jaxmt distill translate`
+    # wrote (the teacher's outputs for the training sources), and the share of each
+    # direction's examples drawn from it; the rest come from the references. 1.0 = the
+    # distilled corpus alone. "" = none.
+    distilled: str = ""
+    distilled_rate: float = 1.0
 
     def __post_init__(self):
         n = type(self).__name__
@@ -464,6 +478,8 @@ class DataConfig:
         _check_min(self, 0, "temperature", strict=True)
         _check_min(self, 1, "vocab_sample_per_lang", "src_len", "tgt_len", "max_eval_len")
         _check_min(self, 0, "mixture_cap")
+        _check(0.0 < self.distilled_rate <= 1.0, n, "distilled_rate",
+               f"must be in (0, 1], got {self.distilled_rate!r}")
         # SentencePiece's first pieces are fixed: pad/EOS/UNK, 256 byte-fallback pieces and
         # one tag per language (every embedded one and the corpora's; jaxmt/data/vocab.py).
         tags = set(embedded.EMBEDDED_LANGS) | set(self.corpus_langs)
@@ -492,6 +508,83 @@ class DataConfig:
         if not self.corpora:
             return self.langs
         return tuple(dict.fromkeys(lang for d in self.directions for lang in d))
+
+
+# The weights magnitude pruning sparsifies by default: every projection matrix of the
+# attention and MLP blocks (not embeddings, norms, biases, position tables or adapters).
+PRUNE_TARGETS = (r".*/(query|key|value|out|wi_\d+|wo)",)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """Gradual magnitude pruning while training (Zhu & Gupta 2017), through optax masks.
+
+    From ``start_step`` to ``end_step`` the sparsity of every target weight rises as
+    ``s_t = sparsity * (1 - (1 - t)^3)`` (t the fraction of the way), recomputed every
+    ``every`` steps: the smallest-magnitude entries of each matrix are set to zero and stay
+    zero (their updates are masked). Structured pruning (whole heads and MLP units,
+    `jaxmt prune --structured`) is a one-shot rewrite of a trained model, not this.
+
+    Attributes:
+      sparsity: the final fraction of zeros in each target matrix; 0 = off.
+      start_step, end_step: the ramp; ``end_step`` 0 = ``TrainConfig.steps``.
+      every: steps between mask updates.
+      targets: regexes over parameter paths (re.fullmatch), as ``TrainConfig.trainable``.
+    """
+
+    sparsity: float = 0.0
+    start_step: int = 0
+    end_step: int = 0
+    every: int = 100
+    targets: tuple[str, ...] = PRUNE_TARGETS
+
+    def __post_init__(self):
+        _check_types(self)
+        _check(0.0 <= self.sparsity < 1.0, "PruneConfig", "sparsity",
+               f"must be in [0, 1), got {self.sparsity!r}")
+        _check_min(self, 0, "start_step", "end_step")
+        _check_min(self, 1, "every")
+        _check(not self.end_step or self.end_step > self.start_step, "PruneConfig", "end_step",
+               f"must exceed start_step={self.start_step} (or be 0 = TrainConfig.steps), "
+               f"got {self.end_step}")
+        for pattern in self.targets:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"PruneConfig.targets: {pattern!r} is not a regular "
+                                 f"expression ({e})") from None
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Token-level knowledge distillation (Hinton et al. 2015; Kim & Rush 2016, word-level):
+    the loss is ``(1 - alpha) * CE + alpha * T^2 * KL(teacher || student)`` at temperature T,
+    with the teacher run frozen in the same step, its parameters sharded by the same rules.
+
+    Sequence-level distillation is data, not a loss: `jaxmt distill translate` writes the
+    teacher's beam outputs as a corpus, and ``DataConfig.distilled`` trains on it.
+
+    Attributes:
+      teacher: the teacher's jaxmt model directory; "" = no distillation.
+      alpha: the weight of the distillation term (0 = plain cross entropy).
+      temperature: T, softening both distributions.
+      vocab_mapping: teacher and student vocabularies must match piece for piece; True
+        instead matches the pieces they share (by string) and distils over those,
+        reporting the coverage.
+    """
+
+    teacher: str = ""
+    alpha: float = 0.5
+    temperature: float = 1.0
+    vocab_mapping: bool = False
+
+    def __post_init__(self):
+        _check_types(self)
+        _check(0.0 <= self.alpha <= 1.0, "DistillConfig", "alpha",
+               f"must be in [0, 1], got {self.alpha!r}")
+        _check_min(self, 0, "temperature", strict=True)
 
 
 @gin.configurable
@@ -540,8 +633,17 @@ class TrainConfig:
     # frozen with no optimizer state. Empty: everything trains, except with adapters or
     # LoRA (ModelConfig.adapter / .lora), where only their parameters train.
     trainable: tuple[str, ...] = ()
+    # Gradual magnitude pruning and token-level distillation (factories: gin bindings of
+    # PruneConfig / DistillConfig apply without naming them here).
+    prune: PruneConfig = dataclasses.field(default_factory=lambda: PruneConfig())
+    distill: DistillConfig = dataclasses.field(default_factory=lambda: DistillConfig())
 
     def __post_init__(self):
+        for f, cls in (("prune", PruneConfig), ("distill", DistillConfig)):
+            if isinstance(getattr(self, f), dict):  # from jaxmt_config.json
+                object.__setattr__(self, f, cls(**getattr(self, f)))
+            _check(isinstance(getattr(self, f), cls), "TrainConfig", f,
+                   f"must be a {cls.__name__}, got {type(getattr(self, f)).__name__}")
         _check_types(self)
         for pattern in self.trainable:
             try:
@@ -744,16 +846,19 @@ _ADDED_LATER = {
     "ModelConfig": {"position_embedding", "norm_type", "norm_position", "norm_epsilon",
                     "use_bias", "scale_embeddings", "tie_embeddings", "rescale_logits",
                     "final_logits_bias", "scan_layers", "encoder_remat", "decoder_remat",
-                    "attention", "adapter", "lora"},
+                    "attention", "adapter", "lora", "quant"},
     "MeshConfig": {"replica", "shard_params"},
     "DataConfig": {"corpora", "clean", "mixture_cap", "mixture_caps", "mixture_weights",
-                   "bucket_lengths", "cache_dir", "input_prefix"},
+                   "bucket_lengths", "cache_dir", "input_prefix", "distilled",
+                   "distilled_rate"},
     "TrainConfig": {"num_microbatches", "loss_scale_init", "loss_scale_growth_interval",
-                    "max_nonfinite_steps", "preemption_grace_s", "max_minutes", "trainable"},
+                    "max_nonfinite_steps", "preemption_grace_s", "max_minutes", "trainable",
+                    "prune", "distill"},
 }
 _NESTED = {("ModelConfig", "attention"): AttentionConfig,
            ("ModelConfig", "adapter"): AdapterConfig, ("ModelConfig", "lora"): LoraConfig,
-           ("DataConfig", "clean"): sources.CleanConfig}
+           ("DataConfig", "clean"): sources.CleanConfig,
+           ("TrainConfig", "prune"): PruneConfig, ("TrainConfig", "distill"): DistillConfig}
 
 
 def _fields_from(cls: type, raw: Any, where: str) -> dict[str, Any]:

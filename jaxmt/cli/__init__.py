@@ -28,7 +28,7 @@ import os
 import sys
 import traceback
 
-from jaxmt.cli import data_commands, model_commands, vocab_commands
+from jaxmt.cli import compress_commands, data_commands, model_commands, vocab_commands
 from jaxmt.cli.checks import describe, error_line
 from jaxmt.sharding.multihost import CLUSTER_DETECTION  # jax only when initialising
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands.add_parsers(sub)
     data_commands.add_parser(sub)
     vocab_commands.add_parser(sub)
+    compress_commands.add_parsers(sub)
     return p
 
 
