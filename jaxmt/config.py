@@ -522,9 +522,14 @@ class PruneConfig:
 
     From ``start_step`` to ``end_step`` the sparsity of every target weight rises as
     ``s_t = sparsity * (1 - (1 - t)^3)`` (t the fraction of the way), recomputed every
-    ``every`` steps: the smallest-magnitude entries of each matrix are set to zero and stay
-    zero (their updates are masked). Structured pruning (whole heads and MLP units,
-    `jaxmt prune --structured`) is a one-shot rewrite of a trained model, not this.
+    ``every`` steps and at ``end_step``: exactly ``floor(s_t * n)`` smallest-magnitude
+    entries of each matrix (each layer's, when scanned) are set to zero after the step's
+    update, and stay zero. Steps count optimizer updates (a step skipped for non-finite
+    gradients does not count). Only trained parameters are pruned; the train log reports
+    ``sparsity``, the share of zeros among the targets. The weights stay dense (zeros), so
+    this alone saves neither memory nor time. Structured pruning (whole heads and MLP
+    units, `jaxmt prune --structured`) is a one-shot rewrite of a trained model, not this;
+    see jaxmt/compress/prune.py.
 
     Attributes:
       sparsity: the final fraction of zeros in each target matrix; 0 = off.
@@ -566,13 +571,22 @@ class DistillConfig:
     Sequence-level distillation is data, not a loss: `jaxmt distill translate` writes the
     teacher's beam outputs as a corpus, and ``DataConfig.distilled`` trains on it.
 
+    The teacher may be larger and of another architecture, but reads the same batches;
+    it computes in the student's precision policy when that keeps its parameter dtype
+    (jaxmt/compress/distill.py). The train log shows both terms per token (``ce``,
+    ``kd``; ``loss`` = (1 - alpha) * ce + alpha * kd).
+
     Attributes:
-      teacher: the teacher's jaxmt model directory; "" = no distillation.
-      alpha: the weight of the distillation term (0 = plain cross entropy).
+      teacher: the teacher's model directory (trained by jaxmt, or a `jaxmt convert`
+        output; an adapter/LoRA directory after `jaxmt export`); "" = no distillation.
+      alpha: the weight of the distillation term (0 = plain cross entropy, the KD term
+        only logged).
       temperature: T, softening both distributions.
-      vocab_mapping: teacher and student vocabularies must match piece for piece; True
-        instead matches the pieces they share (by string) and distils over those,
-        reporting the coverage.
+      vocab_mapping: teacher and student vocabularies must match piece for piece over the
+        student's pieces (copy the teacher's spm.model into the student's model directory
+        before its first run); True instead matches the pieces they share (by string) and
+        distils over those, reporting the coverage (and logging ``kd_covered``, the share
+        of target tokens whose piece is shared).
     """
 
     teacher: str = ""

@@ -209,6 +209,29 @@ def test_mistakes_are_one_line_before_anything_loads(bad_inputs):
          "--model_dir=.*none: no such directory"),
         (["export", f"--model_dir={model}", f"--out={binary}"],
          "--out=.*binary.tsv: already exists and is not an empty directory"),
+        # `jaxmt distill translate`: flags, teacher, --out and gin, before JAX.
+        (["distill", "translate", f"--teacher={tmp / 'none'}", f"--out={tmp / 'd'}"],
+         "--teacher=.*none: no such directory; pass a model directory"),
+        (["distill", "translate", f"--teacher={tmp / 'empty'}", f"--out={tmp / 'd'}"],
+         "--teacher=.*empty: not a model directory \\(no jaxmt_config.json\\)"),
+        (["distill", "translate", f"--teacher={model}", f"--out={binary}/d"],
+         "--out=.*binary.tsv/d: .*binary.tsv is a file, not a directory"),
+        (["distill", "translate", f"--teacher={model}", f"--out={model}/d"],
+         "--out=.*model/d: inside the teacher's directory, which is only read"),
+        (["distill", "translate", f"--teacher={model}", f"--out={tmp / 'd'}", "--beam=0"],
+         "--beam=0: DecodeConfig.beam_size: must be >= 1"),
+        (["distill", "translate", f"--teacher={model}", f"--out={tmp / 'd'}",
+          "--max_per_direction=0"], "--max_per_direction=0: must be positive"),
+        (["distill", "translate", f"--teacher={model}", f"--out={tmp / 'd'}",
+          "--num_processes=2"], "missing: --coordinator_address"),
+        (["distill", "translate", f"--teacher={model}", f"--out={tmp / 'd'}",
+          f"--gin_file={tmp / 'none.gin'}"], "--gin_file=.*none.gin: no such file"),
+        (["distill", "translate", f"--teacher={model}", f"--out={tmp / 'd'}",
+          "--gin.TRAIN_STPES=5"], "macro TRAIN_STPES is set but nothing uses it"),
+        # The one case that parses gin (which locks its config in this interpreter).
+        (["distill", "translate", f"--teacher={model}", f"--out={tmp / 'd'}"],
+         "--teacher=.*model cannot translate en-fr, a training direction of the gin config: "
+         "tgt_lang='fr' is not one of this model's languages; choose one of en, de"),
         # Hugging Face folders are read with hf_import, which imports JAX: last.
         (["convert", f"--from_hf={tmp / 'empty'}", f"--out={tmp / 'out'}"],
          "empty: not a Hugging Face checkpoint \\(no config.json\\)"),
@@ -353,3 +376,73 @@ sys.unraisablehook(u)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert lines == ["WARNING:absl:kept, without its traceback"], r.stderr
+
+
+def test_quantize_mistakes_are_one_line_before_jax(bad_inputs):
+    """`jaxmt quantize`: a missing or non-model directory, an --out in the way, an
+    already quantized model or a Hugging Face folder: one line each, without JAX."""
+    tmp, model = bad_inputs["tmp"], bad_inputs["model"]
+    quantized = tmp / "quantized"  # a quantized model's configs (no weights needed)
+    if not quantized.exists():
+        quantized.mkdir()
+        (quantized / cfglib.CONFIG_FILE).write_text(cfglib.to_json(
+            model=dataclasses.replace(_model_cfg(), quant="int8"),
+            data=cfglib.DataConfig(langs=("en", "de")), train=cfglib.TrainConfig()))
+        _spm(quantized / cfglib.VOCAB_FILE)
+    before = _snapshot(tmp)
+    out = f"--out={tmp / 'out'}"
+    cases = [
+        (["quantize", f"--model_dir={tmp / 'none'}", out], "--model_dir=.*none: no such directory"),
+        (["quantize", f"--model_dir={model}", f"--out={bad_inputs['binary']}"],
+         "--out=.*binary.tsv: already exists and is not an empty directory"),
+        (["quantize", f"--model_dir={model}", f"--out={quantized}"],
+         "--out=.*quantized: already exists and is not an empty directory"),
+        (["quantize", f"--model_dir={tmp / 'empty'}", out],
+         "--model_dir=.*empty: not a model directory \\(no jaxmt_config.json\\)"),
+        (["quantize", f"--model_dir={quantized}", out],
+         "--model_dir=.*quantized: already quantized \\(ModelConfig.quant='int8'\\); quantize "
+         "its float source"),
+        (["quantize", f"--model_dir={tmp / 'bert'}", out],
+         "--model_dir=.*bert: a Hugging Face folder; convert it first"),
+    ]
+    results = _drive(*[argv for argv, _ in cases])
+    for (argv, want), r in zip(cases, results):
+        assert r["rc"] not in (0, "raised"), (argv, r)
+        line = _one_error_line(r["err"])
+        assert re.search(want, line), (argv, line)
+        assert not r["jax"], argv
+    assert _snapshot(tmp) == before
+
+
+def test_prune_mistakes_are_one_line(bad_inputs):
+    tmp, model = bad_inputs["tmp"], bad_inputs["model"]  # model: 2 heads, mlp_dim 32
+    before = _snapshot(tmp)
+    out = f"--out={tmp / 'out'}"
+    pr = ["prune", f"--model_dir={model}", out]
+    cases = [
+        (["prune", f"--model_dir={tmp / 'none'}", out, "--structured=0.3"],
+         "--model_dir=.*none: no such directory"),
+        (["prune", f"--model_dir={model}", f"--out={bad_inputs['binary']}", "--sparsity=0.5"],
+         "--out=.*binary.tsv: already exists and is not an empty directory"),
+        (pr + ["--sparsity=0.5", "--structured=0.3"],
+         "--sparsity and --structured: give exactly one"),
+        (pr, "--sparsity and --structured: give exactly one"),
+        (pr + ["--structured=1.5"], "--structured=1.5: must be a fraction in \\(0, 1\\)"),
+        (pr + ["--sparsity=0"], "--sparsity=0.0: must be a fraction in \\(0, 1\\)"),
+        (pr + ["--structured=0.3", "--multiple_of=0"], "--multiple_of=0: must be >= 1"),
+        (["prune", f"--model_dir={tmp / 'empty'}", out, "--sparsity=0.5"],
+         "--model_dir=.*empty: not a model directory \\(no jaxmt_config.json\\)"),
+        (["prune", f"--model_dir={tmp / 'bert'}", out, "--sparsity=0.5"],
+         "--model_dir=.*bert: a Hugging Face folder; convert it first"),
+        # Counting the kept heads takes jaxmt.compress.prune (JAX), still before any weights.
+        (pr + ["--structured=0.9"],
+         "--structured=0.9: would leave no num_heads of ModelConfig.num_heads=2; use a "
+         "smaller fraction"),
+    ]
+    results = _drive(*[argv for argv, _ in cases])
+    for (argv, want), r in zip(cases, results):
+        assert r["rc"] not in (0, "raised"), (argv, r)
+        line = _one_error_line(r["err"])
+        assert re.search(want, line), (argv, line)
+    assert [r["argv"] for r in results[:-1] if r["jax"]] == []
+    assert _snapshot(tmp) == before

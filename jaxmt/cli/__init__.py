@@ -1,4 +1,5 @@
-"""The ``jaxmt`` command: train, eval, translate, convert, data validate, vocab.
+"""The ``jaxmt`` command: train, eval, translate, convert, export, data, vocab, quantize, prune,
+distill.
 
     jaxmt train --gin_file=gin_configs/runs/demo.gin --gin.TRAIN_STEPS=100 --model_dir=runs/x
     jaxmt eval --model_dir=runs/x [--split=test] [--max_examples=N] [--json]
@@ -10,6 +11,9 @@
     jaxmt data mixture --gin_file=runs/demo.gin [--steps=N] [--model_dir=runs/x] [--json]
     jaxmt vocab train --out=v.model [--gin_file=RUN.gin | --langs=en,de --vocab_size=8000]
     jaxmt vocab report --vocab=v.model [--gin_file=RUN.gin | --langs=en,de] [--json]
+    jaxmt quantize --model_dir=runs/x --out=runs/x-int8 [--mode=int8|w8a8]
+    jaxmt prune --model_dir=runs/x --out=runs/x-small --structured=0.3  # or --sparsity=0.5
+    jaxmt distill translate --teacher=runs/x --gin_file=runs/student.gin --out=runs/kd
 
 Multi-host training runs the same `jaxmt train` on every host, with the same
 --model_dir (a shared filesystem) and --coordinator_address=HOST0:PORT
@@ -60,7 +64,8 @@ def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(rest)
     if gin_overrides and not getattr(args, "takes_gin", False):
         raise SystemExit("error: --gin.NAME=VALUE applies to `jaxmt train`, `jaxmt vocab`, "
-                         "`jaxmt data mixture` and `jaxmt data cache` only")
+                         "`jaxmt data mixture`, `jaxmt data cache` and `jaxmt distill translate` "
+                         "only")
     return args.func(args, gin_overrides)
 
 

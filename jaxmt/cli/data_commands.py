@@ -150,9 +150,8 @@ def cmd_data_mixture(args, gin_overrides) -> int:
             how = f"mean of {args.pack_rows} packed rows of the training pipeline"
     table = mixlib.rate_table(stats, batch_size * per_row, steps)
     if args.json:
-        task_of = {(s["src"], s["tgt"]): s["task"] for s in stats}
-        for row in table["directions"]:
-            row["task"] = task_of[(row["src"], row["tgt"])]
+        for row, s in zip(table["directions"], stats):  # a direction may have two Tasks
+            row["task"] = s["task"]
         print(json.dumps({
             "mixture": mixture, "temperature": data_cfg.temperature,
             "mixture_cap": data_cfg.mixture_cap, "mixture_caps": data_cfg.mixture_caps,

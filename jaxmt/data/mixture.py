@@ -157,7 +157,8 @@ def rate_table(stats: Sequence[Mapping[str, Any]], examples_per_step: float,
     """Examples, tokens, rate and epochs per direction and per language.
 
     Args:
-        stats: One dict per direction with ``src``, ``tgt``, ``examples`` (train
+        stats: One dict per direction (or Task; then an optional ``direction`` names
+            its row) with ``src``, ``tgt``, ``examples`` (train
             pairs), ``counted`` (the capped size the rate used), ``explicit`` (bool),
             ``src_tokens``, ``tgt_tokens`` (totals over the train pairs, tag and EOS
             included) and ``rate``.
@@ -180,7 +181,8 @@ def rate_table(stats: Sequence[Mapping[str, Any]], examples_per_step: float,
         n = s["examples"]
         tokens = s["src_tokens"] + s["tgt_tokens"]
         sampled = s["rate"] * sampled_total
-        rows.append(dict(s, direction=direction_key(s["src"], s["tgt"]), tokens=tokens,
+        direction = s.get("direction") or direction_key(s["src"], s["tgt"])
+        rows.append(dict(s, direction=direction, tokens=tokens,
                          sampled=sampled, epochs=sampled / n if n else 0.0,
                          _tok=s["rate"] * tokens / n if n else 0.0))
     tok_total = sum(r["_tok"] for r in rows) or 1.0

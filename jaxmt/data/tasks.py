@@ -34,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import seqio  # noqa: E402
 from jaxmt.data.tfdata import tf  # noqa: E402  (hidden from accelerators there)
 
-from jaxmt.data import embedded, signals, sources, vocab  # noqa: E402
+from jaxmt.data import distilled, embedded, signals, sources, vocab  # noqa: E402
 from jaxmt.data import mixture as mixlib  # noqa: E402
 from jaxmt.data.mixture import directions  # noqa: E402
 
@@ -318,7 +318,8 @@ def register_corpus(corpus: Sequence[sources.CorpusSource | Mapping],
                     report_dir: str | Path | None = None, mixture_cap: int = 0,
                     mixture_caps: Mapping[str, int] | None = None,
                     mixture_weights: Mapping[str, float] | None = None,
-                    text_format: signals.TextFormat | None = None) -> str:
+                    text_format: signals.TextFormat | None = None, report_label: str = "",
+                    by_direction: bool = False) -> str:
     """Registers user parallel corpora as one seqio Task per direction, plus a Mixture.
 
     Every file is read and checked once, here, by :func:`jaxmt.data.sources.read_pairs`
@@ -348,6 +349,9 @@ def register_corpus(corpus: Sequence[sources.CorpusSource | Mapping],
         text_format: As in :func:`register`; its template replaces the tag (no tag
             piece is then needed, but every direction must format: a ``{tgt_name}``
             needs a known name) and ``vocab_path`` is not read.
+        report_label: Put before every report's name (``"distilled "``).
+        by_direction: One report and dedup set per direction and split, not per
+            language pair (for sources that each give one direction: distilled files).
 
     Returns:
         The Mixture's name.
@@ -384,18 +388,9 @@ def register_corpus(corpus: Sequence[sources.CorpusSource | Mapping],
                                  f"({e})") from None
 
     # Read every file once: one report and one dedup set per language pair and split.
-    groups: dict[tuple[str, str, str], tuple[sources.Report, set]] = {}
-    parts: dict[tuple[str, str], dict[str, list]] = {}
-    for s in corpus:
-        a, b = sorted((s.src_lang, s.tgt_lang))
-        report, seen = groups.setdefault(
-            (a, b, s.split),
-            (sources.Report(f"{a}-{b}/{s.split}", max_examples=limits.max_examples), set()))
-        pairs = list(sources.read_pairs(s, limits, report, seen))
-        for src, tgt, swapped in directions_of[s]:
-            parts.setdefault((src, tgt), {}).setdefault(s.split, []).append((pairs, swapped))
-
-    reports = [r for r, _ in groups.values()]
+    report_of, parts = distilled.read_corpus(corpus, limits, label=report_label,
+                                             by_direction=by_direction)
+    reports = list({id(r): r for r in report_of.values()}.values())
     if report_dir is not None:
         sources.write_reports(report_dir, reports)
     for r in reports:
@@ -418,8 +413,7 @@ def register_corpus(corpus: Sequence[sources.CorpusSource | Mapping],
     features = _features(vocab_path, text_format)
     for (src, tgt), by_split in parts.items():
         name = corpus_task_name(prefix, src, tgt)
-        a, b = sorted((src, tgt))
-        SKIP_REPORTS[name] = {split: groups[(a, b, split)][0] for split in by_split}
+        SKIP_REPORTS[name] = {split: report_of[(src, tgt, split)] for split in by_split}
         _CORPUS_TASKS.setdefault(prefix, []).append(name)
         seqio.TaskRegistry.add(
             name,
@@ -450,14 +444,91 @@ def register_from_config(data_cfg, vocab_path: str | Path | None,
     else the embedded corpus's ``langs`` through :func:`register`; the mixture
     temperature, caps and weights come from the config. ``text_format``: as in
     :func:`register` (a base model's tokenizer and signal; ``vocab_path`` unused).
+    With ``distilled`` set, the Mixture of :func:`register_distilled` over those.
     """
     mix_kw = dict(temperature=data_cfg.temperature, mixture_cap=data_cfg.mixture_cap,
                   mixture_caps=data_cfg.mixture_caps, mixture_weights=data_cfg.mixture_weights,
                   text_format=text_format)
     if data_cfg.corpora:
-        return register_corpus(data_cfg.corpora, vocab_path, limits=data_cfg.clean,
-                               report_dir=report_dir, **mix_kw)
-    return register(vocab_path, data_cfg.langs, pivot=data_cfg.pivot, **mix_kw)
+        mixture = register_corpus(data_cfg.corpora, vocab_path, limits=data_cfg.clean,
+                                  report_dir=report_dir, **mix_kw)
+    else:
+        mixture = register(vocab_path, data_cfg.langs, pivot=data_cfg.pivot, **mix_kw)
+    if not data_cfg.distilled:
+        return mixture
+    return register_distilled(mixture, data_cfg.distilled, vocab_path,
+                              rate=data_cfg.distilled_rate, limits=data_cfg.clean,
+                              report_dir=report_dir, text_format=text_format)
+
+
+def register_distilled(reference: str, out_dir: str | Path, vocab_path: str | Path | None, *,
+                       rate: float = 1.0, limits: sources.CleanConfig | None = None,
+                       report_dir: str | Path | None = None,
+                       text_format: signals.TextFormat | None = None) -> str:
+    """Sequence-level distillation: the teacher's outputs (``jaxmt distill translate``'s
+    directory ``out_dir``) in place of, or beside, the references of Mixture ``reference``.
+
+    Each direction's distilled file becomes a Task ``jaxmt_distilled_<src>_<tgt>``
+    (:func:`register_corpus`: the same cleaning, skip reports and features as any
+    corpus; an empty teacher output is an ``empty_side`` skip). The Mixture
+    ``jaxmt_distilled_mix`` keeps each direction's share of ``reference``: ``rate`` of it
+    goes to the distilled Task and ``1 - rate`` to the reference Task (left out at 1).
+    Only train is distilled; evaluation reads the references as before.
+
+    Args:
+        reference: A Mixture registered by :func:`register` or :func:`register_corpus`.
+        out_dir: The distilled corpus (``DataConfig.distilled``).
+        vocab_path, text_format: As the reference was registered with.
+        rate: ``DataConfig.distilled_rate``, in (0, 1].
+        limits: The cleaning limits (``DataConfig.clean``).
+        report_dir: Where to write the distilled skip reports
+            (``distilled_data_report.json`` / ``.txt``).
+
+    Returns:
+        The Mixture's name.
+
+    Raises:
+        ValueError: No finished corpus in ``out_dir``, a direction of ``reference`` it
+            lacks (all named), or a direction with no usable distilled pair.
+    """
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"distilled rate must be in (0, 1], got {rate!r}")
+    info = MIXTURES[reference]
+    ref_mix = seqio.get_mixture_or_task(reference)
+    ref_rates = {t.name: ref_mix.get_rate(t) for t in ref_mix.tasks}
+    wanted = list(dict.fromkeys(info.directions.values()))
+    corpus = distilled.corpus_sources(str(out_dir), wanted)
+    # Its own Mixture (temperature rates) is replaced below; only its Tasks are used.
+    register_corpus(corpus, vocab_path, prefix=distilled.PREFIX, limits=limits,
+                    text_format=text_format, report_label="distilled ", by_direction=True)
+    names = {d: corpus_task_name(distilled.PREFIX, *d) for d in wanted}
+    reports = [SKIP_REPORTS[names[d]]["train"] for d in wanted]
+    if report_dir is not None:
+        sources.write_reports(report_dir, reports, stem=distilled.REPORT_STEM)
+    empty = [mixlib.direction_key(*d) for d, r in zip(wanted, reports) if not r.kept]
+    if empty:
+        raise ValueError(f"DataConfig.distilled={out_dir}: no usable distilled pair for "
+                         f"{', '.join(empty)} (every line was skipped; see "
+                         f"{distilled.REPORT_STEM}.txt or the log)")
+    mixture = f"{distilled.PREFIX}_mix"
+    rates, task_dirs, counted, explicit = {}, {}, {}, set()
+    for task, direction in info.directions.items():
+        d_task = names[direction]
+        shares = [(d_task, rate, SKIP_REPORTS[d_task]["train"].kept)]
+        shares += [(task, 1.0 - rate, info.counted[task])] if rate < 1.0 else []
+        for name, share, n in shares:
+            rates[name], task_dirs[name] = ref_rates[task] * share, direction
+            counted[name] = min(n, info.counted[task])  # a capped reference: its cap
+            if task in info.explicit:
+                explicit.add(name)
+    seqio.MixtureRegistry.remove(mixture)
+    seqio.MixtureRegistry.add(mixture, sorted(rates.items()))
+    MIXTURES[mixture] = MixtureInfo(directions=task_dirs, counted=counted,
+                                    explicit=frozenset(explicit),
+                                    temperature=info.temperature)
+    log.info("registered %s: distilled share %g of every direction of %s, rates %s",
+             mixture, rate, reference, {n: round(r, 4) for n, r in rates.items()})
+    return mixture
 
 
 # ---------------------------------------------------------------- the rate table
@@ -477,9 +548,11 @@ def mixture_stats(mixture: str, vocab_path: str | Path | signals.TextFormat,
             token_sample), and scale the counts up (0: tokenise every pair).
 
     Returns:
-        One dict per direction, in the Mixture's order: ``src``, ``tgt``, ``task``,
+        One dict per Task, in the Mixture's order: ``src``, ``tgt``, ``task``,
         ``examples``, ``counted``, ``explicit``, ``rate``, ``src_tokens``,
-        ``tgt_tokens``, ``tokens_sampled`` (pairs actually tokenised).
+        ``tgt_tokens``, ``tokens_sampled`` (pairs actually tokenised). A Mixture with
+        distilled Tasks (:func:`register_distilled`) adds ``direction``, e.g. ``"en-de
+        distilled"`` and ``"en-de reference"``, the rate table's row names.
     """
     if mixture not in MIXTURES:
         raise KeyError(f"{mixture!r} was not registered by jaxmt.data.tasks in this process")
@@ -514,7 +587,11 @@ def mixture_stats(mixture: str, vocab_path: str | Path | signals.TextFormat,
             tgt_tok += count_tgt(batch["targets"])
             seen += len(batch["inputs"])
         scale = n / seen if seen else 0.0
-        out.append({"src": src, "tgt": tgt, "task": task_name_, "examples": n,
+        label = {}
+        if any(t.startswith(distilled.PREFIX + "_") for t in info.directions):
+            kind = "distilled" if task_name_.startswith(distilled.PREFIX + "_") else "reference"
+            label = {"direction": f"{mixlib.direction_key(src, tgt)} {kind}"}
+        out.append({**label, "src": src, "tgt": tgt, "task": task_name_, "examples": n,
                     "counted": info.counted[task_name_],
                     "explicit": task_name_ in info.explicit, "rate": mix.get_rate(task),
                     "src_tokens": round((src_tok + seen) * scale),  # + EOS per example

@@ -107,11 +107,12 @@ def floor_pow2(n: int) -> int:
 
 
 def make_partitioner(mesh: MeshConfig | None = None) -> Partitioner:
-    """The mesh a translator decodes on: ``mesh`` over every device, or (None) the
-    first device alone."""
+    """The mesh a translator decodes on: ``mesh`` over every device of this process, or
+    (None) its first device alone. This process's: in a multi-process run (``jaxmt distill
+    translate``) each process decodes its own inputs."""
     if mesh is None:
-        return Partitioner(MeshConfig(), jax.devices()[:1])
-    return Partitioner(mesh)
+        return Partitioner(MeshConfig(), jax.local_devices()[:1])
+    return Partitioner(mesh, jax.local_devices())
 
 
 @functools.lru_cache(maxsize=4)  # from_pretrained and the constructor ask alike (~1 s, T5-base)

@@ -33,8 +33,8 @@ from jaxmt.kernels.dot_product import dot_product_attention
 from jaxmt.kernels.flash_attention import flash_attention
 from jaxmt.kernels.local_attention import local_attention
 from jaxmt.kernels.performer_attention import performer_attention, performer_cached
-from jaxmt.modeling.layers import (bias_param, constrain, dtype_of, lora, lora_on, mixed_einsum,
-                                   normal, param)
+from jaxmt.modeling.layers import (Weight, bias_param, constrain, dense, dtype_of, lora, lora_on,
+                                   mixed_einsum, normal, weight)
 from jaxmt.sharding import axes
 
 Array = jax.Array
@@ -211,7 +211,8 @@ class MultiHeadAttention(nn.Module):
     source row): keys and values are then computed and read once per group.
 
     ``lora`` adds LoRA updates to the projections it targets (``query``, ``key``,
-    ``value``, ``out``), in decode steps too.
+    ``value``, ``out``), in decode steps too. ``quant`` makes the four projection
+    weights int8 with per-output-channel scales (:func:`~jaxmt.modeling.layers.weight`).
     """
 
     num_heads: int
@@ -222,6 +223,7 @@ class MultiHeadAttention(nn.Module):
     dtype: str = "float32"
     param_dtype: str = "float32"
     lora: LoraConfig = LoraConfig()
+    quant: str = "none"
 
     @nn.compact
     def __call__(self, q_input: Array, kv_input: Array, bias: Array | None,
@@ -243,19 +245,20 @@ class MultiHeadAttention(nn.Module):
         """
         dt, pdt = dtype_of(self.dtype), dtype_of(self.param_dtype)
         e, h, d = self.emb_dim, self.num_heads, self.head_dim
-        wq = param(self, "query", normal((e * d) ** -0.5), (e, h, d),
-                   (axes.EMBED, axes.HEADS, axes.KV), pdt)
-        wk = param(self, "key", normal(e ** -0.5), (e, h, d), (axes.EMBED, axes.HEADS, axes.KV), pdt)
-        wv = param(self, "value", normal(e ** -0.5), (e, h, d), (axes.EMBED, axes.HEADS, axes.KV), pdt)
-        wo = param(self, "out", normal((h * d) ** -0.5), (h, d, e), (axes.HEADS, axes.KV, axes.EMBED), pdt)
+        ehd, qt = (axes.EMBED, axes.HEADS, axes.KV), self.quant
+        wq = weight(self, "query", normal((e * d) ** -0.5), (e, h, d), ehd, (1, 2), qt, pdt)
+        wk = weight(self, "key", normal(e ** -0.5), (e, h, d), ehd, (1, 2), qt, pdt)
+        wv = weight(self, "value", normal(e ** -0.5), (e, h, d), ehd, (1, 2), qt, pdt)
+        wo = weight(self, "out", normal((h * d) ** -0.5), (h, d, e),
+                    (axes.HEADS, axes.KV, axes.EMBED), (2,), qt, pdt)
 
         def project(x, w, name, head_major=False):
             """[b, t, e] -> [b, t, h, d], or head-major [b, h, t, d], in the compute dtype."""
             if head_major:
-                y = mixed_einsum("bte,ehd->bhtd", x, w, dt)  # [b, h, t, d] float32
+                y = dense("bte,ehd->bhtd", x, w, dt)  # [b, h, t, d] float32
                 names = (axes.ACT_BATCH, axes.ACT_HEADS, axes.ACT_KV_LENGTH, axes.ACT_KV)
             else:
-                y = mixed_einsum("bte,ehd->bthd", x, w, dt)  # [b, t, h, d] float32
+                y = dense("bte,ehd->bthd", x, w, dt)  # [b, t, h, d] float32
                 names = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, axes.ACT_KV)
             if lora_on(self.lora, name):
                 eqs = ("bte,er->btr", "btr,rhd->bhtd" if head_major else "btr,rhd->bthd")
@@ -284,7 +287,7 @@ class MultiHeadAttention(nn.Module):
                 ctx = dense_attention(q, k, v, bias, dt, drop)  # [b, q, h, d]
             ctx = constrain(ctx.astype(dt), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS,
                                              axes.ACT_KV))
-        out = mixed_einsum("bqhd,hde->bqe", ctx, wo, dt)  # [b, q, e] float32 (q = 1: decode)
+        out = dense("bqhd,hde->bqe", ctx, wo, dt)  # [b, q, e] float32 (q = 1: decode)
         if lora_on(self.lora, "out"):
             out = out + lora(self, "out", ctx, ("bqhd,hdr->bqr", "bqr,re->bqe"), wo.shape,
                              (axes.HEADS, axes.KV, axes.EMBED), 2, self.lora, dt, pdt)  # [b, q, e]
@@ -294,7 +297,7 @@ class MultiHeadAttention(nn.Module):
         return constrain(out, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
     def _decode_step(self, q_input: Array, kv_input: Array, bias, cache: bool, project,
-                     wq: Array, wk: Array, wv: Array) -> Array | None:
+                     wq: Weight, wk: Weight, wv: Weight) -> Array | None:
         """The context [b, 1, h, d] of one query per row over head-major keys/values
         [g, h, T, d], where each of the g key/value rows serves r = b / g adjacent
         query rows; None in the init pass."""

@@ -3,14 +3,17 @@
 Every parameter is created with a logical axis name per dimension
 (``nn.with_logical_partitioning``) and key activations are constrained with
 ``act_*`` names, so the rules in :mod:`jaxmt.sharding.axes` decide the sharding.
-Matmuls take inputs in the compute dtype and accumulate in float32.
+Matmuls take inputs in the compute dtype and accumulate in float32. The projection
+weights are made by :func:`weight` and applied by :func:`dense`, which under
+``ModelConfig.quant`` store them as int8 with float32 per-output-channel scales
+(:mod:`jaxmt.modeling.quantized`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -19,6 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxmt.config import LoraConfig
 from jaxmt.kernels.common import RelPos, bias_of
+from jaxmt.modeling import quantized
 from jaxmt.sharding import axes
 
 Array = jax.Array
@@ -100,6 +104,53 @@ def mixed_einsum(eq: str, x: Array, w: Array, dtype) -> Array:
     return checkpoint_name(_einsum_f32acc(eq, x.astype(dtype), w.astype(dtype)), "dot")
 
 
+class Weight(NamedTuple):
+    """A projection weight as :func:`weight` made it: float ``value`` (``scale`` None),
+    or under quantization int8 ``value`` with float32 ``scale`` over its output dims."""
+
+    value: Array
+    scale: Array | None
+    quant: str  # one of config.QUANT_MODES
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.value.shape
+
+
+def weight(mod: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
+           names: tuple[str, ...], out_axes: tuple[int, ...], quant: str, dtype) -> Weight:
+    """A projection weight ``name`` of ``shape`` (logical axes ``names``, ``dtype``).
+
+    With ``quant`` "int8" or "w8a8" (a quantized model, which only decodes) ``name`` is
+    int8 instead and ``{name}_scale`` holds float32 scales over the dims ``out_axes``
+    (the output channels, with their logical axes, so the sharding rules apply). They
+    are created as zeros and ones: :func:`jaxmt.compress.quantize.quantize_params` fills
+    them from a float model.
+    """
+    if quant == "none":
+        return Weight(param(mod, name, init, shape, names, dtype), None, quant)
+    q = param(mod, name, nn.initializers.zeros, shape, names, jnp.int8)
+    scale = param(mod, name + quantized.SCALE_SUFFIX, nn.initializers.ones,
+                  tuple(shape[i] for i in out_axes), tuple(names[i] for i in out_axes),
+                  jnp.float32)
+    return Weight(q, scale, quant)
+
+
+def dense(eq: str, x: Array, w: Weight, dtype) -> Array:
+    """The projection ``einsum(eq, x, w)`` in float32 (``eq``: input first, weight second).
+
+    Float weights: :func:`mixed_einsum`. "int8": the int8 weight is cast to ``dtype``
+    (exact: |q| <= 127), multiplied in ``dtype`` with float32 accumulation, and the
+    result scaled per output channel. "w8a8": ``x`` is quantized per token too and the
+    dot runs int8 x int8 -> int32 (:func:`quantized.w8a8_einsum`).
+    """
+    if w.scale is None:
+        return mixed_einsum(eq, x, w.value, dtype)
+    if w.quant == "w8a8":
+        return quantized.w8a8_einsum(eq, x, w.value, w.scale)
+    return quantized.scaled_einsum(eq, mixed_einsum(eq, x, w.value, dtype), w.scale)
+
+
 def lora_on(cfg: LoraConfig, target: str) -> bool:
     """Whether LoRA adapts ``target`` (one of :data:`jaxmt.config.LORA_TARGETS`)."""
     return cfg.rank > 0 and target in cfg.targets
@@ -131,26 +182,32 @@ def lora(mod: nn.Module, name: str, x: Array, eqs: tuple[str, str], w_shape: tup
 
 
 class Embed(nn.Module):
-    """Token embedding table [vocab, embed]."""
+    """Token embedding table [vocab, embed]; quantized, one scale per vocabulary row,
+    which serves both the lookup and the tied output layer."""
 
     num_embeddings: int
     features: int
     init_std: float = 1.0
     dtype: str = "float32"
     param_dtype: str = "float32"
+    quant: str = "none"
 
     def setup(self):
-        self.embedding = param(self, "embedding", normal(self.init_std),
-                               (self.num_embeddings, self.features),
-                               (axes.VOCAB, axes.EMBED), dtype_of(self.param_dtype))
+        self.embedding = weight(self, "embedding", normal(self.init_std),
+                                (self.num_embeddings, self.features), (axes.VOCAB, axes.EMBED),
+                                (0,), self.quant, dtype_of(self.param_dtype))
 
     def __call__(self, ids: Array) -> Array:
-        x = jnp.take(self.embedding, ids, axis=0).astype(dtype_of(self.dtype))  # [b, l, e]
+        w = self.embedding
+        x = jnp.take(w.value, ids, axis=0)  # [b, l, e]
+        if w.scale is not None:
+            x = x.astype(jnp.float32) * jnp.take(w.scale, ids, axis=0)[..., None]
+        x = x.astype(dtype_of(self.dtype))
         return constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
     def attend(self, x: Array) -> Array:
         """Tied output layer: float32 logits [b, l, vocab] = x @ embedding^T."""
-        logits = mixed_einsum("ble,ve->blv", x, self.embedding, dtype_of(self.dtype))  # [b, l, v]
+        logits = dense("ble,ve->blv", x, self.embedding, dtype_of(self.dtype))  # [b, l, v]
         return constrain(logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
 
 
@@ -208,7 +265,8 @@ class MlpBlock(nn.Module):
 
     One activation is the classic MLP (ReLU in T5, swish in Marian); two make it
     gated (gated-GELU in T5.1.1). Biases only with ``use_bias``. ``lora`` adds LoRA
-    updates to each W_i (target ``mlp_in``) and to W_o (``mlp_out``).
+    updates to each W_i (target ``mlp_in``) and to W_o (``mlp_out``); ``quant`` makes
+    the W int8 (:func:`weight`).
     """
 
     emb_dim: int
@@ -219,6 +277,7 @@ class MlpBlock(nn.Module):
     dtype: str = "float32"
     param_dtype: str = "float32"
     lora: LoraConfig = LoraConfig()
+    quant: str = "none"
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -227,9 +286,10 @@ class MlpBlock(nn.Module):
         for i, act in enumerate(self.activations):
             if act not in _ACTIVATIONS:
                 raise ValueError(f"ModelConfig.mlp_activations: unknown activation {act!r}")
-            w = param(self, f"wi_{i}", normal(self.emb_dim ** -0.5),
-                      (self.emb_dim, self.mlp_dim), (axes.EMBED, axes.MLP), pdt)
-            y = mixed_einsum("ble,em->blm", x, w, dt)  # [b, l, mlp] float32
+            w = weight(self, f"wi_{i}", normal(self.emb_dim ** -0.5),
+                       (self.emb_dim, self.mlp_dim), (axes.EMBED, axes.MLP), (1,), self.quant,
+                       pdt)
+            y = dense("ble,em->blm", x, w, dt)  # [b, l, mlp] float32
             if lora_on(self.lora, "mlp_in"):
                 y = y + lora(self, f"wi_{i}", x, ("ble,er->blr", "blr,rm->blm"),
                              w.shape, (axes.EMBED, axes.MLP), 1, self.lora, dt, pdt)  # [b, l, m]
@@ -241,9 +301,9 @@ class MlpBlock(nn.Module):
             h = y if h is None else h * y
         h = constrain(h.astype(dt), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
         h = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(h, deterministic=deterministic)
-        wo = param(self, "wo", normal(self.mlp_dim ** -0.5), (self.mlp_dim, self.emb_dim),
-                   (axes.MLP, axes.EMBED), pdt)
-        out = mixed_einsum("blm,me->ble", h, wo, dt)  # [b, l, e] float32
+        wo = weight(self, "wo", normal(self.mlp_dim ** -0.5), (self.mlp_dim, self.emb_dim),
+                    (axes.MLP, axes.EMBED), (1,), self.quant, pdt)
+        out = dense("blm,me->ble", h, wo, dt)  # [b, l, e] float32
         if lora_on(self.lora, "mlp_out"):
             out = out + lora(self, "wo", h, ("blm,mr->blr", "blr,re->ble"), wo.shape,
                              (axes.MLP, axes.EMBED), 1, self.lora, dt, pdt)  # [b, l, e]

@@ -8,6 +8,7 @@ Module; decoding strategies (:mod:`jaxmt.modeling.decoding`) receive it from her
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -84,6 +85,73 @@ def cross_entropy(logits: Array, targets: Array, weights: Array, label_smoothing
     return _cross_entropy(logits, targets, weights, label_smoothing, z_loss)[0]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _kd_kl(student: Array, teacher: Array, temperature: float) -> Array:
+    """Per-token KL(softmax(teacher / T) || softmax(student / T)), [b, t], of float32
+    logits [b, t, n].
+
+    The backward is one fused pass, d student = g / T * (p_student - p_teacher), from the
+    two logits arrays (kept anyway) and two [b, t] log-normalisers: no [b, t, n]
+    probabilities are kept. The teacher gets no gradient.
+    """
+    return _kd_kl_fwd(student, teacher, temperature)[0]
+
+
+def _log_normaliser(x: Array) -> Array:
+    m = jnp.max(x, axis=-1, keepdims=True)
+    return (m + jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True)))[..., 0]
+
+
+def _kd_kl_fwd(student, teacher, temperature):
+    s, t = student / temperature, teacher / temperature  # fused into the reductions
+    lse_s, lse_t = _log_normaliser(s), _log_normaliser(t)  # [b, t] each
+    # sum_v p_t (log p_t - log p_s) = sum_v p_t (t - s) - lse_t + lse_s, as sum_v p_t = 1.
+    kl = jnp.sum(jnp.exp(t - lse_t[..., None]) * (t - s), axis=-1) - lse_t + lse_s
+    return kl, (student, teacher, lse_s, lse_t)
+
+
+def _kd_kl_bwd(temperature, res, g):
+    student, teacher, lse_s, lse_t = res
+    d = (g / temperature)[..., None] * (jnp.exp(student / temperature - lse_s[..., None])
+                                        - jnp.exp(teacher / temperature - lse_t[..., None]))
+    return d.astype(student.dtype), None
+
+
+_kd_kl.defvjp(_kd_kl_fwd, _kd_kl_bwd)
+
+
+def distill_kl(student_logits: Array, teacher_logits: Array, weights: Array,
+               temperature: float, ids: int | tuple[np.ndarray, np.ndarray] | None = None
+               ) -> Array:
+    """The distillation term: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``
+    per target token, summed over the tokens weighted by ``weights`` (callers normalise
+    by the token count, as for :func:`cross_entropy`). Float32; no gradient reaches the
+    teacher.
+
+    Args:
+      student_logits: [b, t, V_s] logits.
+      teacher_logits: [b, t, V_t] logits of the same batch.
+      weights: [b, t] (``decoder_loss_weights``).
+      temperature: T > 0.
+      ids: which columns are compared. None: every one (V_s == V_t); n: the first n on
+        both sides (identical vocabularies, padding rows past the pieces left out);
+        ``(student_ids, teacher_ids)``: [S] ids of the pieces both vocabularies share,
+        each side's logits gathered there and both softmaxes taken over those S only.
+    """
+    s = student_logits.astype(jnp.float32)
+    t = teacher_logits.astype(jnp.float32)
+    if isinstance(ids, tuple):
+        s = jnp.take(s, jnp.asarray(ids[0]), axis=-1)  # [b, t, S]
+        t = jnp.take(t, jnp.asarray(ids[1]), axis=-1)  # [b, t, S]
+    elif ids is not None:
+        s = s if s.shape[-1] == ids else s[..., :ids]
+        t = t if t.shape[-1] == ids else t[..., :ids]
+    if s.shape[-1] != t.shape[-1]:
+        raise ValueError(f"distillation over {s.shape[-1]} student and {t.shape[-1]} teacher "
+                         "columns: pass the vocabulary alignment's ids")
+    return temperature ** 2 * jnp.sum(_kd_kl(s, t, float(temperature)) * weights)
+
+
 class EncoderDecoderModel:
     """Parameters, loss, scoring and decoding for :class:`EncoderDecoder`."""
 
@@ -149,18 +217,33 @@ class EncoderDecoderModel:
 
     def loss(self, params: PyTree, batch: dict[str, Array], *, dropout_rng: Array | None,
              label_smoothing: float = 0.0, z_loss: float = 0.0,
-             normalizer: Array | None = None) -> tuple[Array, dict]:
+             normalizer: Array | None = None, teacher_logits: Array | None = None,
+             alpha: float = 0.0, temperature: float = 1.0,
+             kd_ids: int | tuple[np.ndarray, np.ndarray] | None = None,
+             kd_targets: np.ndarray | None = None) -> tuple[Array, dict]:
         """Mean loss per target token and summed metrics.
+
+        With ``teacher_logits`` (token-level distillation) the loss per token is
+        ``(1 - alpha) * CE + alpha * KD``, CE the smoothed cross entropy plus z-loss and
+        KD :func:`distill_kl`'s ``T^2 * KL(teacher || student)``; the metrics add both
+        terms' sums (``ce_sum``, ``kd_sum``). ``alpha`` = 0 trains on CE alone (KD is a
+        metric, its gradient never computed); 1 on KD alone.
 
         Args:
           normalizer: what the summed loss is divided by; default this batch's target
             token count. Gradient accumulation passes the whole batch's count, so the
             microbatches' gradients add up to the full batch's.
+          teacher_logits: [b, t, V_t] the teacher's logits of this batch (constant).
+          alpha, temperature: ``DistillConfig``'s.
+          kd_ids: :func:`distill_kl`'s ``ids``.
+          kd_targets: [vocab] bools, the target ids distillation covers (a mapped
+            vocabulary): adds ``kd_covered_sum``, the covered target tokens.
         """
         logits = self.logits(params, batch, dropout_rng)
         weights = batch["decoder_loss_weights"].astype(jnp.float32)
+        targets = batch["decoder_target_tokens"]
         (total, zl, nll), tgt_logit, max_logit = _cross_entropy(
-            logits, batch["decoder_target_tokens"], weights, label_smoothing, z_loss)
+            logits, targets, weights, label_smoothing, z_loss)
         ntok = jnp.maximum(jnp.sum(weights), 1.0) if normalizer is None else normalizer
         # "The target's logit is a maximum": argmax == target except on exact ties, from
         # reductions the loss makes anyway. A separate argmax over [b, t, vocab] costs
@@ -168,6 +251,18 @@ class EncoderDecoderModel:
         correct = jnp.sum((tgt_logit >= max_logit) * weights)
         metrics = {"loss_sum": total, "nll_sum": nll, "z_loss_sum": zl, "tokens": jnp.sum(weights),
                    "correct": correct}
+        if teacher_logits is not None:
+            teacher_logits = jax.lax.stop_gradient(teacher_logits)
+            student = jax.lax.stop_gradient(logits) if alpha == 0 else logits
+            kd = distill_kl(student, teacher_logits, weights, temperature, kd_ids)
+            metrics.update(ce_sum=total, kd_sum=kd)
+            if kd_targets is not None:
+                metrics["kd_covered_sum"] = jnp.sum(jnp.asarray(kd_targets)[targets] * weights)
+            if alpha == 1:
+                total = kd
+            elif alpha > 0:
+                total = (1.0 - alpha) * total + alpha * kd
+            metrics["loss_sum"] = total
         return total / ntok, metrics
 
     def score_batch(self, params: PyTree, batch: dict[str, Array]) -> Array:

@@ -33,8 +33,8 @@ from jaxmt.modeling import adapters
 from jaxmt.modeling.attention import (Masking, MultiHeadAttention, PerformerStep, SharedBeamStep,
                                       dense_bias, mask_to_bias)
 from jaxmt.modeling.layers import (Embed, MlpBlock, Norm, RelativePositionBias, bias_param,
-                                   constrain, dtype_of, mixed_einsum, normal, param,
-                                   sinusoidal_positions)
+                                   constrain, dense, dtype_of, normal, sinusoidal_positions,
+                                   weight)
 from jaxmt.sharding import axes
 
 Array = jax.Array
@@ -72,13 +72,13 @@ def _attn(cfg: ModelConfig, name: str) -> MultiHeadAttention:
     return MultiHeadAttention(num_heads=cfg.num_heads, head_dim=cfg.head_dim, emb_dim=cfg.emb_dim,
                               use_bias=cfg.use_bias, dropout_rate=cfg.dropout_rate,
                               dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=cfg.lora,
-                              name=name)
+                              quant=cfg.quant, name=name)
 
 
 def _mlp(cfg: ModelConfig) -> MlpBlock:
     return MlpBlock(emb_dim=cfg.emb_dim, mlp_dim=cfg.mlp_dim, activations=cfg.mlp_activations,
                     use_bias=cfg.use_bias, dropout_rate=cfg.dropout_rate, dtype=cfg.dtype,
-                    param_dtype=cfg.param_dtype, lora=cfg.lora, name="mlp")
+                    param_dtype=cfg.param_dtype, lora=cfg.lora, quant=cfg.quant, name="mlp")
 
 
 def _norm(cfg: ModelConfig, name: str) -> Norm:
@@ -284,10 +284,10 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             logits = self.embed.attend(x)  # [b, t, v] float32
         else:
-            w = param(self, "logits_dense", normal(cfg.emb_dim ** -0.5),
-                      (cfg.emb_dim, cfg.vocab_size), (axes.EMBED, axes.VOCAB),
-                      dtype_of(cfg.param_dtype))
-            logits = mixed_einsum("bte,ev->btv", x, w, dtype_of(cfg.dtype))  # [b, t, v] float32
+            w = weight(self, "logits_dense", normal(cfg.emb_dim ** -0.5),
+                       (cfg.emb_dim, cfg.vocab_size), (axes.EMBED, axes.VOCAB), (1,), cfg.quant,
+                       dtype_of(cfg.param_dtype))
+            logits = dense("bte,ev->btv", x, w, dtype_of(cfg.dtype))  # [b, t, v] float32
         if cfg.final_logits_bias:
             logits = logits + bias_param(self, "final_logits_bias", (cfg.vocab_size,),
                                          (axes.VOCAB,), dtype_of(cfg.param_dtype))
@@ -332,7 +332,7 @@ class EncoderDecoder(nn.Module):
         # initialise it at 1/sqrt(d) so initial logits are O(1).
         std = cfg.emb_dim ** -0.5 if cfg.tie_embeddings and not cfg.rescale_logits else 1.0
         self.token_embed = Embed(cfg.vocab_size, cfg.emb_dim, init_std=std, dtype=cfg.dtype,
-                                 param_dtype=cfg.param_dtype)
+                                 param_dtype=cfg.param_dtype, quant=cfg.quant)
         self.encoder = Encoder(cfg, self.token_embed)
         self.decoder = Decoder(cfg, self.token_embed)
 

@@ -182,6 +182,14 @@ def train_loop(trainer: Trainer, batches: Iterator[dict[str, np.ndarray]], model
                                    lr=f"{last['learning_rate']:.2e}",
                                    fill=f"{last['src_fill']:.2f}/{last['tgt_fill']:.2f}",
                                    skipped=skipped_total)
+                    for key in ("ce", "kd", "kd_covered"):  # distillation's terms
+                        if f"{key}_sum" in host[-1]:
+                            last[key] = sum(float(m[f"{key}_sum"]) for m in host) / max(ntok, 1.0)
+                    if "kd" in last:
+                        postfix.update(ce=f"{last['ce']:.3f}", kd=f"{last['kd']:.3f}")
+                    if "sparsity" in host[-1]:  # magnitude pruning: zeros among the targets
+                        last["sparsity"] = float(host[-1]["sparsity"])
+                        postfix.update(sparsity=f"{last['sparsity']:.3f}")
                     if trainer.loss_scaling:
                         last["loss_scale"] = float(host[-1]["loss_scale"])
                         postfix.update(scale=f"{last['loss_scale']:g}")

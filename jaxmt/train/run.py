@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from jaxmt import config as cfglib
 from jaxmt import hardware
 from jaxmt.checkpoint import Checkpointer
+from jaxmt.compress import distill
 from jaxmt.config import DataConfig, DecodeConfig, MeshConfig, ModelConfig, TrainConfig
 from jaxmt.fileio import write_atomic
 from jaxmt.inference import pretrained
@@ -69,17 +70,30 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
         model_cfg = finetune.model_config(base, model_cfg)
         if decode_cfg == DecodeConfig() and base.decode is not None:
             decode_cfg = base.decode  # an imported base's generation defaults
+    if model_cfg.quant != "none":  # the run's own, or a quantized --init_from base's
+        raise ValueError(f"ModelConfig.quant={model_cfg.quant!r}: a quantized model decodes "
+                         "only; train the float model and run `jaxmt quantize`")
     tok_cfg = finetune.tokenizer_config(base, data_cfg) if base is not None else None
     # "auto" becomes a concrete policy here, so the checkpoints' config records the
     # numerics that translate/eval and every resume use.
     requested = model_cfg.precision
     model_cfg, precision_reason = resolve_precision(model_dir, model_cfg)
     check_resumable(model_dir, model_cfg, data_cfg, train_cfg)
+    teacher_dir = train_cfg.distill.teacher
+    teacher_cfg = None
+    if teacher_dir:  # token-level distillation: the teacher must be able to teach
+        teacher_cfg = distill.teacher_model_config(
+            distill.teacher_configs(teacher_dir)["model"], model_cfg)
     print(f"precision: {model_cfg.precision} ({precision_reason})", flush=True)
     partitioner = Partitioner(mesh_cfg)
-    trainer = Trainer(model_cfg, train_cfg, partitioner, data_cfg.src_len, data_cfg.tgt_len)
+    trainer = Trainer(model_cfg, train_cfg, partitioner, data_cfg.src_len, data_cfg.tgt_len,
+                      teacher_cfg=teacher_cfg)
     # Over a frozen base, checkpoints keep only what trains; a full fine-tune saves all.
     trainer.save_trained_only = base is not None and bool(trainer.frozen)
+    alignment = None
+    if teacher_cfg is not None and tok_cfg is None and os.path.exists(
+            os.path.join(model_dir, cfglib.VOCAB_FILE)):  # checked before anything is written
+        alignment = _align_vocabularies(trainer, teacher_dir, model_dir)
     local_shapes, bucket_stats = (), None
     if data_cfg.batching == "bucket":
         from jaxmt.data import bucketing
@@ -120,6 +134,8 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
             vocab.train_for_config(spm_path, data_cfg, train_cfg.seed)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxmt:vocabulary")
+    if teacher_cfg is not None and alignment is None:  # the vocabulary exists from here on
+        alignment = _align_vocabularies(trainer, teacher_dir, model_dir)
     text_format = None
     if tok_cfg is not None:  # the imported base's tokenizer and target-language signal
         from jaxmt.inference.tokenizer import text_format as make_text_format
@@ -181,7 +197,11 @@ def train(model_dir: str, model_cfg: ModelConfig | None = None,
     if position["batches"]:
         print(f"data: skipping {position['batches']} batches to the saved position",
               flush=True)
+    if teacher_cfg is not None:
+        _load_teacher(trainer, teacher_dir, alignment)
     route = model_cfg.adapter.route_ids if model_cfg.adapter.size else None
+    if route is None and teacher_cfg is not None and teacher_cfg.adapter.size:
+        route = teacher_cfg.adapter.route_ids  # the teacher's adapters route by the batch
     batches = pipeline.train_batches(
         mixture, data_cfg.src_len, data_cfg.tgt_len,
         partitioner.host_local_batch_size(train_cfg.batch_size), seed=position["seed"],
@@ -221,6 +241,28 @@ def _base(model_dir: str, init_from: str, model_cfg: ModelConfig):
         finetune.check_model_dir(model_dir, base)
         return base
     return pretrained.base_of(model_dir, scan_layers=model_cfg.scan_layers)
+
+
+def _align_vocabularies(trainer: Trainer, teacher_dir: str, model_dir: str
+                        ) -> distill.Alignment:
+    """Checks (or with ``vocab_mapping`` maps) the teacher's vocabulary against the
+    student's in ``model_dir`` and sets which ids the trainer distils over."""
+    alignment = distill.vocab_alignment(teacher_dir, model_dir, trainer.cfg.distill.vocab_mapping)
+    trainer.kd_ids = alignment.kd_ids
+    if not alignment.identical:
+        trainer.kd_targets = alignment.target_coverage(trainer.model.cfg.vocab_size)
+    return alignment
+
+
+def _load_teacher(trainer: Trainer, teacher_dir: str, alignment: distill.Alignment) -> None:
+    """Restores the teacher into its shards and prints the run's distillation line."""
+    step, params = distill.load_teacher_params(teacher_dir, trainer.teacher_abstract)
+    trainer.place_teacher(params)
+    t, d = trainer.teacher.cfg, trainer.cfg.distill
+    print(f"distill: teacher {teacher_dir} (step {step}; {trainer.teacher_num_params() / 1e6:.2f}M "
+          f"parameters, d{t.emb_dim} {t.num_encoder_layers}+{t.num_decoder_layers} layers, "
+          f"{t.precision}); alpha {d.alpha:g}, temperature {d.temperature:g}; vocabulary "
+          f"{alignment.summary()}", flush=True)
 
 
 def _from_base(trainer: Trainer, base) -> TrainState:

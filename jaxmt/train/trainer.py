@@ -21,7 +21,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmt import hardware
 from jaxmt.checkpoint import Checkpointer, abstract_like
+from jaxmt.compress import prune
 from jaxmt.config import ModelConfig, TrainConfig
+from jaxmt.data.packing import LANG_KEYS
 from jaxmt.modeling import param_tree
 from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.sharding import axes
@@ -87,15 +89,23 @@ def make_optimizer(cfg: TrainConfig, trainable: set[str] | None = None
     frozen through ``optax.multi_transform``: their branch is ``set_to_zero``, which
     keeps no state, so frozen parameters cost no optimizer memory; clipping is inside
     the trainable branch (the global norm is that of the trained parameters).
+
+    With ``TrainConfig.prune.sparsity`` > 0, gradual magnitude pruning of the trained
+    targets comes last (:func:`jaxmt.compress.prune.magnitude_pruning`; the state is then
+    ``(optimizer state, PruneState)``): it keeps the masks, and the step zeroes the pruned
+    weights after the update (:func:`jaxmt.compress.prune.apply_masks`), so the learning
+    rate's place does not matter.
     """
     opt = _optimizer(cfg)
-    if trainable is None:
-        return opt
-
-    def labels(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda p, _: "train" if param_tree.path_str(p) in trainable else "freeze", params)
-    return optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()}, labels)
+    if trainable is not None:
+        def labels(params):
+            return jax.tree_util.tree_map_with_path(
+                lambda p, _: "train" if param_tree.path_str(p) in trainable else "freeze",
+                params)
+        opt = optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()}, labels)
+    if cfg.prune.sparsity:
+        opt = optax.chain(opt, prune.magnitude_pruning(cfg.prune, cfg.steps, among=trainable))
+    return opt
 
 
 def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -125,10 +135,20 @@ def _fix_unmatched_boxes(tree: PyTree) -> PyTree:
 
 
 class Trainer:
-    """Holds the model, optimizer and partitioner; builds and runs the sharded step."""
+    """Holds the model, optimizer and partitioner; builds and runs the sharded step.
+
+    With ``teacher_cfg`` (token-level distillation, ``TrainConfig.distill``), a frozen
+    teacher of that architecture runs in the same step on the same batches: its
+    parameters are sharded by the same rules as the student's, passed to the jitted
+    step as their own argument (never in the :class:`TrainState`: not saved, not
+    updated, no optimizer state) and set as :attr:`teacher_params` (:meth:`place_teacher`)
+    before :meth:`step_fn` runs. :attr:`kd_ids` says which output ids the two compare
+    (:meth:`jaxmt.compress.distill.Alignment.kd_ids`; default every one, for equal
+    vocabulary sizes).
+    """
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, partitioner: Partitioner,
-                 src_len: int, tgt_len: int):
+                 src_len: int, tgt_len: int, teacher_cfg: ModelConfig | None = None):
         if model_cfg.precision == "auto":  # the mesh's devices decide (an AOT TPU target too)
             choice = hardware.device_precision(partitioner.mesh.devices.flat[0])
             model_cfg = dataclasses.replace(model_cfg, precision=choice.policy)
@@ -139,6 +159,7 @@ class Trainer:
         partitioner.check_model(model_cfg)
         partitioner.check_batch(train_cfg.batch_size, train_cfg.num_microbatches)
         self._dummy = self.model.dummy_batch(1, src_len, tgt_len)
+        self._init_teacher(teacher_cfg, src_len, tgt_len)
         all_paths = param_tree.paths(self.model.param_shapes())
         self.trainable = param_tree.trainable_paths(all_paths, train_cfg, model_cfg)
         self.frozen = all_paths - self.trainable
@@ -159,6 +180,37 @@ class Trainer:
                 lambda _: partitioner.replicated, self.state_shardings.loss_scale))
         self.abstract_state = abstract_like(nn.unbox(boxed), self.state_shardings)
         self._init_fn = self._step_fn = self._scalars_fn = self._finite_fn = None
+
+    def _init_teacher(self, teacher_cfg: ModelConfig | None, src_len: int, tgt_len: int):
+        """The teacher's model, parameter placement and the distillation settings."""
+        self.teacher: EncoderDecoderModel | None = None
+        self.teacher_shardings = self.teacher_abstract = self.teacher_params = None
+        self.kd_ids: int | tuple[np.ndarray, np.ndarray] | None = None
+        # [vocab] bools: the targets a mapped vocabulary distils (for kd_covered); or None.
+        self.kd_targets: np.ndarray | None = None
+        if teacher_cfg is None:
+            return
+        if teacher_cfg.precision == "auto":
+            choice = hardware.device_precision(self.partitioner.mesh.devices.flat[0])
+            teacher_cfg = dataclasses.replace(teacher_cfg, precision=choice.policy)
+        self.partitioner.check_model(teacher_cfg)
+        self.teacher = EncoderDecoderModel(teacher_cfg)
+        teacher_batch = self.teacher.dummy_batch(1, src_len, tgt_len)
+        # The batches carry the teacher's routing ids too (the student ignores them).
+        self._dummy.update({k: v for k, v in teacher_batch.items() if k in LANG_KEYS})
+        # Placed like the student's parameters: logical axes from the boxed init.
+        boxed = self.partitioner.eval_shape(
+            lambda: self.teacher.init(jax.random.PRNGKey(0), teacher_batch))
+        self.teacher_shardings = self.partitioner.logical_shardings(boxed, params=True)
+        self.teacher_abstract = abstract_like(nn.unbox(boxed), self.teacher_shardings)
+
+    def place_teacher(self, params: PyTree) -> None:
+        """Sets :attr:`teacher_params`, placed in the teacher's shards (a no-op for
+        parameters restored there)."""
+        self.teacher_params = jax.device_put(params, self.teacher_shardings)
+
+    def teacher_num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.teacher_abstract))
 
     def trained(self, tree: PyTree) -> PyTree:
         """The part of a parameter-shaped tree that trains (all of it when nothing is
@@ -264,9 +316,13 @@ class Trainer:
                     v.reshape(v.shape[0] // n, n, *v.shape[1:]).swapaxes(0, 1),
                     self.partitioner.sharding(spec)) for k, v in batch.items()}
 
-    def loss_and_grads(self, state: TrainState, batch: dict, rng: jax.Array
-                       ) -> tuple[jax.Array, dict, PyTree]:
+    def loss_and_grads(self, state: TrainState, batch: dict, rng: jax.Array,
+                       teacher_params: PyTree | None = None) -> tuple[jax.Array, dict, PyTree]:
         """Mean token loss of the whole batch, summed metrics, and its gradients.
+
+        With a teacher, each microbatch's teacher logits come from a deterministic pass
+        of ``teacher_params`` under ``stop_gradient``, beside the student's, and the
+        loss is the distillation loss (:meth:`EncoderDecoderModel.loss`).
 
         With ``TrainConfig.num_microbatches`` = n > 1 the batch runs as n microbatches in
         a ``lax.scan`` whose carry holds float32 gradient sums, so activations are those
@@ -285,11 +341,21 @@ class Trainer:
         # Gradients of the trained parameters only: frozen ones get none computed.
         trained = self.trained(state.params)
 
+        kd = {}
+        if self.teacher is not None:
+            if teacher_params is None:
+                raise ValueError("Trainer has a teacher: pass its parameters")
+            kd = dict(alpha=cfg.distill.alpha, temperature=cfg.distill.temperature,
+                      kd_ids=self.kd_ids, kd_targets=self.kd_targets)
+
         def grads_of(mb, rng_mb):
+            # The teacher: frozen and deterministic (no dropout, no gradient).
+            teacher = dict(kd, teacher_logits=jax.lax.stop_gradient(
+                self.teacher.logits(teacher_params, mb))) if kd else {}
             loss_fn = lambda p: self.model.loss(  # noqa: E731
                 param_tree.overlay(state.params, p) if self.frozen else p, mb,
                 dropout_rng=rng_mb, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
-                normalizer=ntok)
+                normalizer=ntok, **teacher)
             if not self.loss_scaling:
                 return jax.value_and_grad(loss_fn, has_aux=True)(trained)
             (loss, metrics), grads, _ = scaling.scaled_value_and_grad(
@@ -347,8 +413,9 @@ class Trainer:
         grads = jax.tree.map(lambda g, p: jnp.sum(g, axis=0).astype(p.dtype), grads, trained)
         return loss, metrics, grads
 
-    def _train_step(self, state: TrainState, batch: dict, rng: jax.Array):
-        loss, metrics, grads = self.loss_and_grads(state, batch, rng)
+    def _train_step(self, state: TrainState, batch: dict, rng: jax.Array,
+                    teacher_params: PyTree | None = None):
+        loss, metrics, grads = self.loss_and_grads(state, batch, rng, teacher_params)
         grads = jax.lax.with_sharding_constraint(grads, self.grad_shardings)
         # Under every policy a step whose loss or gradients are not finite is skipped
         # (float16 overflow is only the common case; bf16 and fp32 runs diverge too).
@@ -358,7 +425,8 @@ class Trainer:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         lr = learning_rate(self.cfg, state.step, state.lr_horizon)
         updates = jax.tree.map(lambda u: u * lr.astype(u.dtype), updates)
-        params = optax.apply_updates(state.params, updates)
+        # Magnitude pruning: pruned weights become (and stay) exactly 0; a no-op without.
+        params = prune.apply_masks(optax.apply_updates(state.params, updates), opt_state)
         if self.frozen:  # frozen parameters stay bit-identical (x + 0 turns -0.0 into 0.0)
             params = param_tree.overlay(state.params, self.trained(params))
             grads = self.trained(grads)
@@ -371,6 +439,8 @@ class Trainer:
                        learning_rate=lr,
                        source_tokens=jnp.sum(batch["encoder_input_tokens"] > 0),
                        skipped=1 - finite.astype(jnp.int32))
+        if (pruning := prune.find_state(opt_state)) is not None:  # zeros among the targets
+            metrics = dict(metrics, sparsity=prune.sparsity(params, pruning))
         loss_scale = None
         if self.loss_scaling:
             loss_scale = scaling.update_loss_scale(state.loss_scale, finite,
@@ -381,8 +451,10 @@ class Trainer:
 
     def _jitted_step(self):
         p = self.partitioner
+        teacher = () if self.teacher is None else (self.teacher_shardings,)
         return p.jit(self._train_step,
-                     in_shardings=(self.state_shardings, p.batch_sharding, p.replicated),
+                     in_shardings=(self.state_shardings, p.batch_sharding, p.replicated,
+                                   *teacher),
                      out_shardings=(self.state_shardings, p.replicated), donate_argnums=(0,))
 
     def compile_step(self, src_len: int, tgt_len: int):
@@ -394,13 +466,21 @@ class Trainer:
                                           else tgt_len), jnp.int32, sharding=p.batch_sharding)
                  for k in self._dummy}
         rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=p.replicated)
-        return self._jitted_step().lower(self.abstract_state, batch, rng).compile()
+        teacher = () if self.teacher is None else (self.teacher_abstract,)
+        return self._jitted_step().lower(self.abstract_state, batch, rng, *teacher).compile()
 
     def step_fn(self) -> Callable:
-        """The jitted step with explicit in/out shardings; the old state is donated."""
+        """The jitted step ``(state, batch, rng) -> (state, metrics)`` with explicit in/out
+        shardings; the old state is donated. With a teacher, :attr:`teacher_params` go
+        in as the step's fourth argument."""
         if self._step_fn is None:
             self._step_fn = self._jitted_step()
-        return self._step_fn
+        if self.teacher is None:
+            return self._step_fn
+        if self.teacher_params is None:
+            raise ValueError("Trainer has a teacher but no teacher_params: place_teacher first")
+        step, teacher = self._step_fn, self.teacher_params
+        return lambda state, batch, rng: step(state, batch, rng, teacher)
 
     def compiled_shapes(self) -> int:
         """How many times :meth:`step_fn`'s step has been compiled: one per batch shape
