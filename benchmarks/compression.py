@@ -49,10 +49,11 @@ def jaxmt(*args: str, quiet: bool = False) -> None:
 
 
 def dir_bytes(model_dir: str) -> int:
-    """Bytes of the newest checkpoint's files (what shipping the model costs)."""
+    """Bytes of the newest checkpoint's parameters on disk (what shipping the model
+    costs; a training checkpoint's optimizer state is not counted)."""
     ckpt = os.path.join(model_dir, "checkpoints")
     steps = sorted((int(s) for s in os.listdir(ckpt) if s.isdigit()), reverse=True)
-    root = os.path.join(ckpt, str(steps[0]))
+    root = os.path.join(ckpt, str(steps[0]), "params")
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
 
 
@@ -175,6 +176,9 @@ def main(argv=None) -> int:
     p.add_argument("--speed_sentences", type=int, default=64)
     p.add_argument("--speed_repeats", type=int, default=2)
     p.add_argument("--only", default="", help="comma-separated rows to measure (default all)")
+    p.add_argument("--build_only", action="store_true",
+                   help="build (or finish) the variants and stop: measure later, on a quiet "
+                        "machine")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     for flag in ("model_dir", "teacher"):
@@ -182,6 +186,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: --{flag}={getattr(args, flag)}: no such directory")
     t0 = time.time()
     dirs = build(args)
+    if args.build_only:
+        print("built: " + ", ".join(f"{k} {v}" for k, v in dirs.items()), file=sys.stderr)
+        return 0
     _, directions = langs_of(args.model_dir)
     if args.only:
         dirs = {k: v for k, v in dirs.items() if k in args.only.split(",") or k == "teacher"}

@@ -27,7 +27,7 @@ def cells(path: Path) -> list[tuple[str, str]]:
 def test_every_notebook_is_here():
     assert {p.name for p in NOTEBOOKS} == {
         "quickstart.ipynb", "pilot_then_scale.ipynb", "long_inputs.ipynb",
-        "finetune_pretrained.ipynb"}
+        "finetune_pretrained.ipynb", "compress.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
