@@ -15,9 +15,10 @@ Every row is measured here, in one process, on the same held-out books (the test
   translate``, Kim & Rush 2016) and ``student_tok_kd`` against the teacher's
   distributions in the step (``DistillConfig``).
 
-Columns: parameters; bytes of the checkpoint on disk; decode speed on the CPU (generated
-tokens/s, greedy and beam 4, best of ``--speed_repeats`` after a warm-up, on the first
-``--speed_sentences`` test verses of the first direction); BLEU and chrF per direction.
+Columns: parameters; bytes of the checkpoint's parameters on disk; decode speed on the
+CPU (generated tokens/s, greedy and beam 4, best of ``--speed_repeats`` after a warm-up, on
+the first ``--speed_sentences`` test verses of the first direction, every output held to
+``--speed_length`` tokens so all rows decode the same steps); BLEU and chrF per direction.
 
     python benchmarks/compression.py --model_dir runs/teacher --teacher runs/teacher \\
         --out runs/compress --json
@@ -116,24 +117,31 @@ def build(args) -> dict[str, str]:
     return rows
 
 
-def speed(tr, texts: list[str], src: str, tgt: str, repeats: int) -> dict:
+def speed(tr, texts: list[str], src: str, tgt: str, repeats: int, length: int) -> dict:
     """Generated tokens per second, greedy and beam 4 (best of ``repeats``, after a warm-up
-    that compiles every shape)."""
+    that compiles every shape).
+
+    Every output is exactly ``length`` tokens (``min_len`` = the length limit), so each
+    model does the same number of decode steps on the same sources: the figure is the
+    cost of a step, not of the lengths a model happens to produce.
+    """
+    fixed = dict(min_len=length, max_len_a=0.0, max_len_b=length)
     out = {}
-    for name, kw in (("greedy", dict(strategy="greedy")), ("beam4", dict(strategy="beam",
-                                                                           beam_size=4))):
-        hyps = tr.translate(texts, src_lang=src, tgt_lang=tgt, **kw)  # warm-up, compiles
-        tokens = sum(len(tr.tokenizer.encode_target(h)) + 1 for h in hyps)
+    for name, kw in (("greedy", dict(strategy="greedy")),
+                     ("beam4", dict(strategy="beam", beam_size=4))):
+        tr.translate(texts, src_lang=src, tgt_lang=tgt, **kw, **fixed)  # warm-up, compiles
         best = float("inf")
         for _ in range(repeats):
             t = time.perf_counter()
-            tr.translate(texts, src_lang=src, tgt_lang=tgt, **kw)
+            tr.translate(texts, src_lang=src, tgt_lang=tgt, **kw, **fixed)
             best = min(best, time.perf_counter() - t)
-        out[name] = round(tokens / best, 1)
+        out[name] = round(len(texts) * length / best, 1)
     return out
 
 
 def measure(model_dir: str, directions, args) -> dict:
+    import dataclasses
+
     import jax
 
     from jaxmt.config import DecodeConfig
@@ -142,13 +150,19 @@ def measure(model_dir: str, directions, args) -> dict:
     from jaxmt.inference.translator import Translator
 
     tr = Translator.from_pretrained(model_dir, decode=DecodeConfig(strategy="greedy"))
-    res = evaluate(tr, directions, split="test", max_examples=args.max_examples)
+    if args.precision and args.precision != tr.model.cfg.precision:  # e.g. fp32 on AVX2
+        tr = Translator(dataclasses.replace(tr.model.cfg, precision=args.precision), tr.params,
+                        tr.tokenizer, max_src_len=tr.max_src_len,
+                        max_decode_len=tr.max_decode_len, decode=tr.decode)
+    res = {"directions": {f"{a}-{b}": {"bleu": float("nan"), "chrf": float("nan")}
+                          for a, b in directions}} if args.speed_only else evaluate(
+        tr, directions, split="test", max_examples=args.max_examples)
     src, tgt = directions[0]
     pairs, _ = parallel_pairs(src, tgt, "test")
     texts = [s for s, _ in pairs[:args.speed_sentences]]
     row = {"params": sum(int(x.size) for x in jax.tree.leaves(tr.params)),
            "bytes_on_disk": dir_bytes(model_dir),
-           "tok_s": speed(tr, texts, src, tgt, args.speed_repeats),
+           "tok_s": speed(tr, texts, src, tgt, args.speed_repeats, args.speed_length),
            "bleu": {d: r["bleu"] for d, r in res["directions"].items()},
            "chrf": {d: r["chrf"] for d, r in res["directions"].items()}}
     row["mean_bleu"] = round(sum(row["bleu"].values()) / len(row["bleu"]), 2)
@@ -175,7 +189,14 @@ def main(argv=None) -> int:
     p.add_argument("--max_examples", type=int, default=100, help="test verses per direction")
     p.add_argument("--speed_sentences", type=int, default=64)
     p.add_argument("--speed_repeats", type=int, default=2)
+    p.add_argument("--speed_length", type=int, default=48,
+                   help="tokens every timed output is held to (min and max length)")
     p.add_argument("--only", default="", help="comma-separated rows to measure (default all)")
+    p.add_argument("--precision", default="",
+                   help="decode every row with this policy (default: each model's own); fp32 "
+                        "is what an AVX2-only CPU runs (XLA_FLAGS=--xla_cpu_max_isa=AVX2)")
+    p.add_argument("--speed_only", action="store_true",
+                   help="measure size and decode speed only, no BLEU/chrF")
     p.add_argument("--build_only", action="store_true",
                    help="build (or finish) the variants and stop: measure later, on a quiet "
                         "machine")
