@@ -79,6 +79,16 @@ def _check_min(obj: Any, low: float, *fields: str, strict: bool = False) -> None
                f"must be {'>' if strict else '>='} {low}, got {v!r}")
 
 
+def _check_patterns(obj: Any, field: str) -> None:
+    """Every string of the tuple ``field`` compiles as a regular expression."""
+    for pattern in getattr(obj, field):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{type(obj).__name__}.{field}: {pattern!r} is not a regular "
+                             f"expression ({e})") from None
+
+
 def _did_you_mean(name: str, known) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
     return f"; did you mean {close[0]!r}?" if close else f"; known: {sorted(known)}"
@@ -553,12 +563,7 @@ class PruneConfig:
         _check(not self.end_step or self.end_step > self.start_step, "PruneConfig", "end_step",
                f"must exceed start_step={self.start_step} (or be 0 = TrainConfig.steps), "
                f"got {self.end_step}")
-        for pattern in self.targets:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"PruneConfig.targets: {pattern!r} is not a regular "
-                                 f"expression ({e})") from None
+        _check_patterns(self, "targets")
 
 
 @gin.configurable
@@ -659,12 +664,7 @@ class TrainConfig:
             _check(isinstance(getattr(self, f), cls), "TrainConfig", f,
                    f"must be a {cls.__name__}, got {type(getattr(self, f)).__name__}")
         _check_types(self)
-        for pattern in self.trainable:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"TrainConfig.trainable: {pattern!r} is not a regular "
-                                 f"expression ({e})") from None
+        _check_patterns(self, "trainable")
         _check_min(self, 1, "steps", "batch_size", "num_microbatches", "log_every",
                    "checkpoint_every", "keep_checkpoints", "loss_scale_growth_interval",
                    "max_nonfinite_steps")

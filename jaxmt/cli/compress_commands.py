@@ -7,8 +7,10 @@ Each reads a model directory (never writing into it) and writes a new one, or fo
 from __future__ import annotations
 
 
-def cmd_quantize(args, gin_overrides) -> int:
-    """Checks the directories (no JAX), then quantizes and reports the sizes."""
+def _source_model(args, verb: str):
+    """The float jaxmt model config of ``--model_dir``, with ``--out`` checked: one line
+    (no JAX) for a missing or Hugging Face directory, a non-empty ``--out``, a directory
+    that is no model, or a quantized one."""
     import os
 
     from jaxmt import config as cfglib
@@ -23,11 +25,19 @@ def cmd_quantize(args, gin_overrides) -> int:
     if (not os.path.exists(os.path.join(args.model_dir, cfglib.CONFIG_FILE))
             and os.path.exists(os.path.join(args.model_dir, "config.json"))):
         raise SystemExit(f"error: {flag}: a Hugging Face folder; convert it first "
-                         "(`jaxmt convert --from_hf=DIR --out=NEW`) and quantize NEW")
+                         f"(`jaxmt convert --from_hf=DIR --out=NEW`) and {verb} NEW")
     model = model_configs(args.model_dir)["model"]  # one line for a directory that is no model
     if model.quant != "none":
+        hint = ("quantize its float source instead" if verb == "quantize" else
+                f"{verb} its float source, then quantize the result")
         raise SystemExit(f"error: {flag}: already quantized (ModelConfig.quant={model.quant!r}); "
-                         "quantize its float source instead")
+                         f"{hint}")
+    return model
+
+
+def cmd_quantize(args, gin_overrides) -> int:
+    """Checks the directories (no JAX), then quantizes and reports the sizes."""
+    _source_model(args, "quantize")
     from jaxmt.compress.quantize import quantize
 
     s = quantize(args.model_dir, args.out, args.mode)
@@ -55,12 +65,6 @@ def _add_quantize(sub) -> None:
 
 def cmd_prune(args, gin_overrides) -> int:
     """Checks the flags and directories (no weights read), then prunes and reports."""
-    import os
-
-    from jaxmt import config as cfglib
-    from jaxmt.cli.model_commands import model_configs
-
-    flag = f"--model_dir={args.model_dir}"
     if (args.sparsity is None) == (args.structured is None):
         raise SystemExit("error: --sparsity and --structured: give exactly one (--sparsity=S "
                          "zeroes the smallest weights, --structured=F removes heads and MLP "
@@ -72,19 +76,7 @@ def cmd_prune(args, gin_overrides) -> int:
                          f"--{name}={0.5 if name == 'sparsity' else 0.3}")
     if args.multiple_of < 1:
         raise SystemExit(f"error: --multiple_of={args.multiple_of}: must be >= 1")
-    if not os.path.isdir(args.model_dir):
-        raise SystemExit(f"error: {flag}: no such directory")
-    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
-        raise SystemExit(f"error: --out={args.out}: already exists and is not an empty "
-                         "directory")
-    if (not os.path.exists(os.path.join(args.model_dir, cfglib.CONFIG_FILE))
-            and os.path.exists(os.path.join(args.model_dir, "config.json"))):
-        raise SystemExit(f"error: {flag}: a Hugging Face folder; convert it first "
-                         "(`jaxmt convert --from_hf=DIR --out=NEW`) and prune NEW")
-    model = model_configs(args.model_dir)["model"]  # one line for a directory that is no model
-    if model.quant != "none":
-        raise SystemExit(f"error: {flag}: quantized (ModelConfig.quant={model.quant!r}); prune "
-                         "its float source, then quantize the pruned model")
+    model = _source_model(args, "prune")
     from jaxmt.compress import prune
 
     if args.structured is not None:
