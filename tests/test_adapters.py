@@ -274,18 +274,19 @@ def test_scanned_and_rematerialised_stacks_agree(both_params):
     # summation differ by 5e-5 of the largest gradient), large enough to matter.
     params = _randomise(both_params, is_added_param, seed=5, std=0.05)
     batch = _batch(ROUTES)
+    # Jitted: op by op, the gradients of two stacks on 8 devices take most of a minute.
     loss = lambda m, p: m.loss(p, batch, dropout_rng=None)[0]  # noqa: E731
-    want = np.asarray(model.logits(params, batch))
-    assert not np.allclose(want, np.asarray(model.logits(both_params, batch)), atol=1e-2)
-    want_grads = jax.grad(lambda p: loss(model, p))(params)
+    logits = lambda m: jax.jit(lambda p: m.logits(p, batch))  # noqa: E731
+    want = np.asarray(logits(model)(params))
+    assert not np.allclose(want, np.asarray(logits(model)(both_params)), atol=1e-2)
+    want_grads = jax.jit(jax.grad(lambda p: loss(model, p)))(params)
     src = _decode_batch(ROUTES)
     want_ids = np.asarray(model.predict_batch(params, src, max_decode_len=8))
     other = EncoderDecoderModel(dataclasses.replace(BOTH, scan_layers=True, encoder_remat="full",
                                                     decoder_remat="full"))
     stacked = stack_layers(params)
-    np.testing.assert_allclose(np.asarray(other.logits(stacked, batch)), want, atol=1e-5,
-                               rtol=1e-5)
-    grads = jax.grad(lambda p: loss(other, p))(stacked)
+    np.testing.assert_allclose(np.asarray(logits(other)(stacked)), want, atol=1e-5, rtol=1e-5)
+    grads = jax.jit(jax.grad(lambda p: loss(other, p)))(stacked)
     assert jax.tree.structure(grads) == jax.tree.structure(stack_layers(want_grads))
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(stack_layers(want_grads))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
