@@ -49,7 +49,7 @@ def jaxmt(*args: str, quiet: bool = False) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=out, stderr=out)
 
 
-def dir_bytes(model_dir: str) -> int:
+def params_bytes_on_disk(model_dir: str) -> int:
     """Bytes of the newest checkpoint's parameters on disk (what shipping the model
     costs; a training checkpoint's optimizer state is not counted)."""
     ckpt = os.path.join(model_dir, "checkpoints")
@@ -111,8 +111,10 @@ def build(args) -> dict[str, str]:
         os.makedirs(d, exist_ok=True)
         vocab = os.path.join(d, "spm.model")  # the teacher's pieces, for token-level KD
         if not os.path.exists(vocab):
-            with open(os.path.join(args.teacher, "spm.model"), "rb") as f, open(vocab, "wb") as g:
-                g.write(f.read())
+            from jaxmt.fileio import write_atomic
+
+            with open(os.path.join(args.teacher, "spm.model"), "rb") as f:
+                write_atomic(vocab, f.read())
         jaxmt("train", "--model_dir", d, *student, *flags, quiet=args.json)
     return rows
 
@@ -139,6 +141,25 @@ def speed(tr, texts: list[str], src: str, tgt: str, repeats: int, length: int) -
     return out
 
 
+def interleaved_speed(dirs: list[str], args) -> dict:
+    """Decode speed of ``dirs`` measured in turns (the whole list, ``--speed_rounds`` times),
+    so a slow spell of the machine falls on every row alike; ratios against the first."""
+    from jaxmt.data.embedded import parallel_pairs
+    from jaxmt.inference.translator import Translator
+
+    pairs, _ = parallel_pairs("en", "de", "test")
+    texts = [s for s, _ in pairs[:args.speed_sentences]]
+    runs: dict[str, list] = {d: [] for d in dirs}
+    for _ in range(args.speed_rounds):
+        for d in dirs:
+            tr = Translator.from_pretrained(d, progress=False)
+            runs[d].append(speed(tr, texts, "en", "de", args.speed_repeats, args.speed_length))
+            print(f"{d}: {runs[d][-1]}", file=sys.stderr, flush=True)
+    first = runs[dirs[0]]
+    return {d: {k: [round(r[k] / f[k], 3) for r, f in zip(rs, first)] for k in rs[0]}
+            for d, rs in runs.items()} | {"tok_s": runs}
+
+
 def measure(model_dir: str, directions, args) -> dict:
     import dataclasses
 
@@ -161,7 +182,7 @@ def measure(model_dir: str, directions, args) -> dict:
     pairs, _ = parallel_pairs(src, tgt, "test")
     texts = [s for s, _ in pairs[:args.speed_sentences]]
     row = {"params": sum(int(x.size) for x in jax.tree.leaves(tr.params)),
-           "bytes_on_disk": dir_bytes(model_dir),
+           "bytes_on_disk": params_bytes_on_disk(model_dir),
            "tok_s": speed(tr, texts, src, tgt, args.speed_repeats, args.speed_length),
            "bleu": {d: r["bleu"] for d, r in res["directions"].items()},
            "chrf": {d: r["chrf"] for d, r in res["directions"].items()}}
@@ -197,6 +218,10 @@ def main(argv=None) -> int:
                         "is what an AVX2-only CPU runs (XLA_FLAGS=--xla_cpu_max_isa=AVX2)")
     p.add_argument("--speed_only", action="store_true",
                    help="measure size and decode speed only, no BLEU/chrF")
+    p.add_argument("--speed_dirs", default="",
+                   help="comma-separated model directories: only their decode speed, measured "
+                        "in turns, as ratios to the first (no build, no BLEU)")
+    p.add_argument("--speed_rounds", type=int, default=2)
     p.add_argument("--build_only", action="store_true",
                    help="build (or finish) the variants and stop: measure later, on a quiet "
                         "machine")
@@ -205,6 +230,10 @@ def main(argv=None) -> int:
     for flag in ("model_dir", "teacher"):
         if getattr(args, flag) and not os.path.isdir(getattr(args, flag)):
             raise SystemExit(f"error: --{flag}={getattr(args, flag)}: no such directory")
+    if args.speed_dirs:
+        result = interleaved_speed(args.speed_dirs.split(","), args)
+        print(json.dumps(result) if args.json else result)
+        return 0
     t0 = time.time()
     dirs = build(args)
     if args.build_only:

@@ -404,6 +404,8 @@ def test_quantize_mistakes_are_one_line_before_jax(bad_inputs):
          "its float source"),
         (["quantize", f"--model_dir={tmp / 'bert'}", out],
          "--model_dir=.*bert: a Hugging Face folder; convert it first"),
+        (["quantize", f"--model_dir={model}", f"--out={model}/int8"],
+         "--out=.*/int8: inside --model_dir, which is only read"),
     ]
     results = _drive(*[argv for argv, _ in cases])
     for (argv, want), r in zip(cases, results):
@@ -434,6 +436,8 @@ def test_prune_mistakes_are_one_line(bad_inputs):
          "--model_dir=.*empty: not a model directory \\(no jaxmt_config.json\\)"),
         (["prune", f"--model_dir={tmp / 'bert'}", out, "--sparsity=0.5"],
          "--model_dir=.*bert: a Hugging Face folder; convert it first"),
+        (["prune", f"--model_dir={model}", f"--out={model}", "--sparsity=0.5"],
+         "--out=.*: inside --model_dir, which is only read"),
         # Counting the kept heads takes jaxmt.compress.prune (JAX), still before any weights.
         (pr + ["--structured=0.9"],
          "--structured=0.9: would leave no num_heads of ModelConfig.num_heads=2; use a "

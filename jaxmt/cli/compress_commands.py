@@ -7,6 +7,18 @@ Each reads a model directory (never writing into it) and writes a new one, or fo
 from __future__ import annotations
 
 
+def _outside(out_flag: str, source: str, what: str) -> str:
+    """``--out`` made absolute; one line when it is ``source`` or inside it (a source is
+    never written to)."""
+    import os
+
+    out, source = os.path.abspath(out_flag), os.path.abspath(source)
+    if out == source or out.startswith(source + os.sep):
+        raise SystemExit(f"error: --out={out_flag}: inside {what}, which is only read; pass "
+                         "a directory elsewhere")
+    return out
+
+
 def _source_model(args, verb: str):
     """The float jaxmt model config of ``--model_dir``, with ``--out`` checked: one line
     (no JAX) for a missing or Hugging Face directory, a non-empty ``--out``, a directory
@@ -19,6 +31,7 @@ def _source_model(args, verb: str):
     flag = f"--model_dir={args.model_dir}"
     if not os.path.isdir(args.model_dir):
         raise SystemExit(f"error: {flag}: no such directory")
+    _outside(args.out, args.model_dir, "--model_dir")
     if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
         raise SystemExit(f"error: --out={args.out}: already exists and is not an empty "
                          "directory")
@@ -165,10 +178,7 @@ def cmd_distill_translate(args, gin_overrides) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise SystemExit(f"error: --{name}={value}: must be positive")
-    out = os.path.abspath(args.out)
-    if out == teacher or out.startswith(teacher + os.sep):
-        raise SystemExit(f"error: --out={args.out}: inside the teacher's directory, which is "
-                         "only read; pass a directory elsewhere")
+    out = _outside(args.out, teacher, "the teacher's directory")
     why = _writable_dir_error(out)
     if why:
         raise SystemExit(f"error: --out={args.out}: {why}")

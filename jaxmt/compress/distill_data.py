@@ -334,6 +334,8 @@ def distill_translate(teacher: str, sources: Mapping[Direction, Sequence[str]], 
     import jax
 
     pi, pc = jax.process_index(), jax.process_count()
+    if stop_after is not None and pc > 1:  # the others would wait at the barrier forever
+        raise ValueError("stop_after (an interruption for tests) needs a single process")
     record = teacher_record(teacher)
     check_manifest(out_dir, run_manifest(record, decode, sources, chunk_size, max_len))
     chunks = plan_chunks({d: len(t) for d, t in sources.items()}, chunk_size)

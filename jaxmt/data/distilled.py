@@ -76,11 +76,17 @@ def read_corpus(corpus: Sequence[sources.CorpusSource], limits: sources.CleanCon
             (sources.Report(f"{label}{a}-{b}/{s.split}", max_examples=limits.max_examples),
              set()))
         pairs = list(sources.read_pairs(s, limits, report, seen))
-        for src, tgt, swapped in [(s.src_lang, s.tgt_lang, False)] + (
-                [(s.tgt_lang, s.src_lang, True)] if s.both_directions else []):
+        for src, tgt, swapped in directions_of(s):
             parts.setdefault((src, tgt), {}).setdefault(s.split, []).append((pairs, swapped))
             reports[(src, tgt, s.split)] = report
     return reports, parts
+
+
+def directions_of(source: sources.CorpusSource) -> list[tuple[str, str, bool]]:
+    """The directions a corpus source trains, as ``(src, tgt, swapped)``: its own, and with
+    ``both_directions`` the reverse (its columns swapped)."""
+    return [(source.src_lang, source.tgt_lang, False)] + (
+        [(source.tgt_lang, source.src_lang, True)] if source.both_directions else [])
 
 
 def joined(parts: Iterable[tuple[list, bool]]) -> list[tuple[str, str]]:

@@ -370,10 +370,8 @@ def register_corpus(corpus: Sequence[sources.CorpusSource | Mapping],
     limits = limits or sources.CleanConfig()
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    directions_of = {s: [(s.src_lang, s.tgt_lang, False)] + (
-        [(s.tgt_lang, s.src_lang, True)] if s.both_directions else []) for s in corpus}
-    all_directions = list(dict.fromkeys((a, b) for dirs in directions_of.values()
-                                        for a, b, _ in dirs))
+    all_directions = list(dict.fromkeys((a, b) for s in corpus
+                                        for a, b, _ in distilled.directions_of(s)))
     _check_vocab(vocab_path, text_format, all_directions)
     mixlib.resolve(all_directions, mixture_cap, mixture_caps, mixture_weights,
                    owner="")  # before reading

@@ -47,8 +47,6 @@ def write_model(model_dir: str, out_dir: str, model_cfg: cfglib.ModelConfig, par
     Raises:
       FileExistsError: ``out_dir`` exists and is not empty.
     """
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"--out {out_dir}: already exists and is not empty")
     cfgs = cfglib.load(model_dir)
     cfgs["model"] = model_cfg
     record = pretrained.read_record(model_dir)
