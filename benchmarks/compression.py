@@ -141,6 +141,19 @@ def speed(tr, texts: list[str], src: str, tgt: str, repeats: int, length: int) -
     return out
 
 
+def with_precision(tr, precision: str):
+    """``tr`` decoding under ``precision`` ("" or its own: unchanged), e.g. fp32 on AVX2."""
+    import dataclasses
+
+    from jaxmt.inference.translator import Translator
+
+    if not precision or precision == tr.model.cfg.precision:
+        return tr
+    return Translator(dataclasses.replace(tr.model.cfg, precision=precision), tr.params,
+                      tr.tokenizer, max_src_len=tr.max_src_len,
+                      max_decode_len=tr.max_decode_len, decode=tr.decode)
+
+
 def interleaved_speed(dirs: list[str], args) -> dict:
     """Decode speed of ``dirs`` measured in turns (the whole list, ``--speed_rounds`` times),
     so a slow spell of the machine falls on every row alike; ratios against the first."""
@@ -152,7 +165,7 @@ def interleaved_speed(dirs: list[str], args) -> dict:
     runs: dict[str, list] = {d: [] for d in dirs}
     for _ in range(args.speed_rounds):
         for d in dirs:
-            tr = Translator.from_pretrained(d, progress=False)
+            tr = with_precision(Translator.from_pretrained(d, progress=False), args.precision)
             runs[d].append(speed(tr, texts, "en", "de", args.speed_repeats, args.speed_length))
             print(f"{d}: {runs[d][-1]}", file=sys.stderr, flush=True)
     first = runs[dirs[0]]
@@ -161,8 +174,6 @@ def interleaved_speed(dirs: list[str], args) -> dict:
 
 
 def measure(model_dir: str, directions, args) -> dict:
-    import dataclasses
-
     import jax
 
     from jaxmt.config import DecodeConfig
@@ -170,11 +181,8 @@ def measure(model_dir: str, directions, args) -> dict:
     from jaxmt.inference.evaluation import evaluate
     from jaxmt.inference.translator import Translator
 
-    tr = Translator.from_pretrained(model_dir, decode=DecodeConfig(strategy="greedy"))
-    if args.precision and args.precision != tr.model.cfg.precision:  # e.g. fp32 on AVX2
-        tr = Translator(dataclasses.replace(tr.model.cfg, precision=args.precision), tr.params,
-                        tr.tokenizer, max_src_len=tr.max_src_len,
-                        max_decode_len=tr.max_decode_len, decode=tr.decode)
+    tr = with_precision(Translator.from_pretrained(model_dir, decode=DecodeConfig(
+        strategy="greedy")), args.precision)
     res = {"directions": {f"{a}-{b}": {"bleu": float("nan"), "chrf": float("nan")}
                           for a, b in directions}} if args.speed_only else evaluate(
         tr, directions, split="test", max_examples=args.max_examples)
