@@ -13,10 +13,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes, mode: int = 0o644) -> Path:
+def write_atomic(path: str | os.PathLike, data: str | bytes | Iterable[str | bytes],
+                 mode: int = 0o644) -> Path:
     """Writes ``data`` (text as UTF-8) to a temporary file beside ``path``, then renames it.
 
     The rename is atomic on POSIX filesystems, so a crash or a kill leaves either the
@@ -24,7 +25,8 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, mode: int = 0o644) 
 
     Args:
       path: the file to write.
-      data: its whole content.
+      data: its whole content, or an iterable of its pieces (written as they come, so a
+        large file need not be held in memory).
       mode: permission bits (``mkstemp`` would leave the file private).
 
     Returns:
@@ -35,7 +37,8 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, mode: int = 0o644) 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            for piece in (data,) if isinstance(data, (str, bytes)) else data:
+                f.write(piece.encode("utf-8") if isinstance(piece, str) else piece)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Mapping, Sequence
 
@@ -232,25 +231,6 @@ def translate_chunks(translator, sources: Mapping[Direction, Sequence[str]],
     return stats
 
 
-def _write_streamed(path: str, pieces) -> None:
-    """Writes the strings ``pieces`` to ``path`` through a temporary file and a rename
-    (as :func:`jaxmt.fileio.write_atomic`, without holding the whole file in memory)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                               prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for piece in pieces:
-                f.write(piece)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _chunk_rows(out_dir: str, chunk: Chunk, texts: Sequence[str]) -> list[str]:
     """A written chunk's lines, checked: exactly its chunk's count, each starting with
     its source."""
@@ -292,7 +272,7 @@ def assemble(out_dir: str, sources: Mapping[Direction, Sequence[str]], chunk_siz
                     yield row + "\n"
 
         path = distilled.train_file(out_dir, *d)
-        _write_streamed(path, lines())
+        write_atomic(path, lines())
         dirs[direction_key(*d)] = {"src": d[0], "tgt": d[1], "file": os.path.basename(path),
                                    "sentences": len(texts), "empty": empty[0]}
     manifest = {**info, "directions": dirs,
