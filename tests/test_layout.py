@@ -36,10 +36,12 @@ LAYERS = {
     "jaxmt.sharding": 3,
     "jaxmt.modeling": 4,
     "jaxmt.train": 5, "jaxmt.inference": 5, "jaxmt.compress": 5,
+    "jaxmt.plan": 5,
     "jaxmt.gin_files": 6, "jaxmt.cli": 6, "jaxmt.demo": 6, "jaxmt": 6,
 }
 # The stages above data/ and kernels/ (the rule, stated on its own).
 ABOVE_DATA_AND_KERNELS = ("jaxmt.modeling", "jaxmt.train", "jaxmt.inference", "jaxmt.compress",
+                          "jaxmt.plan",
                           "jaxmt.sharding", "jaxmt.config", "jaxmt.gin_files", "jaxmt.cli")
 
 

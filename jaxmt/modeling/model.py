@@ -169,7 +169,8 @@ class EncoderDecoderModel:
         """All ones (routing ids: every token to the first adapter), for shapes and init."""
         shapes = {k: (batch, src_len if k.startswith("encoder") else tgt_len)
                   for k in self.batch_keys}
-        return {k: jnp.ones(s, jnp.int32) if k not in LANG_KEYS else jnp.zeros(s, jnp.int32)
+        # numpy, not jnp: making them compiles nothing (the planner counts compiles).
+        return {k: np.ones(s, np.int32) if k not in LANG_KEYS else np.zeros(s, np.int32)
                 for k, s in shapes.items()}
 
     def random_batch(self, batch: int, src_len: int, tgt_len: int, seed: int = 0

@@ -85,10 +85,53 @@ def topology_devices(name: str) -> list[jax.Device]:
     """
     try:
         from jax.experimental import topologies
-        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+        # v4 chips are addressed as one megacore device each (two TensorCores).
+        extra = {"chip_config_name": "megacore"} if name.startswith("v4") else {}
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu",
+                                                 **extra).devices)
     except Exception as e:  # no libtpu, or an unknown topology name
         raise ValueError(f"cannot compile for TPU topology {name!r} ({e}); install the TPU "
                          f"compiler with `pip install -e '.[tpu_aot]'`") from e
+
+
+def check_model_split(cfg: ModelConfig, sizes: dict[str, int]) -> None:
+    """Dimensions a mesh of ``sizes`` (axis -> size) splits must divide evenly.
+
+    No devices needed: :meth:`Partitioner.check_model` and the planner (which checks
+    mesh shapes for hardware it does not have) share this.
+
+    Raises:
+      ValueError: naming the field, the axis and what to change.
+    """
+    t, f = sizes["tensor"], sizes["fsdp"]
+    need = [("num_heads", cfg.num_heads, t, "tensor"), ("mlp_dim", cfg.mlp_dim, t, "tensor"),
+            ("vocab_size", cfg.vocab_size, t, "tensor"), ("emb_dim", cfg.emb_dim, f, "fsdp")]
+    for field, value, n, axis in need:
+        if value % n:
+            lower = max(d for d in range(1, n + 1) if value % d == 0 and n % d == 0)
+            raise ValueError(
+                f"ModelConfig.{field}={value} is not divisible by the `{axis}` mesh axis "
+                f"(MeshConfig.{axis}={n}); make {field} a multiple of {n}, or set "
+                f"MeshConfig.{axis}={lower} and give the other devices to `data`.")
+
+
+def check_batch_split(global_batch: int, data_parallel_size: int,
+                      num_microbatches: int = 1) -> None:
+    """The batch (each microbatch) must split evenly over ``data_parallel_size`` (replica
+    x data x fsdp) devices; no devices needed, as :func:`check_model_split`.
+
+    Raises:
+      ValueError: naming TrainConfig.batch_size and the multiple to pick.
+    """
+    n = data_parallel_size * num_microbatches
+    if global_batch % n:
+        what = (f"replica x data x fsdp = {data_parallel_size}" if num_microbatches == 1
+                else f"replica x data x fsdp x num_microbatches = "
+                     f"{data_parallel_size} x {num_microbatches}")
+        raise ValueError(
+            f"TrainConfig.batch_size={global_batch} is not divisible by {what}; pick a "
+            f"multiple of {n}" + ("." if num_microbatches == 1 else
+                                  " or change TrainConfig.num_microbatches."))
 
 
 class Partitioner:
@@ -187,28 +230,11 @@ class Partitioner:
 
     def check_model(self, cfg: ModelConfig) -> None:
         """Dimensions the mesh splits must divide evenly; raises before any compile."""
-        t, f = self.sizes["tensor"], self.sizes["fsdp"]
-        need = [("num_heads", cfg.num_heads, t, "tensor"), ("mlp_dim", cfg.mlp_dim, t, "tensor"),
-                ("vocab_size", cfg.vocab_size, t, "tensor"), ("emb_dim", cfg.emb_dim, f, "fsdp")]
-        for field, value, n, axis in need:
-            if value % n:
-                lower = max(d for d in range(1, n + 1) if value % d == 0 and n % d == 0)
-                raise ValueError(
-                    f"ModelConfig.{field}={value} is not divisible by the `{axis}` mesh axis "
-                    f"(MeshConfig.{axis}={n}); make {field} a multiple of {n}, or set "
-                    f"MeshConfig.{axis}={lower} and give the other devices to `data`.")
+        check_model_split(cfg, self.sizes)
 
     def check_batch(self, global_batch: int, num_microbatches: int = 1) -> None:
         """The batch (each microbatch) must split evenly over replica x data x fsdp."""
-        n = self.data_parallel_size * num_microbatches
-        if global_batch % n:
-            what = (f"replica x data x fsdp = {self.data_parallel_size}" if num_microbatches == 1
-                    else f"replica x data x fsdp x num_microbatches = "
-                         f"{self.data_parallel_size} x {num_microbatches}")
-            raise ValueError(
-                f"TrainConfig.batch_size={global_batch} is not divisible by {what}; pick a "
-                f"multiple of {n}" + ("." if num_microbatches == 1 else
-                                      " or change TrainConfig.num_microbatches."))
+        check_batch_split(global_batch, self.data_parallel_size, num_microbatches)
 
     def host_local_batch_size(self, global_batch: int) -> int:
         self.check_batch(global_batch)

@@ -179,6 +179,9 @@ class Trainer:
             self.state_shardings = self.state_shardings.replace(loss_scale=jax.tree.map(
                 lambda _: partitioner.replicated, self.state_shardings.loss_scale))
         self.abstract_state = abstract_like(nn.unbox(boxed), self.state_shardings)
+        # The state's logical axis names (PartitionSpecs of names), for the planner's
+        # per-device arithmetic on meshes that are not built (jaxmt/plan/memory.py).
+        self.logical_specs = nn.get_partition_spec(boxed)
         self._init_fn = self._step_fn = self._scalars_fn = self._finite_fn = None
 
     def _init_teacher(self, teacher_cfg: ModelConfig | None, src_len: int, tgt_len: int):

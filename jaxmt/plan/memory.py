@@ -1,0 +1,366 @@
+"""Per-device memory of one training step, predicted without compiling anything.
+
+The compiled step holds, per device (XLA's ``memory_analysis()``; :func:`compiled_bytes`):
+
+* arguments: the train state (parameters, optimizer state, counters) and the batch,
+  each leaf split by the mesh as the logical-axis rules say. Computed exactly from the
+  Trainer's abstract state (``jax.eval_shape`` of its init: a trace, no compile) and the
+  rule table, with TPU's tiled layouts padded where the target is a TPU.
+* temporaries: gradients (laid out like the optimizer state), the activations saved for
+  the backward pass, the float32 logits and their gradient, and scratch.
+
+The saved activations come from the program itself: :func:`residual_kinds` traces
+``jax.vjp`` of the loss (``jax.eval_shape``; no compile) for a small proxy model whose
+every dimension has its own size, and reads the residuals the remat policy keeps. Each
+residual's shape, written in dimension letters (``bshd``: batch, length, heads, head
+size), is then sized for the real model and the candidate's mesh. XLA does not keep
+exactly those buffers (it fuses some away and adds backward scratch); the factors in
+:data:`CALIBRATION` were fitted to ahead-of-time TPU compiles by
+``benchmarks/planner_accuracy.py``, which reports the error on every configuration.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmt.config import PRECISIONS, ModelConfig
+from jaxmt.modeling.model import EncoderDecoderModel
+from jaxmt.plan.workload import Candidate, Workload
+from jaxmt.sharding import axes
+from jaxmt.sharding.partitioning import Partitioner, resolve_rules
+from jaxmt.train.trainer import Trainer
+
+# Each dimension of the proxy model gets a size no other dimension has, so a residual's
+# shape names its dimensions. b: batch rows, s: source length, t: target length,
+# e: embed, h: heads, d: head size, f: MLP units, v: vocabulary, r: relative-position
+# buckets.
+_PROXY = {"b": 3, "s": 20, "t": 28, "e": 40, "h": 5, "d": 6, "f": 56, "v": 136, "r": 11}
+_LETTER = {size: letter for letter, size in _PROXY.items()}
+# Which letters each mesh axis divides, for activations (axes.RULES: act_batch over the
+# batch axes; act_heads, act_mlp and act_vocab over tensor).
+_SPLIT_BY = {"b": axes.BATCH_MESH_AXES, "h": ("tensor",), "f": ("tensor",), "v": ("tensor",)}
+
+
+def compiled_bytes(mem: Any) -> int:
+    """Per-device bytes of a compiled step from its ``memory_analysis()``: arguments plus
+    outputs not aliased to a donated argument plus temporaries (XLA's CPU backend
+    reports ``peak_memory_in_bytes`` as the arguments alone, so it is not used)."""
+    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+               - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+
+
+# ---------------------------------------------------------------------------------------
+# Arguments: the state and the batch, leaf by leaf.
+
+def _tiled_bytes(shape: tuple[int, ...], itemsize: int) -> int:
+    """Bytes of an array in TPU HBM: its two minor dimensions padded to whole tiles of
+    128 lanes by 8 rows of 32-bit words (16 rows for 16-bit types, 32 for 8-bit). XLA
+    picks an argument's layout, so the two minor dimensions are the pair that pads
+    least; a vector is padded to whole 128-element rows."""
+    if not shape:
+        return 4
+    rows = 8 * max(1, 4 // itemsize)
+    pad = lambda n, m: -(-n // m) * m
+    total = math.prod(shape)
+    if len(shape) == 1:
+        return pad(shape[0], 128) * itemsize
+    best = None
+    for i, lanes in enumerate(shape):
+        for j, sub in enumerate(shape):
+            if i != j:
+                n = total // (lanes * sub) * pad(lanes, 128) * pad(sub, rows)
+                best = n if best is None else min(best, n)
+    return best * itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    shape: tuple[int, ...]
+    itemsize: int
+    names: tuple  # logical axis names per dimension (None: unnamed)
+    group: str  # params | opt_state | other
+    trained: bool = False  # a parameter that gets a gradient
+
+
+@functools.lru_cache(maxsize=16)
+def _state_leaves(model: ModelConfig, train, src_len: int, tgt_len: int
+                  ) -> tuple[_Leaf, ...]:
+    """The train state's leaves with their logical names: a Trainer on one device traces
+    the init (``jax.eval_shape``), which no mesh changes."""
+    one = Partitioner(devices=jax.devices()[:1])
+    train = dataclasses.replace(train, batch_size=1, num_microbatches=1)
+    trainer = Trainer(model, train, one, src_len, tgt_len)
+    specs = jax.tree_util.tree_flatten_with_path(
+        trainer.logical_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+    shapes = jax.tree.leaves(trainer.abstract_state)
+    trained_paths = {jax.tree_util.keystr(p) for p, _ in
+                     jax.tree_util.tree_flatten_with_path(trainer.trained(
+                         trainer.abstract_state.params))[0]}
+    out = []
+    for (path, spec), x in zip(specs, shapes):
+        group = getattr(path[0], "name", "other")
+        group = group if group in ("params", "opt_state") else "other"
+        names = tuple(spec) + (None,) * (len(x.shape) - len(spec))
+        trained = group == "params" and jax.tree_util.keystr(path[1:]) in trained_paths
+        out.append(_Leaf(tuple(x.shape), x.dtype.itemsize, names, group, trained))
+    return tuple(out)
+
+
+def _shard_shape(shape: tuple[int, ...], names: tuple, rules: tuple, sizes: dict) -> tuple:
+    mesh_axes = nn.logical_to_mesh_axes(names, rules)
+    out = []
+    for dim, ax in zip(shape, tuple(mesh_axes) + (None,) * len(shape)):
+        n = 1 if ax is None else math.prod(sizes[a] for a in ((ax,) if isinstance(ax, str) else ax))
+        out.append(-(-dim // n))
+    return tuple(out)
+
+
+def state_bytes(w: Workload, c: Candidate, tpu: bool = False) -> dict[str, int]:
+    """Per-device bytes of the parameters, optimizer state and other state leaves, and
+    three parameter-sized terms of the temporaries: ``grads`` (laid out like the
+    optimizer state, in the parameters' dtype), ``grads_gathered`` (the same, whole over
+    ``fsdp``: what a device holds before a reduce-scatter) and ``weights_copy`` (the
+    weights in the compute dtype, whole over ``fsdp``: gathered or cast copies; 0 when
+    the step can use the parameters as they are)."""
+    sizes = c.sizes
+    leaves = _state_leaves(_state_key(c.model_config(w.model)), w.train, w.src_len, w.tgt_len)
+    rules = resolve_rules(axes.RULES, sizes)
+    param_rules = resolve_rules(axes.RULES, sizes, drop=() if c.shard_params else ("fsdp",))
+    whole = resolve_rules(axes.RULES, sizes, drop=("fsdp",))
+    compute, param = PRECISIONS[w.model.precision]
+    # XLA's CPU backend gathers weights in float32 and casts after (a TPU compile moves
+    # the cast before the collective).
+    compute_size = np.dtype(compute).itemsize if tpu else 4
+    copies = (sizes["fsdp"] > 1 and c.shard_params) or compute != param
+    nbytes = _tiled_bytes if tpu else (lambda s, i: math.prod(s) * i)
+    out = collections.Counter()
+    for leaf in leaves:
+        use = param_rules if leaf.group == "params" else rules
+        out[leaf.group] += nbytes(_shard_shape(leaf.shape, leaf.names, use, sizes), leaf.itemsize)
+        if leaf.group == "params":
+            gathered = _shard_shape(leaf.shape, leaf.names, whole, sizes)
+            if copies and len(leaf.shape) >= 2:
+                out["weights_copy"] += nbytes(gathered, compute_size)
+            if leaf.trained:
+                out["grads"] += nbytes(_shard_shape(leaf.shape, leaf.names, rules, sizes),
+                                       leaf.itemsize)
+                out["grads_gathered"] += nbytes(gathered, leaf.itemsize)
+    return dict(out)
+
+
+def _state_key(model: ModelConfig) -> ModelConfig:
+    """The model with what does not change the state's shapes set to defaults (one init
+    trace serves every remat policy and attention implementation)."""
+    att = dataclasses.replace(model.attention, encoder="xla", decoder="xla", cross="xla")
+    return dataclasses.replace(model, encoder_remat="none", decoder_remat="none",
+                               attention=att)
+
+
+def batch_bytes(w: Workload, c: Candidate, tpu: bool = False) -> int:
+    """Per-device bytes of the step's int32 batch arrays (rows over the batch axes)."""
+    dp = math.prod(c.sizes[a] for a in axes.BATCH_MESH_AXES)
+    keys = EncoderDecoderModel(w.model).batch_keys
+    rows = -(-w.batch // dp)
+    nbytes = _tiled_bytes if tpu else (lambda s, i: math.prod(s) * i)
+    return sum(nbytes((rows, w.src_len if k.startswith("encoder") else w.tgt_len), 4)
+               for k in keys)
+
+
+# ---------------------------------------------------------------------------------------
+# Saved activations: the residuals of jax.vjp, traced for a proxy model.
+
+def _proxy(model: ModelConfig, enc_layers: int, dec_layers: int) -> ModelConfig:
+    p = _PROXY
+    return dataclasses.replace(
+        model, vocab_size=p["v"], emb_dim=p["e"], num_heads=p["h"], head_dim=p["d"],
+        mlp_dim=p["f"], relpos_buckets=p["r"], num_encoder_layers=enc_layers,
+        num_decoder_layers=dec_layers, scan_layers=False, dropout_rate=0.0)
+
+
+@functools.lru_cache(maxsize=256)
+def _kinds(model: ModelConfig, enc_layers: int, dec_layers: int) -> collections.Counter:
+    """Residuals of the loss's vjp for the proxy: ``{(letters, itemsize): count}``.
+    Residuals that are parameters (no batch dimension) are keyed with a leading ``w:``."""
+    cfg = _proxy(model, enc_layers, dec_layers)
+    m = EncoderDecoderModel(cfg)
+    params = m.param_shapes()
+    batch = jax.eval_shape(lambda: m.dummy_batch(_PROXY["b"], _PROXY["s"], _PROXY["t"]))
+    batch = dict(batch, decoder_loss_weights=jax.ShapeDtypeStruct(
+        batch["decoder_target_tokens"].shape, jnp.int32))
+
+    def vjp(p, b):
+        return jax.vjp(lambda p: m.loss(p, b, dropout_rng=None)[0], p)[1]
+
+    out = collections.Counter()
+    for r in jax.tree.leaves(jax.eval_shape(vjp, params, batch)):
+        letters = "".join(_LETTER.get(n, "?") for n in r.shape)
+        key = letters if "b" in letters else "w:" + letters
+        out[(key, np.dtype(r.dtype).itemsize)] += 1
+    return out
+
+
+def residual_kinds(model: ModelConfig) -> dict[str, collections.Counter]:
+    """Saved residuals per encoder layer, per decoder layer and outside the layers
+    (``fixed``). A stack's per-layer residuals depend on its own remat policy only, so
+    they come from proxies with that policy on both stacks (1+1, 2+1 and 1+2 layers,
+    cached per policy); ``fixed`` from the 1+1 proxy with the model's two policies."""
+    both = lambda p: dataclasses.replace(model, encoder_remat=p, decoder_remat=p)
+    enc_m, dec_m = both(model.encoder_remat), both(model.decoder_remat)
+    enc = _kinds(enc_m, 2, 1) - _kinds(enc_m, 1, 1)
+    dec = _kinds(dec_m, 1, 2) - _kinds(dec_m, 1, 1)
+    fixed = _kinds(model, 1, 1) - enc - dec
+    return {"encoder": enc, "decoder": dec, "fixed": fixed}
+
+
+def _size(letters: str, itemsize: int, dims: dict, div: dict) -> float:
+    return itemsize * math.prod(dims[c] / div.get(c, 1) for c in letters if c != "?")
+
+
+def _term(key: str, itemsize: int) -> str | None:
+    """Which temporaries' term a residual belongs to (None: not counted)."""
+    if key.startswith("w:"):  # no batch dimension: parameters and their copies (the
+        return None  # weights_copy term), position tables
+    if key == "btv":
+        return None  # the float32 logits: the "logits" term
+    lengths = sum(key.count(c) for c in "st")
+    if lengths >= 2:
+        return "act_scores"
+    # Float32 residuals (norm statistics, softmax sums, the residual stream) are mostly
+    # cheap element-wise results that XLA's fusions recompute; 16-bit ones are matmul
+    # outputs it keeps: separate terms.
+    return "act_wide" if itemsize >= 4 else "act_layers"
+
+
+def activation_terms(w: Workload, c: Candidate, tpu: bool = False) -> dict[str, float]:
+    """Residual bytes per device by term (``act_layers``: [batch, length, ...] tensors;
+    ``act_scores``: [batch, heads, length, length] ones), for one microbatch. Off TPU,
+    16-bit residuals count as float32: XLA's CPU backend upcasts bf16 work."""
+    m = c.model_config(w.model)
+    sizes = c.sizes
+    dims = {"b": w.batch / c.num_microbatches, "s": w.src_len, "t": w.tgt_len,
+            "e": m.emb_dim, "h": m.num_heads, "d": m.head_dim, "f": m.mlp_dim,
+            "v": m.vocab_size, "r": m.relpos_buckets}
+    div = {k: math.prod(sizes[a] for a in v) for k, v in _SPLIT_BY.items()}
+    layers = {"encoder": m.num_encoder_layers, "decoder": m.num_decoder_layers, "fixed": 1}
+    out = collections.Counter()
+    for where, counter in residual_kinds(_residual_key(m)).items():
+        for (key, itemsize), n in counter.items():
+            term = _term(key, itemsize)
+            if term:
+                size = itemsize if tpu else max(itemsize, 4)
+                out[term] += n * layers[where] * _size(key, size, dims, div)
+    return {t: out.get(t, 0.0) for t in ("act_layers", "act_wide", "act_scores")}
+
+
+def _residual_key(model: ModelConfig) -> ModelConfig:
+    """The model with what the proxy replaces set to defaults (a cache key). ``offload``
+    is traced as ``full``: what it saves goes to host memory, not the device's."""
+    full = lambda p: "full" if p == "offload" else p
+    return dataclasses.replace(_proxy(model, 1, 1), num_encoder_layers=1, num_decoder_layers=1,
+                               encoder_remat=full(model.encoder_remat),
+                               decoder_remat=full(model.decoder_remat))
+
+
+# ---------------------------------------------------------------------------------------
+# The estimate.
+
+# The temporaries' terms, each scaled by its factor in the calibration.
+TEMP_PARTS = ("grads", "grads_gathered", "weights_copy", "act_layers", "act_wide",
+              "act_scores", "logits")
+UNIT = {k: 1.0 for k in TEMP_PARTS}
+# Fitted to ahead-of-time compiles by ``benchmarks/planner_accuracy.py --fit`` (non-negative
+# least squares on relative error), per group: XLA's CPU backend upcasts bf16 work and
+# makes no reduce-scatters; on TPU an unrolled stack lets fusions recompute most
+# element-wise residuals, while a scanned one keeps what the loop carries.
+CALIBRATION = {
+    "tpu_scan": {"grads": 0.874, "grads_gathered": 0.199, "weights_copy": 0.0,
+                 "act_layers": 3.129, "act_wide": 0.549, "act_scores": 2.121, "logits": 0.214},
+    "tpu_unrolled": {"grads": 0.0, "grads_gathered": 0.424, "weights_copy": 0.0,
+                     "act_layers": 0.209, "act_wide": 0.515, "act_scores": 0.0, "logits": 0.0},
+    "cpu": {"grads": 0.86, "grads_gathered": 0.66, "weights_copy": 0.0, "act_layers": 2.331,
+            "act_wide": 0.974, "act_scores": 0.0, "logits": 0.0},
+}
+
+
+def calibration_group(tpu: bool, scan_layers: bool) -> str:
+    """Which fitted factors apply: ``tpu_scan``, ``tpu_unrolled`` or ``cpu``."""
+    return ("tpu_scan" if scan_layers else "tpu_unrolled") if tpu else "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted bytes per device. ``total`` is what :func:`compiled_bytes` measures;
+    ``grads`` to ``weights`` are the temporaries, the rest the step's arguments."""
+
+    params: int
+    opt_state: int
+    other: int  # counters, loss scale, the batch
+    grads: int
+    grads_gathered: int
+    weights_copy: int
+    act_layers: int
+    act_wide: int
+    act_scores: int
+    logits: int
+
+    @property
+    def activations(self) -> int:
+        """Saved activations and the weights' gathered or cast copies."""
+        return self.act_layers + self.act_wide + self.act_scores + self.weights_copy
+
+    @property
+    def arguments(self) -> int:
+        """What the step takes in: parameters, optimizer state, counters, batch."""
+        return self.params + self.opt_state + self.other
+
+    @property
+    def total(self) -> int:
+        return self.arguments + sum(self.temp_parts().values())
+
+    def parts(self) -> dict[str, int]:
+        """The breakdown shown to users (tables, plots, JSON)."""
+        return {"params": self.params, "grads": self.grads + self.grads_gathered,
+                "opt_state": self.opt_state, "activations": self.activations,
+                "logits": self.logits, "other": self.other}
+
+    def temp_parts(self) -> dict[str, int]:
+        """The temporaries by calibrated term (:data:`TEMP_PARTS`)."""
+        return {k: getattr(self, k) for k in TEMP_PARTS}
+
+
+def predict_memory(w: Workload, c: Candidate, tpu: bool = False,
+                   calibration: dict | None = None) -> MemoryEstimate:
+    """Predicted per-device bytes of ``w``'s training step under ``c``; no compiles.
+
+    Args:
+      tpu: a TPU target: arrays padded to its tiled layouts, its calibration.
+      calibration: factors per temporaries' term (default :data:`CALIBRATION`'s).
+    """
+    k = calibration or CALIBRATION[calibration_group(tpu, c.scan_layers)]
+    st = state_bytes(w, c, tpu)
+    m = c.model_config(w.model)
+    sizes = c.sizes
+    dp = math.prod(sizes[a] for a in axes.BATCH_MESH_AXES)
+    rows = w.batch / c.num_microbatches / dp
+    logits = 4 * rows * w.tgt_len * m.vocab_size / sizes["tensor"]
+    # Microbatches add a float32 gradient sum beside each microbatch's gradients.
+    grads = st.get("grads", 0) * (2 if c.num_microbatches > 1 else 1)
+    acts = activation_terms(w, c, tpu)
+    return MemoryEstimate(
+        params=int(st.get("params", 0)), opt_state=int(st.get("opt_state", 0)),
+        other=int(st.get("other", 0) + batch_bytes(w, c, tpu)),
+        grads=int(k["grads"] * grads),
+        grads_gathered=int(k["grads_gathered"] * st.get("grads_gathered", 0)),
+        weights_copy=int(k["weights_copy"] * st.get("weights_copy", 0)),
+        act_layers=int(k["act_layers"] * acts["act_layers"]),
+        act_wide=int(k["act_wide"] * acts["act_wide"]),
+        act_scores=int(k["act_scores"] * acts["act_scores"]), logits=int(k["logits"] * logits))

@@ -1,0 +1,90 @@
+"""Checks a candidate by compiling its training step ahead of time for the target.
+
+Nothing runs and nothing is allocated: :meth:`jaxmt.train.trainer.Trainer.compile_step`
+lowers the step for abstract state on the target's devices and XLA compiles it. Where
+the devices come from:
+
+* ``tpu-*``: the topology's chips from libtpu (the ``tpu_aot`` extra), on any machine;
+  a candidate that does not fit fails to compile (RESOURCE_EXHAUSTED).
+* ``cpu:N``: N of this process's CPU devices (fake ones: set
+  ``--xla_force_host_platform_device_count`` before JAX starts).
+* GPUs: no compile-only path is installed (``jax[cuda12-local]`` would need CUDA's
+  libraries' plugin built for this jaxlib; the stack notes record that it works, without
+  an out-of-memory check). :func:`target_devices` says so.
+
+On a TPU target the ``flash`` implementation is traced as ``blockwise``: jaxmt picks the
+Pallas kernel by the backend it runs on (this machine's CPU), and the two keep the same
+residuals (the compile measures the same memory, not the kernel's speed).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+
+from jaxmt.plan.memory import compiled_bytes
+from jaxmt.plan.targets import Target
+from jaxmt.plan.workload import Candidate, Workload
+from jaxmt.sharding.partitioning import Partitioner
+from jaxmt.train.trainer import Trainer
+
+
+def target_devices(target: Target) -> list[jax.Device]:
+    """The target's devices for an ahead-of-time compile.
+
+    Raises:
+      ValueError: the target cannot be compiled for here, with the reason.
+    """
+    if target.kind == "cpu":
+        devices = jax.devices("cpu")
+        if len(devices) < target.num_devices:
+            raise ValueError(
+                f"{target.text}: this process has {len(devices)} CPU devices; start it with "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={target.num_devices}")
+        return devices[:target.num_devices]
+    if target.kind == "tpu":
+        from jax.experimental import topologies
+        try:
+            return list(topologies.get_topology_desc(**target.topology_kwargs()).devices)
+        except Exception as e:  # no libtpu, or a topology it does not know
+            raise ValueError(f"cannot compile for {target.text} ({e}); install the TPU "
+                             f"compiler with `pip install -e '.[tpu_aot]'`") from e
+    raise ValueError(
+        f"{target.text}: no compile-only path for GPUs is installed here (a CUDA PJRT "
+        f"plugin matching this jaxlib is needed, and even then XLA has no out-of-memory "
+        f"check for GPU compiles); the prediction stands unverified")
+
+
+def compile_candidate(w: Workload, c: Candidate, target: Target,
+                      devices: list[jax.Device] | None = None) -> dict:
+    """Compiles ``w``'s step under ``c`` for ``target`` and reads XLA's figures.
+
+    Returns:
+      ``compiled_bytes_per_device`` (:func:`jaxmt.plan.memory.compiled_bytes`),
+      ``argument_bytes``, ``temp_bytes``, ``output_bytes``, ``alias_bytes``, ``flops``
+      (None where XLA gives none) and ``compile_s``.
+
+    Raises:
+      ValueError: the target cannot be compiled for here, or the mesh does not suit the
+        model or batch.
+      jax.errors.JaxRuntimeError: XLA refused it (on TPU, RESOURCE_EXHAUSTED: it does not
+        fit).
+    """
+    devices = devices if devices is not None else target_devices(target)
+    w = c.apply(w)
+    part = Partitioner(c.mesh_config(), devices=devices)
+    trainer = Trainer(w.model, w.train, part, w.src_len, w.tgt_len)
+    t0 = time.perf_counter()
+    compiled = trainer.compile_step(w.src_len, w.tgt_len)
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    return {"compiled_bytes_per_device": compiled_bytes(mem),
+            "argument_bytes": int(mem.argument_size_in_bytes),
+            "temp_bytes": int(mem.temp_size_in_bytes),
+            "output_bytes": int(mem.output_size_in_bytes),
+            "alias_bytes": int(mem.alias_size_in_bytes),
+            "flops": float(cost["flops"]) if cost and "flops" in cost else None,
+            "compile_s": round(compile_s, 1)}
