@@ -75,12 +75,13 @@ def test_the_terms_move_the_right_way():
                                               decoder_remat="full"))
     assert full.activations < dp.activations / 2
     micro = memory.predict_memory(w, Candidate(mesh=(1, 8, 1, 1), num_microbatches=4))
-    assert micro.act_layers == pytest.approx(dp.act_layers / 4, rel=1e-6)
-    assert micro.logits == pytest.approx(dp.logits / 4, rel=1e-6)
+    assert micro.activations == pytest.approx(dp.activations / 4, rel=1e-6)
+    assert micro.logits == pytest.approx(dp.logits / 4, abs=2)
     tp = memory.predict_memory(w, Candidate(mesh=(1, 4, 1, 2)))
     # Splitting the vocabulary over tensor saves what splitting the rows over fsdp does.
     assert tp.logits == memory.predict_memory(w, Candidate(mesh=(1, 4, 2, 1))).logits
-    assert tp.logits * 2 == memory.predict_memory(w, Candidate(mesh=(1, 4, 1, 1))).logits
+    assert tp.logits * 2 == pytest.approx(
+        memory.predict_memory(w, Candidate(mesh=(1, 4, 1, 1))).logits, abs=2)
 
 
 def test_tpu_layouts_pad_small_minor_dimensions():

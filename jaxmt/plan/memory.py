@@ -124,7 +124,7 @@ def _shard_shape(shape: tuple[int, ...], names: tuple, rules: tuple, sizes: dict
     return tuple(out)
 
 
-def state_bytes(w: Workload, c: Candidate, tpu: bool = False) -> dict[str, int]:
+def state_bytes(w: Workload, c: Candidate, kind: str = "cpu") -> dict[str, int]:
     """Per-device bytes of the parameters, optimizer state and other state leaves, and
     three parameter-sized terms of the temporaries: ``grads`` (laid out like the
     optimizer state, in the parameters' dtype), ``grads_gathered`` (the same, whole over
@@ -139,9 +139,9 @@ def state_bytes(w: Workload, c: Candidate, tpu: bool = False) -> dict[str, int]:
     compute, param = PRECISIONS[w.model.precision]
     # XLA's CPU backend gathers weights in float32 and casts after (a TPU compile moves
     # the cast before the collective).
-    compute_size = np.dtype(compute).itemsize if tpu else 4
+    compute_size = 4 if kind == "cpu" else np.dtype(compute).itemsize
     copies = (sizes["fsdp"] > 1 and c.shard_params) or compute != param
-    nbytes = _tiled_bytes if tpu else (lambda s, i: math.prod(s) * i)
+    nbytes = _tiled_bytes if kind == "tpu" else (lambda s, i: math.prod(s) * i)
     out = collections.Counter()
     for leaf in leaves:
         use = param_rules if leaf.group == "params" else rules
@@ -165,12 +165,12 @@ def _state_key(model: ModelConfig) -> ModelConfig:
                                attention=att)
 
 
-def batch_bytes(w: Workload, c: Candidate, tpu: bool = False) -> int:
+def batch_bytes(w: Workload, c: Candidate, kind: str = "cpu") -> int:
     """Per-device bytes of the step's int32 batch arrays (rows over the batch axes)."""
     dp = math.prod(c.sizes[a] for a in axes.BATCH_MESH_AXES)
     keys = EncoderDecoderModel(w.model).batch_keys
     rows = -(-w.batch // dp)
-    nbytes = _tiled_bytes if tpu else (lambda s, i: math.prod(s) * i)
+    nbytes = _tiled_bytes if kind == "tpu" else (lambda s, i: math.prod(s) * i)
     return sum(nbytes((rows, w.src_len if k.startswith("encoder") else w.tgt_len), 4)
                for k in keys)
 
@@ -240,9 +240,9 @@ def _term(key: str, itemsize: int) -> str | None:
     return "act_wide" if itemsize >= 4 else "act_layers"
 
 
-def activation_terms(w: Workload, c: Candidate, tpu: bool = False) -> dict[str, float]:
+def activation_terms(w: Workload, c: Candidate, kind: str = "cpu") -> dict[str, float]:
     """Residual bytes per device by term (``act_layers``: [batch, length, ...] tensors;
-    ``act_scores``: [batch, heads, length, length] ones), for one microbatch. Off TPU,
+    ``act_scores``: [batch, heads, length, length] ones), for one microbatch. On CPU,
     16-bit residuals count as float32: XLA's CPU backend upcasts bf16 work."""
     m = c.model_config(w.model)
     sizes = c.sizes
@@ -256,7 +256,7 @@ def activation_terms(w: Workload, c: Candidate, tpu: bool = False) -> dict[str, 
         for (key, itemsize), n in counter.items():
             term = _term(key, itemsize)
             if term:
-                size = itemsize if tpu else max(itemsize, 4)
+                size = max(itemsize, 4) if kind == "cpu" else itemsize
                 out[term] += n * layers[where] * _size(key, size, dims, div)
     return {t: out.get(t, 0.0) for t in ("act_layers", "act_wide", "act_scores")}
 
@@ -278,22 +278,28 @@ TEMP_PARTS = ("grads", "grads_gathered", "weights_copy", "act_layers", "act_wide
               "act_scores", "logits")
 UNIT = {k: 1.0 for k in TEMP_PARTS}
 # Fitted to ahead-of-time compiles by ``benchmarks/planner_accuracy.py --fit`` (non-negative
-# least squares on relative error), per group: XLA's CPU backend upcasts bf16 work and
-# makes no reduce-scatters; on TPU an unrolled stack lets fusions recompute most
-# element-wise residuals, while a scanned one keeps what the loop carries.
+# least squares in bytes: the large configurations weigh most), per group: XLA's CPU
+# backend upcasts bf16 work and makes no reduce-scatters; a scanned TPU stack keeps what
+# the loop carries, an unrolled one lets fusions recompute element-wise residuals. A 0
+# means the term did not help the fit (its bytes went to correlated terms), not that XLA
+# keeps none of it.
 CALIBRATION = {
-    "tpu_scan": {"grads": 0.874, "grads_gathered": 0.199, "weights_copy": 0.0,
-                 "act_layers": 3.129, "act_wide": 0.549, "act_scores": 2.121, "logits": 0.214},
-    "tpu_unrolled": {"grads": 0.0, "grads_gathered": 0.424, "weights_copy": 0.0,
-                     "act_layers": 0.209, "act_wide": 0.515, "act_scores": 0.0, "logits": 0.0},
-    "cpu": {"grads": 0.86, "grads_gathered": 0.66, "weights_copy": 0.0, "act_layers": 2.331,
-            "act_wide": 0.974, "act_scores": 0.0, "logits": 0.0},
+    "tpu_scan": {"grads": 1.539, "grads_gathered": 0.0, "weights_copy": 0.0,
+                 "act_layers": 2.741, "act_wide": 1.372, "act_scores": 0.0, "logits": 0.786},
+    "tpu_unrolled": {"grads": 0.0, "grads_gathered": 0.0, "weights_copy": 0.0,
+                     "act_layers": 1.663, "act_wide": 0.656, "act_scores": 0.0, "logits": 0.0},
+    "cpu": {"grads": 0.8, "grads_gathered": 0.735, "weights_copy": 0.0, "act_layers": 1.945,
+            "act_wide": 0.807, "act_scores": 1.61, "logits": 1.614},
 }
 
 
-def calibration_group(tpu: bool, scan_layers: bool) -> str:
-    """Which fitted factors apply: ``tpu_scan``, ``tpu_unrolled`` or ``cpu``."""
-    return ("tpu_scan" if scan_layers else "tpu_unrolled") if tpu else "cpu"
+def calibration_group(kind: str, scan_layers: bool) -> str:
+    """Which fitted factors apply: ``tpu_scan``, ``tpu_unrolled`` or ``cpu``. GPUs take
+    the TPU factors (no GPU compile was available to fit: bf16 native, reduce-scatters,
+    fusions as on TPU), which :mod:`jaxmt.plan.verify` says are unverified."""
+    if kind == "cpu":
+        return "cpu"
+    return "tpu_scan" if scan_layers else "tpu_unrolled"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,16 +343,16 @@ class MemoryEstimate:
         return {k: getattr(self, k) for k in TEMP_PARTS}
 
 
-def predict_memory(w: Workload, c: Candidate, tpu: bool = False,
+def predict_memory(w: Workload, c: Candidate, kind: str = "cpu",
                    calibration: dict | None = None) -> MemoryEstimate:
     """Predicted per-device bytes of ``w``'s training step under ``c``; no compiles.
 
     Args:
-      tpu: a TPU target: arrays padded to its tiled layouts, its calibration.
+      kind: the target's kind, "cpu", "tpu" (arrays padded to tiled layouts) or "gpu".
       calibration: factors per temporaries' term (default :data:`CALIBRATION`'s).
     """
-    k = calibration or CALIBRATION[calibration_group(tpu, c.scan_layers)]
-    st = state_bytes(w, c, tpu)
+    k = calibration or CALIBRATION[calibration_group(kind, c.scan_layers)]
+    st = state_bytes(w, c, kind)
     m = c.model_config(w.model)
     sizes = c.sizes
     dp = math.prod(sizes[a] for a in axes.BATCH_MESH_AXES)
@@ -354,10 +360,10 @@ def predict_memory(w: Workload, c: Candidate, tpu: bool = False,
     logits = 4 * rows * w.tgt_len * m.vocab_size / sizes["tensor"]
     # Microbatches add a float32 gradient sum beside each microbatch's gradients.
     grads = st.get("grads", 0) * (2 if c.num_microbatches > 1 else 1)
-    acts = activation_terms(w, c, tpu)
+    acts = activation_terms(w, c, kind)
     return MemoryEstimate(
         params=int(st.get("params", 0)), opt_state=int(st.get("opt_state", 0)),
-        other=int(st.get("other", 0) + batch_bytes(w, c, tpu)),
+        other=int(st.get("other", 0) + batch_bytes(w, c, kind)),
         grads=int(k["grads"] * grads),
         grads_gathered=int(k["grads_gathered"] * st.get("grads_gathered", 0)),
         weights_copy=int(k["weights_copy"] * st.get("weights_copy", 0)),

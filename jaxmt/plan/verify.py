@@ -19,6 +19,7 @@ residuals (the compile measures the same memory, not the kernel's speed).
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -44,6 +45,9 @@ def target_devices(target: Target) -> list[jax.Device]:
                 f"XLA_FLAGS=--xla_force_host_platform_device_count={target.num_devices}")
         return devices[:target.num_devices]
     if target.kind == "tpu":
+        # Compiling takes no TPU: don't let libtpu's machine-wide lock refuse it because
+        # another process (a test, a benchmark) has libtpu loaded too.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         from jax.experimental import topologies
         try:
             return list(topologies.get_topology_desc(**target.topology_kwargs()).devices)
