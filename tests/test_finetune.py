@@ -269,23 +269,30 @@ def test_init_from_hugging_face_t5_first_step_loss_equals_transformers(tmp_path)
     with torch.no_grad():
         want = float(ref(input_ids=enc, attention_mask=(enc > 0).long(), labels=labels).loss)
     assert abs(float(last["loss"]) - want) < 1e-4, (float(last["loss"]), want)
-    # `jaxmt data cache` tokenises with the base's tokenizer, as train does
+    # `jaxmt data cache` tokenises with the base's tokenizer, as train does; on a few
+    # hundred pairs of one's own (DataConfig.corpora, the same command path), not the
+    # embedded corpus's 58k (tests/test_data_cache.py caches those).
     import gin
 
     from jaxmt import cli
     from jaxmt import config as cfglib
     from jaxmt.data import cache
+    from jaxmt.data.embedded import parallel_pairs
     from jaxmt.inference.tokenizer import text_format
 
+    corpus = tmp_path / "en-de.tsv"
+    corpus.write_text("".join(f"{en}\t{de}\n" for en, de in
+                              parallel_pairs("en", "de", "train")[0][:300]), encoding="utf-8")
     gin.clear_config()
     try:
         assert cli.main(["data", "cache", "--model_dir", out, "--num_shards", "1",
-                         '--gin.DataConfig.langs=("en", "de")']) == 0
+                         f"--gin.DataConfig.corpora=[{{'path': '{corpus}', 'src_lang': 'en', "
+                         "'tgt_lang': 'de'}]"]) == 0
     finally:
         gin.clear_config()
     cfgs = cfglib.load(out)
     fmt = text_format(out, cfgs["tokenizer"], cfgs["model"].vocab_size)
-    assert cache.is_usable(os.path.join(out, "data_cache"), "jaxmt_bible_mix", fmt)
+    assert cache.is_usable(os.path.join(out, "data_cache"), "jaxmt_corpus_mix", fmt)
 
 
 
