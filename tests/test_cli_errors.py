@@ -450,3 +450,71 @@ def test_prune_mistakes_are_one_line(bad_inputs):
         assert re.search(want, line), (argv, line)
     assert [r["argv"] for r in results[:-1] if r["jax"]] == []
     assert _snapshot(tmp) == before
+
+
+def test_plan_mistakes_are_one_line_before_jax(bad_inputs, tmp_path):
+    """`jaxmt plan`: a bad model, target, batch, length, headroom, --verify or output path
+    is one line naming the flag, before JAX is imported; a model and batch no mesh over
+    the target splits is one line too (after the analytic pass starts)."""
+    tmp = bad_inputs["tmp"]
+    ok = ["--target=cpu:8", "--batch=8", "--src_len=16", "--tgt_len=16", "--verify=0"]
+    plan = ["plan", "--model=tiny"]
+    cases = [
+        (["plan", "--model=huge", *ok],
+         "--model=huge: unknown model; give a preset \\(.*base.*tiny.*\\) or a gin file"),
+        (["plan", f"--model={tmp / 'none.gin'}", *ok], "--model=.*none.gin: no such gin file"),
+        (plan + ["--target=tpu-v9:4x4", "--batch=8", "--src_len=16", "--tgt_len=16"],
+         "--target=tpu-v9:4x4: bad target 'tpu-v9:4x4': unknown TPU 'v9'.*accepted forms: cpu:N"),
+        (plan + ["--target=gpu8", "--batch=8", "--src_len=16", "--tgt_len=16"],
+         "--target=gpu8: bad target 'gpu8': expected FAMILY:SIZES"),
+        (plan + ["--target=cpu:8", "--batch=8", "--batch_tokens=256", "--src_len=16",
+                 "--tgt_len=16"], "--batch and --batch_tokens: give exactly one"),
+        (plan + ["--target=cpu:8", "--src_len=16", "--tgt_len=16"],
+         "--batch and --batch_tokens: give exactly one"),
+        (plan + ["--target=cpu:8", "--batch=0", "--src_len=16", "--tgt_len=16"],
+         "--batch=0: must be a positive number of rows"),
+        (plan + ["--target=cpu:8", "--batch_tokens=20", "--src_len=16", "--tgt_len=16"],
+         "--batch_tokens=20: must be at least one row of --src_len \\+ --tgt_len = 32 tokens"),
+        (plan + ["--target=cpu:8", "--batch=8", "--src_len=0", "--tgt_len=16"],
+         "--src_len=0: must be a positive number of tokens"),
+        (plan + [*ok, "--headroom=1.5"], "--headroom=1.5: must be a fraction in \\(0, 1\\]"),
+        (plan + [*ok[:-1], "--verify=-1"], "--verify=-1: must be >= 0"),
+        (plan + [*ok, f"--out={tmp}"], "--out=.*: a directory; give a file name"),
+        (plan + [*ok, f"--plot={bad_inputs['binary']}/p.png"],
+         "--plot=.*binary.tsv/p.png: cannot write there \\(.*binary.tsv is not a writable"),
+        # Past the checks (JAX loads): 3 devices split neither tiny's 4 heads nor a batch of 2.
+        (plan + ["--target=cpu:3", "--batch=2", "--src_len=16", "--tgt_len=16", "--verify=0"],
+         "--model=tiny --target=cpu:3 --batch=2: no mesh over the 3 devices of cpu:3 splits "
+         "this model and batch 2"),
+    ]
+    results = _drive(*[argv for argv, _ in cases])
+    for (argv, want), r in zip(cases, results):
+        assert r["rc"] not in (0, "raised"), (argv, r)
+        line = _one_error_line(r["err"])
+        assert re.search(want, line), (argv, line)
+    assert [r["argv"] for r in results[:-1] if r["jax"]] == []
+    assert not list(tmp_path.iterdir())
+
+
+def test_profile_mistakes_are_one_line_before_jax(bad_inputs):
+    tmp, model = bad_inputs["tmp"], bad_inputs["model"]
+    before = _snapshot(tmp)
+    cases = [
+        (["profile", f"--model_dir={tmp / 'none'}"],
+         "--model_dir=.*none: no such directory; pass a directory written by `jaxmt train`"),
+        (["profile", f"--model_dir={bad_inputs['binary']}"],
+         "--model_dir=.*binary.tsv: a file, not a directory"),
+        (["profile", f"--model_dir={tmp / 'empty'}"],
+         "--model_dir=.*empty: not a model directory \\(no jaxmt_config.json\\)"),
+        (["profile", f"--model_dir={tmp / 'corrupt'}"], "corrupt/jaxmt_config.json: "),
+        (["profile", f"--model_dir={tmp / 'marian'}"],
+         "--model_dir=.*marian: its jaxmt_config.json has no data, train section"),
+        (["profile", f"--model_dir={model}", "--steps=0"], "--steps=0: must be at least 1"),
+        (["profile", f"--model_dir={model}", "--warmup=0"], "--warmup=0: must be at least 1"),
+    ]
+    results = _drive(*[argv for argv, _ in cases])
+    for (argv, want), r in zip(cases, results):
+        assert r["rc"] not in (0, "raised"), (argv, r)
+        assert re.search(want, _one_error_line(r["err"])), (argv, r["err"])
+    assert [r["argv"] for r in results if r["jax"]] == []
+    assert _snapshot(tmp) == before  # no profile/ written

@@ -1,5 +1,5 @@
 """The ``jaxmt`` command: train, eval, translate, convert, export, data, vocab, quantize, prune,
-distill.
+distill, plan, profile.
 
     jaxmt train --gin_file=gin_configs/runs/demo.gin --gin.TRAIN_STEPS=100 --model_dir=runs/x
     jaxmt eval --model_dir=runs/x [--split=test] [--max_examples=N] [--json]
@@ -14,6 +14,9 @@ distill.
     jaxmt quantize --model_dir=runs/x --out=runs/x-int8 [--mode=int8|w8a8]
     jaxmt prune --model_dir=runs/x --out=runs/x-small --structured=0.3  # or --sparsity=0.5
     jaxmt distill translate --teacher=runs/x --gin_file=runs/student.gin --out=runs/kd
+    jaxmt plan --model=base --target=tpu-v5e:4x4 --batch=256 --src_len=512 --tgt_len=512
+        [--verify=1] [--out=plan.gin] [--plot=plan.png] [--json]  # then train --gin_file=plan.gin
+    jaxmt profile --model_dir=runs/demo [--steps=10] [--json]  # trace, breakdown, MFU, top ops
 
 Multi-host training runs the same `jaxmt train` on every host, with the same
 --model_dir (a shared filesystem) and --coordinator_address=HOST0:PORT
@@ -32,7 +35,8 @@ import os
 import sys
 import traceback
 
-from jaxmt.cli import compress_commands, data_commands, model_commands, vocab_commands
+from jaxmt.cli import (compress_commands, data_commands, model_commands, plan_commands,
+                       profile_command, vocab_commands)
 from jaxmt.cli.checks import describe, error_line
 from jaxmt.sharding.multihost import CLUSTER_DETECTION  # jax only when initialising
 
@@ -53,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands.add_parser(sub)
     vocab_commands.add_parser(sub)
     compress_commands.add_parsers(sub)
+    plan_commands.add_parsers(sub)
+    profile_command.add_parser(sub)
     return p
 
 
