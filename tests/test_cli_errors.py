@@ -71,6 +71,21 @@ def _one_error_line(stderr: str) -> str:
     return lines[0]
 
 
+def _expect_one_lines(cases: list, jax_after: int = 0) -> list[dict]:
+    """Runs each ``(argv, pattern)`` case through :func:`_drive`: each fails with one
+    error line matching its pattern, and none but the last ``jax_after`` imported JAX.
+
+    Returns:
+      The results, for further checks."""
+    results = _drive(*[argv for argv, _ in cases])
+    for (argv, want), r in zip(cases, results):
+        assert r["rc"] not in (0, "raised"), (argv, r)
+        line = _one_error_line(r["err"])
+        assert re.search(want, line), (argv, line)
+    assert [r["argv"] for r in results[:len(results) - jax_after] if r["jax"]] == []
+    return results
+
+
 def _spm(path):
     """A SentencePiece model trained in milliseconds on a few sentences."""
     import sentencepiece as spm
@@ -407,12 +422,7 @@ def test_quantize_mistakes_are_one_line_before_jax(bad_inputs):
         (["quantize", f"--model_dir={model}", f"--out={model}/int8"],
          "--out=.*/int8: inside --model_dir, which is only read"),
     ]
-    results = _drive(*[argv for argv, _ in cases])
-    for (argv, want), r in zip(cases, results):
-        assert r["rc"] not in (0, "raised"), (argv, r)
-        line = _one_error_line(r["err"])
-        assert re.search(want, line), (argv, line)
-        assert not r["jax"], argv
+    _expect_one_lines(cases)
     assert _snapshot(tmp) == before
 
 
@@ -443,12 +453,7 @@ def test_prune_mistakes_are_one_line(bad_inputs):
          "--structured=0.9: would leave no num_heads of ModelConfig.num_heads=2; use a "
          "smaller fraction"),
     ]
-    results = _drive(*[argv for argv, _ in cases])
-    for (argv, want), r in zip(cases, results):
-        assert r["rc"] not in (0, "raised"), (argv, r)
-        line = _one_error_line(r["err"])
-        assert re.search(want, line), (argv, line)
-    assert [r["argv"] for r in results[:-1] if r["jax"]] == []
+    _expect_one_lines(cases, jax_after=1)
     assert _snapshot(tmp) == before
 
 
@@ -487,12 +492,7 @@ def test_plan_mistakes_are_one_line_before_jax(bad_inputs, tmp_path):
          "--model=tiny --target=cpu:3 --batch=2: no mesh over the 3 devices of cpu:3 splits "
          "this model and batch 2"),
     ]
-    results = _drive(*[argv for argv, _ in cases])
-    for (argv, want), r in zip(cases, results):
-        assert r["rc"] not in (0, "raised"), (argv, r)
-        line = _one_error_line(r["err"])
-        assert re.search(want, line), (argv, line)
-    assert [r["argv"] for r in results[:-1] if r["jax"]] == []
+    _expect_one_lines(cases, jax_after=1)
     assert not list(tmp_path.iterdir())
 
 
@@ -512,9 +512,5 @@ def test_profile_mistakes_are_one_line_before_jax(bad_inputs):
         (["profile", f"--model_dir={model}", "--steps=0"], "--steps=0: must be at least 1"),
         (["profile", f"--model_dir={model}", "--warmup=0"], "--warmup=0: must be at least 1"),
     ]
-    results = _drive(*[argv for argv, _ in cases])
-    for (argv, want), r in zip(cases, results):
-        assert r["rc"] not in (0, "raised"), (argv, r)
-        assert re.search(want, _one_error_line(r["err"])), (argv, r["err"])
-    assert [r["argv"] for r in results if r["jax"]] == []
+    _expect_one_lines(cases)
     assert _snapshot(tmp) == before  # no profile/ written
