@@ -51,8 +51,9 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
 if [ "$cpu" = 1 ]; then
   export JAX_PLATFORMS=cpu
   # One CPU device, as on one GPU: device_chip splits the host's peak among fake devices.
-  XLA_FLAGS="$(echo "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')"
-  export XLA_FLAGS
+  XLA_FLAGS="$(echo "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g' | xargs)"
+  # An XLA_FLAGS of blanks is read as a flag file's name: unset it when nothing is left.
+  if [ -n "$XLA_FLAGS" ]; then export XLA_FLAGS; else unset XLA_FLAGS; fi
 else
   # Room for the sweep's 8k xla rows and the train step beside the other programs' buffers.
   export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}"
