@@ -109,7 +109,7 @@ from jaxmt.kernels.common import RelPos, reference_attention  # noqa: E402
 from jaxmt.kernels.dot_product import dot_product_implementation, platform  # noqa: E402
 from jaxmt.kernels.flash_attention import default_block_sizes, flash_attention  # noqa: E402
 from jaxmt.modeling.attention import Masking, attend  # noqa: E402
-from jaxmt.plan.memory import compiled_bytes  # noqa: E402
+from jaxmt.plan.memory import compiled_bytes, compiled_flops  # noqa: E402
 from jaxmt.sharding.partitioning import Partitioner  # noqa: E402
 from jaxmt.train.trainer import Trainer  # noqa: E402
 
@@ -396,13 +396,6 @@ def _peak(device) -> tuple[float | None, str]:
     return chip.peak_flops.get("bfloat16"), f"jaxmt.plan.targets: {chip.name} ({chip.source})"
 
 
-def _flops(compiled) -> float | None:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
-        cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
-
-
 def part_train(s: Sizes, trace_path: Path) -> dict:
     """A bf16 train step of the preset model: step time, tokens/s, MFU, profiler trace."""
     device = jax.devices()[0]
@@ -429,7 +422,7 @@ def part_train(s: Sizes, trace_path: Path) -> dict:
            "src_len": s.src_len, "tgt_len": s.tgt_len, "params": trainer.num_params(),
            "attention": cfg.attention.encoder, "compiles": tries,
            "device_bytes_limit": limit}
-    flops = _flops(compiled)
+    flops = compiled_flops(compiled)
     out["flops_per_step"] = flops
     state = trainer.init_state(0)
     data = trainer.partitioner.shard_batch(

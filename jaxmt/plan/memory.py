@@ -58,6 +58,15 @@ def compiled_bytes(mem: Any) -> int:
                - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
 
 
+
+def compiled_flops(compiled: Any) -> float | None:
+    """XLA's ``cost_analysis()`` flops of a compiled step, per device (None where XLA
+    gives none, as for GPU ahead-of-time compiles). A ``lax.scan`` body counts once."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
 # ---------------------------------------------------------------------------------------
 # Arguments: the state and the batch, leaf by leaf.
 

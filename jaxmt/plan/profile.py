@@ -451,9 +451,9 @@ class _Steps:
         if shape not in self.compiled:
             traced = self.fn.trace(state, batch, rng)
             compiled = traced.lower().compile()
-            cost = compiled.cost_analysis() or {}
             n = self.trainer.partitioner.mesh.devices.size
-            self.flops[shape] = (float(cost.get("flops", 0.0)) * n,
+            from jaxmt.plan.memory import compiled_flops
+            self.flops[shape] = ((compiled_flops(compiled) or 0.0) * n,
                                  scan_correction(traced.jaxpr))
             self.compiled[shape] = compiled
             self.sources.update(hlo_sources(compiled.as_text()))
