@@ -140,16 +140,24 @@ def state_bytes(w: Workload, c: Candidate, kind: str = "cpu") -> dict[str, int]:
     ``fsdp``: what a device holds before a reduce-scatter) and ``weights_copy`` (the
     weights in the compute dtype, whole over ``fsdp``: gathered or cast copies; 0 when
     the step can use the parameters as they are)."""
-    sizes = c.sizes
-    leaves = _state_leaves(_state_key(c.model_config(w.model)), w.train, w.src_len, w.tgt_len)
+    return dict(_state_bytes(_state_key(c.model_config(w.model)), w.train, w.src_len,
+                             w.tgt_len, tuple(c.sizes.items()), c.shard_params, kind))
+
+
+@functools.lru_cache(maxsize=1024)
+def _state_bytes(model: ModelConfig, train, src_len: int, tgt_len: int, sizes: tuple,
+                 shard_params: bool, kind: str) -> dict[str, int]:
+    """:func:`state_bytes`, cached: a plan's candidates share a few meshes."""
+    sizes = dict(sizes)
+    leaves = _state_leaves(model, train, src_len, tgt_len)
     rules = resolve_rules(axes.RULES, sizes)
-    param_rules = resolve_rules(axes.RULES, sizes, drop=() if c.shard_params else ("fsdp",))
+    param_rules = resolve_rules(axes.RULES, sizes, drop=() if shard_params else ("fsdp",))
     whole = resolve_rules(axes.RULES, sizes, drop=("fsdp",))
-    compute, param = PRECISIONS[w.model.precision]
+    compute, param = PRECISIONS[model.precision]
     # XLA's CPU backend gathers weights in float32 and casts after (a TPU compile moves
     # the cast before the collective).
     compute_size = 4 if kind == "cpu" else np.dtype(compute).itemsize
-    copies = (sizes["fsdp"] > 1 and c.shard_params) or compute != param
+    copies = (sizes["fsdp"] > 1 and shard_params) or compute != param
     nbytes = _tiled_bytes if kind == "tpu" else (lambda s, i: math.prod(s) * i)
     out = collections.Counter()
     for leaf in leaves:
@@ -272,11 +280,18 @@ def activation_terms(w: Workload, c: Candidate, kind: str = "cpu") -> dict[str, 
 
 def _residual_key(model: ModelConfig) -> ModelConfig:
     """The model with what the proxy replaces set to defaults (a cache key). ``offload``
-    is traced as ``full``: what it saves goes to host memory, not the device's."""
+    is traced as ``full``: what it saves goes to host memory, not the device's. Where
+    this process cannot run the Pallas kernel, ``flash`` traces as ``blockwise`` (what
+    :func:`jaxmt.modeling.attention.attend` runs instead), so the two share a key."""
     full = lambda p: "full" if p == "offload" else p
+    att = model.attention
+    if jax.default_backend() not in ("gpu", "tpu") and not att.flash_interpret:
+        impl = lambda a: "blockwise" if a == "flash" else a
+        att = dataclasses.replace(att, encoder=impl(att.encoder), decoder=impl(att.decoder),
+                                  cross=impl(att.cross))
     return dataclasses.replace(_proxy(model, 1, 1), num_encoder_layers=1, num_decoder_layers=1,
                                encoder_remat=full(model.encoder_remat),
-                               decoder_remat=full(model.decoder_remat))
+                               decoder_remat=full(model.decoder_remat), attention=att)
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,16 +302,17 @@ TEMP_PARTS = ("grads", "grads_gathered", "weights_copy", "act_layers", "act_wide
               "act_scores", "logits")
 UNIT = {k: 1.0 for k in TEMP_PARTS}
 # Fitted to ahead-of-time compiles by ``benchmarks/planner_accuracy.py --fit`` (non-negative
-# least squares in bytes: the large configurations weigh most), per group: XLA's CPU
-# backend upcasts bf16 work and makes no reduce-scatters; a scanned TPU stack keeps what
-# the loop carries, an unrolled one lets fusions recompute element-wise residuals. A 0
-# means the term did not help the fit (its bytes went to correlated terms), not that XLA
-# keeps none of it.
+# least squares in bytes: the large configurations weigh most), per group: the TPU groups
+# on ``--set main`` (runs' sizes, the base plan for v5e:4x4 among them), ``cpu`` on
+# ``--set small``. XLA's CPU backend upcasts bf16 work and makes no reduce-scatters; a
+# scanned TPU stack keeps what the loop carries, an unrolled one lets fusions recompute
+# element-wise residuals. A 0 means the term did not help the fit (its bytes went to
+# correlated terms), not that XLA keeps none of it.
 CALIBRATION = {
-    "tpu_scan": {"grads": 1.539, "grads_gathered": 0.0, "weights_copy": 0.0,
-                 "act_layers": 2.741, "act_wide": 1.372, "act_scores": 0.0, "logits": 0.786},
+    "tpu_scan": {"grads": 1.477, "grads_gathered": 0.0, "weights_copy": 0.0, "act_layers": 2.744,
+                 "act_wide": 1.123, "act_scores": 2.305, "logits": 1.165},
     "tpu_unrolled": {"grads": 0.0, "grads_gathered": 0.0, "weights_copy": 0.0,
-                     "act_layers": 1.663, "act_wide": 0.656, "act_scores": 0.0, "logits": 0.0},
+                     "act_layers": 1.022, "act_wide": 1.918, "act_scores": 0.0, "logits": 1.49},
     "cpu": {"grads": 0.8, "grads_gathered": 0.735, "weights_copy": 0.0, "act_layers": 1.945,
             "act_wide": 0.807, "act_scores": 1.61, "logits": 1.614},
 }
