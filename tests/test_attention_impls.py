@@ -218,7 +218,7 @@ def test_swapping_impl_in_a_trained_model():
 def test_pallas_flash_under_a_mesh_matches_xla():
     """On a 2x2x2 (data, fsdp, tensor) mesh of 8 devices the Pallas kernel (interpret mode)
     runs per shard in a shard_map over batch and heads, and the network's output equals
-    the xla path's."""
+    the xla path's; a Trainer with it builds on that mesh."""
     cfg = dataclasses.replace(CFG, num_encoder_layers=1, num_decoder_layers=1)
     flash = _with(cfg, encoder="flash", decoder="flash", cross="flash", block_size=16,
                   flash_interpret=True)
@@ -229,6 +229,13 @@ def test_pallas_flash_under_a_mesh_matches_xla():
     got = part.jit(EncoderDecoder(flash).apply)(params, batch)
     valid = np.asarray(batch["decoder_segment_ids"] > 0)
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5)
+    # The Trainer's init traces a one-row batch, which the mesh cannot split: the kernel
+    # then takes the whole arrays (shard_map refused that shape, on GPUs and TPUs too).
+    from jaxmt.config import TrainConfig
+    from jaxmt.train.trainer import Trainer
+
+    trainer = Trainer(flash, TrainConfig(batch_size=4), part, 32, 16)
+    assert jax.tree.leaves(trainer.abstract_state)
 
 
 def test_cli_inference_flags_choose_the_encoder_attention():

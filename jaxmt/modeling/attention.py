@@ -139,6 +139,15 @@ class SharedBeamStep:
     group: int = flax.struct.field(pytree_node=False, default=1)
 
 
+def _splits(mesh, names, size: int) -> bool:
+    """Whether ``size`` divides evenly over the mesh axes ``names`` (None: not split)."""
+    names = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+    n = 1
+    for name in names:
+        n *= mesh.shape[name]
+    return size % n == 0
+
+
 def _flash_sharded(q, k, v, m: Masking, block: BlockSizes | None) -> Array:
     """The Pallas kernel per device: pallas_call does not partition itself, so under a
     mesh it runs in a shard_map over the batch and head shards (length is never split)."""
@@ -151,6 +160,11 @@ def _flash_sharded(q, k, v, m: Masking, block: BlockSizes | None) -> Array:
                    kv_segment_ids=m.kv_segment_ids)
     batch, _, heads, _ = nn.logical_to_mesh_axes(
         (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, axes.ACT_KV))
+    if not (_splits(mesh, batch, q.shape[0]) and _splits(mesh, heads, q.shape[2])):
+        # A shape the mesh cannot split, as in the one-row batch the Trainer's init traces
+        # (never run): the kernel over whole arrays, which XLA would gather for.
+        return run(q, k, v, bias_table=m.bias_table, q_segment_ids=m.q_segment_ids,
+                   kv_segment_ids=m.kv_segment_ids)
     qkv, seg = P(batch, None, heads, None), P(batch, None)
     table = None if m.bias_table is None else P(None, heads)
     body = lambda q, k, v, t, qs, ks: run(q, k, v, bias_table=t, q_segment_ids=qs,  # noqa: E731
