@@ -173,10 +173,6 @@ def _compile(w, target, devices, s, rank: int, progress) -> dict:
     return entry
 
 
-def _offloads(c) -> bool:
-    return "offload" in (c.encoder_remat, c.decoder_remat)
-
-
 def _verify(w, target, devices, scored, k: int, headroom: float, progress):
     """Compiles the best candidates for ``target`` (on ``devices``, its devices here)
     until ``k`` fit. After one does not fit when compiled, the candidates are enumerated
@@ -214,7 +210,7 @@ def _verify(w, target, devices, scored, k: int, headroom: float, progress):
         rejected[s.candidate] = (
             f"does not fit when compiled: {size(entry['compiled_bytes_per_device'])} per device"
             if entry["compiled"] else f"failed to compile: {entry['error'][:160]}")
-        if entry["out_of_memory"] and _offloads(s.candidate):
+        if entry["out_of_memory"] and s.candidate.offloads:
             remat = tuple(p for p in REMAT_POLICIES if p != "offload")
             progress("  ranking again without remat=offload")
         elif entry["out_of_memory"]:

@@ -213,15 +213,11 @@ def rank(w: Workload, target: Target, candidates: list[Candidate], headroom: flo
     # transfers to host memory, so its memory saving looks free.
     group = lambda s: 2 if not s.fits else int(s.candidate in rejected)  # noqa: E731
     scored.sort(key=lambda s: (group(s), s.time.total_s if s.fits else s.memory.total,
-                               _offloads(s.candidate), s.memory.total,
+                               s.candidate.offloads, s.memory.total,
                                *_preference(s.candidate)))
     best = scored[0] if scored and group(scored[0]) == 0 else None
     return [s if s is best else dataclasses.replace(
         s, reason=rejected.get(s.candidate) or _reason(s, best, limit, target)) for s in scored]
-
-
-def _offloads(c: Candidate) -> bool:
-    return "offload" in (c.encoder_remat, c.decoder_remat)
 
 
 def _preference(c: Candidate) -> tuple:
@@ -244,7 +240,7 @@ def _reason(s: Scored, best: Scored | None, limit: float, target: Target) -> str
     why = _difference(s.candidate, best.candidate) if best else ""
     if ratio <= 1.0 + 1e-9:
         extra = s.memory.total - best.memory.total
-        if _offloads(s.candidate) and not _offloads(best.candidate):
+        if s.candidate.offloads and not best.candidate.offloads:
             return ("ties: the same predicted time, but remat=offload's transfers to host "
                     "memory are not in it")
         return ("ties: the same predicted time, " + (

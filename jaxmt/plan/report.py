@@ -27,7 +27,7 @@ def settings(c: Candidate) -> dict:
             "attention": c.attention, "scan_layers": c.scan_layers, "label": c.label(),
             # remat="offload" keeps activations in pinned host memory (TPU/GPU only):
             # device memory as predicted, plus host transfers a CPU compile cannot check.
-            "host_offload": "offload" in (c.encoder_remat, c.decoder_remat)}
+            "host_offload": c.offloads}
 
 
 def row(s: Scored, rank: int) -> dict:

@@ -61,6 +61,11 @@ class Candidate:
     scan_layers: bool = False
 
     @property
+    def offloads(self) -> bool:
+        """Whether a stack's remat policy moves activations to host memory."""
+        return "offload" in (self.encoder_remat, self.decoder_remat)
+
+    @property
     def sizes(self) -> dict[str, int]:
         return dict(zip(("replica", "data", "fsdp", "tensor"), self.mesh))
 
