@@ -174,6 +174,16 @@ def _flash_sharded(q, k, v, m: Masking, block: BlockSizes | None) -> Array:
         q, k, v, m.bias_table, m.q_segment_ids, m.kv_segment_ids)
 
 
+def runs_as(impl: str, options: AttentionConfig, platform: str | None = None) -> str:
+    """The implementation :func:`attend` runs for ``impl`` on ``platform`` (default: JAX's
+    backend): Pallas compiles only for GPU/TPU, so elsewhere ``flash`` runs as
+    ``blockwise`` (same maths, same memory order) unless ``options.flash_interpret``."""
+    platform = platform or jax.default_backend()
+    if impl == "flash" and platform not in ("gpu", "tpu") and not options.flash_interpret:
+        return "blockwise"
+    return impl
+
+
 def attend(q: Array, k: Array, v: Array, m: Masking) -> Array:
     """Attention output [b, q, h, d] of q [b, q, h, d] over k, v [b, k, h, d] with ``m.impl``.
 
@@ -182,13 +192,11 @@ def attend(q: Array, k: Array, v: Array, m: Masking) -> Array:
     o = m.options
     common = dict(bias_table=m.bias_table, relpos=m.relpos, q_segment_ids=m.q_segment_ids,
                   kv_segment_ids=m.kv_segment_ids)
-    impl = m.impl
+    impl = runs_as(m.impl, o)
     block = BlockSizes(o.block_size, o.block_size) if o.block_size else None  # 0: per backend
     if impl == "xla":
         bias = dense_bias(m, q.shape[1], k.shape[1])  # [b, h|1, q, k]
         return dense_attention(q, k, v, bias, q.dtype).astype(q.dtype)
-    if impl == "flash" and jax.default_backend() not in ("gpu", "tpu") and not o.flash_interpret:
-        impl = "blockwise"  # Pallas compiles only for GPU/TPU; same maths, same memory order
     if impl == "flash":
         return _flash_sharded(q, k, v, m, block)  # None: the kernel's per-backend tiles
     if impl == "blockwise":

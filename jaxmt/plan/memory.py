@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmt.config import PRECISIONS, ModelConfig
+from jaxmt.modeling.attention import runs_as
 from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.plan.workload import Candidate, Workload
 from jaxmt.sharding import axes
@@ -285,10 +286,8 @@ def _residual_key(model: ModelConfig) -> ModelConfig:
     :func:`jaxmt.modeling.attention.attend` runs instead), so the two share a key."""
     full = lambda p: "full" if p == "offload" else p
     att = model.attention
-    if jax.default_backend() not in ("gpu", "tpu") and not att.flash_interpret:
-        impl = lambda a: "blockwise" if a == "flash" else a
-        att = dataclasses.replace(att, encoder=impl(att.encoder), decoder=impl(att.decoder),
-                                  cross=impl(att.cross))
+    att = dataclasses.replace(att, encoder=runs_as(att.encoder, att),
+                              decoder=runs_as(att.decoder, att), cross=runs_as(att.cross, att))
     return dataclasses.replace(_proxy(model, 1, 1), num_encoder_layers=1, num_decoder_layers=1,
                                encoder_remat=full(model.encoder_remat),
                                decoder_remat=full(model.decoder_remat), attention=att)

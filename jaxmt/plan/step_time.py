@@ -61,6 +61,7 @@ import math
 
 from jaxmt import hardware
 from jaxmt.config import PRECISIONS, ModelConfig
+from jaxmt.modeling.attention import runs_as
 from jaxmt.plan.targets import Target
 from jaxmt.plan.workload import Candidate, Workload
 
@@ -140,8 +141,8 @@ class StepTime:
 
 def _impl(cfg: ModelConfig, kind: str, key_len: int, platform: str | None) -> str:
     impl = cfg.attention.resolve(kind, key_len)
-    if impl == "flash" and platform == "cpu" and not cfg.attention.flash_interpret:
-        return "blockwise"  # jaxmt.modeling.attention.attend: no Pallas on CPU
+    if platform is not None:  # what jaxmt.modeling.attention.attend runs there
+        impl = runs_as(impl, cfg.attention, platform)
     if impl not in ATTENTION_EFFICIENCY:
         raise ValueError(f"the step-time model covers exact attention only "
                          f"({sorted(ATTENTION_EFFICIENCY)}), not {impl!r}")
