@@ -238,6 +238,33 @@ def test_pallas_flash_under_a_mesh_matches_xla():
     assert jax.tree.leaves(trainer.abstract_state)
 
 
+def test_a_tpu_compile_from_this_host_gets_the_pallas_kernel():
+    """A Partitioner over a TPU topology's devices traces kernels for TPU, so a train step
+    compiled ahead of time from this CPU host runs flash as the Mosaic kernel (what the
+    planner's verification must measure), while the same Trainer on CPU devices runs its
+    blockwise twin; the platform holds only inside the Partitioner's scope."""
+    pytest.importorskip("libtpu", reason="needs the tpu_aot extra (pip install -e '.[tpu_aot]')")
+    from jaxmt.config import TrainConfig
+    from jaxmt.kernels.common import target_platform
+    from jaxmt.modeling.attention import runs_as
+    from jaxmt.sharding.partitioning import topology_devices
+    from jaxmt.train.trainer import Trainer
+
+    cfg = dataclasses.replace(CFG, num_encoder_layers=1, num_decoder_layers=1, precision="bf16")
+    flash = _with(cfg, encoder="flash", decoder="flash", cross="flash")
+    mesh = MeshConfig(data=2, fsdp=2)
+    texts = {}
+    for name, devices in (("tpu", topology_devices("v5e:2x2")), ("cpu", jax.devices()[:4])):
+        part = Partitioner(mesh, devices=devices)
+        assert part.platform == name
+        trainer = Trainer(flash, TrainConfig(batch_size=4), part, 128, 64)
+        texts[name] = trainer.compile_step(128, 64).as_text()
+    # Encoder self, decoder self and cross attention: a forward and two backward kernels each.
+    assert texts["tpu"].count("tpu_custom_call") == 9
+    assert "tpu_custom_call" not in texts["cpu"]
+    assert target_platform() == "cpu" and runs_as("flash", flash.attention) == "blockwise"
+
+
 def test_cli_inference_flags_choose_the_encoder_attention():
     # Only the encoder's implementation: the trained windows, decoder and cross settings
     # stay (tests/test_cli_errors.py checks that on a model directory).

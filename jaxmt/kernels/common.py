@@ -20,6 +20,8 @@ bias lookup, the masked softmax, where the buckets saturate, and
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -53,6 +55,29 @@ class RelPos(NamedTuple):
     num_buckets: int
     max_distance: int
     bidirectional: bool
+
+# ----------------------------------------------------------------------------- platform
+
+_TRACING_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "jaxmt_tracing_for", default=None)
+
+
+def target_platform() -> str:
+    """The platform the kernels are traced for: the one :func:`tracing_for` names (the
+    Partitioner in scope sets its devices' platform, so an ahead-of-time compile for a
+    TPU topology on a CPU host gets the TPU kernels), else JAX's default backend."""
+    return _TRACING_FOR.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def tracing_for(platform: str | None):
+    """Trace kernels for ``platform`` ("cpu", "gpu", "tpu"; None: JAX's backend) inside."""
+    token = _TRACING_FOR.set(platform)
+    try:
+        yield
+    finally:
+        _TRACING_FOR.reset(token)
+
 
 # ----------------------------------------------------------------------------- bucketing
 

@@ -45,7 +45,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from jaxmt.kernels.common import (BlockSizes, RelPos, fill_defaults, pad_axis1, relative_bucket,
-                                  saturation, validate)
+                                  saturation, target_platform, validate)
 
 __all__ = ["default_block_sizes", "far_config", "flash_attention"]
 
@@ -413,8 +413,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _resolve_backend(backend, interpret):
-    """Picks the kernel flavour; the CPU default needs interpret mode."""
-    platform = jax.default_backend()
+    """Picks the kernel flavour (default: the platform traced for, which is the
+    compile's target); the CPU default needs interpret mode."""
+    platform = target_platform()
     if backend is None:
         backend = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(platform)
         if backend is None:
@@ -478,7 +479,8 @@ def flash_attention(q: Array, k: Array, v: Array, *, bias_table: Array | None = 
         block_sizes: tiles; GPU needs powers of two >= 16, TPU multiples of 8 (and, on real
             TPUs, block_k a multiple of 128 unless it covers the whole key length). Default
             ``default_block_sizes(backend)``: 64x64 on GPU, 512x512 on TPU.
-        backend: "gpu" (Triton) or "tpu" (Mosaic); default from ``jax.default_backend()``.
+        backend: "gpu" (Triton) or "tpu" (Mosaic); default from
+            :func:`jaxmt.kernels.common.target_platform` (the compile's target).
         interpret: run the kernels in Pallas interpret mode (the only option on CPU).
 
     Returns:

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 from jaxmt.config import AttentionConfig, LoraConfig
 from jaxmt.kernels.bigbird_attention import bigbird_attention
 from jaxmt.kernels.blockwise_attention import blockwise_attention
-from jaxmt.kernels.common import BlockSizes, RelPos, bias_of
+from jaxmt.kernels.common import BlockSizes, RelPos, bias_of, target_platform
 from jaxmt.kernels.dot_product import dot_product_attention
 from jaxmt.kernels.flash_attention import flash_attention
 from jaxmt.kernels.local_attention import local_attention
@@ -175,10 +175,11 @@ def _flash_sharded(q, k, v, m: Masking, block: BlockSizes | None) -> Array:
 
 
 def runs_as(impl: str, options: AttentionConfig, platform: str | None = None) -> str:
-    """The implementation :func:`attend` runs for ``impl`` on ``platform`` (default: JAX's
-    backend): Pallas compiles only for GPU/TPU, so elsewhere ``flash`` runs as
-    ``blockwise`` (same maths, same memory order) unless ``options.flash_interpret``."""
-    platform = platform or jax.default_backend()
+    """The implementation :func:`attend` runs for ``impl`` on ``platform`` (default: the
+    platform traced for, :func:`jaxmt.kernels.common.target_platform`): Pallas compiles
+    only for GPU/TPU, so elsewhere ``flash`` runs as ``blockwise`` (same maths, same
+    memory order) unless ``options.flash_interpret``."""
+    platform = platform or target_platform()
     if impl == "flash" and platform not in ("gpu", "tpu") and not options.flash_interpret:
         return "blockwise"
     return impl

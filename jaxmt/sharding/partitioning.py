@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxmt.kernels.common import tracing_for
 from jaxmt.config import MeshConfig, ModelConfig
 from jaxmt.sharding import axes
 
@@ -143,6 +144,8 @@ class Partitioner:
         optimizer state use it.
       param_rules: the same, without ``fsdp`` when ``MeshConfig.shard_params`` is False
         (ZeRO-1 keeps parameters whole).
+      platform: the devices' platform, which kernels are traced for (Pallas flash runs
+        as the TPU kernel in a compile for a TPU topology, wherever it runs).
     """
 
     def __init__(self, cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None,
@@ -154,6 +157,7 @@ class Partitioner:
         self.mesh = Mesh(_device_grid(devices, self.shape), axes.MESH_AXES,
                          axis_types=(AxisType.Auto,) * len(axes.MESH_AXES))
         self.sizes = dict(zip(axes.MESH_AXES, self.shape))
+        self.platform = devices[0].platform  # "cpu", "gpu" or "tpu" (also a topology's)
         self._table = tuple(rules)
         self.rules = self.rules_without(())
         self.param_rules = self.rules_without(() if cfg.shard_params else ("fsdp",))
@@ -169,8 +173,11 @@ class Partitioner:
 
     @contextlib.contextmanager
     def _scope(self):
-        """Mesh and rules in scope for tracing (constraints resolve against them)."""
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        """Mesh and rules in scope for tracing (constraints resolve against them), and the
+        kernels traced for the mesh's platform: an ahead-of-time compile for a TPU
+        topology from a CPU host gets the Pallas TPU kernels, not their CPU fallbacks."""
+        with (jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules),
+              tracing_for(self.platform)):
             yield
 
     def jit(self, fn: Callable, in_shardings: Any = None, out_shardings: Any = None,
