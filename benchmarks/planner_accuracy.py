@@ -10,7 +10,8 @@ unaliased outputs + temporaries, per device).
 
 TPU targets compile through libtpu (the ``tpu_aot`` extra): XLA's CPU backend strips the
 optimisation barriers remat relies on, so remat's effect on memory shows only there.
-On TPU, flash attention is compiled as its blockwise twin (``jaxmt/plan/verify.py``).
+On TPU, flash attention compiles as the Pallas TPU kernel (the Partitioner traces
+kernels for its devices' platform).
 
 ``--set main`` (the default) measures :data:`CONFIGS`, sized as runs are (about 1 GiB
 per device and up on TPU), and including the plan ``jaxmt plan`` recommended for base on
@@ -37,6 +38,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -87,6 +89,14 @@ CONFIGS = [
     ("tpu-v5e:4x4", "base", (1, 1, 16, 1), True, ("none", "dots_saveable"), 1, "flash", False, 256, 512, 512, "bf16", "adafactor"),
     ("tpu-v5e:4x4", "base", (1, 1, 16, 1), True, ("dots_saveable", "dots_saveable"), 1, "flash", True, 256, 512, 512, "bf16", "adafactor"),
     ("tpu-v5e:4x4", "base", (1, 1, 16, 1), True, ("dots_saveable", "offload"), 1, "flash", True, 256, 512, 512, "bf16", "adafactor"),
+    # The README's other plans (`jaxmt plan --verify 0` with the factors before
+    # 2026-12-07), at 256 x 512 x 512: base on v5p:2x2x2, 1B on v5e:4x4 (XLA refused it,
+    # out of memory: its message gives the temporaries), 1B on v5p:2x2x2; and 1B on v5e:4x4
+    # with full remat, scanned.
+    ("tpu-v5p:2x2x2", "base", (1, 1, 8, 1), True, ("none", "none"), 1, "flash", False, 256, 512, 512, "bf16", "adafactor"),
+    ("tpu-v5e:4x4", "1b", (1, 1, 16, 1), True, ("offload", "offload"), 1, "flash", False, 256, 512, 512, "bf16", "adafactor"),
+    ("tpu-v5p:2x2x2", "1b", (1, 1, 8, 1), True, ("none", "offload"), 1, "flash", False, 256, 512, 512, "bf16", "adafactor"),
+    ("tpu-v5e:4x4", "1b", (1, 1, 16, 1), True, ("full", "full"), 1, "flash", True, 256, 512, 512, "bf16", "adafactor"),
     # tpu-v5p, 4 chips (95 GiB each): bigger models.
     ("tpu-v5p:2x2x1", "tiny", (1, 4, 1, 1), True, ("none", "none"), 1, "xla", False, 128, 256, 256, "fp32", "adafactor"),
     ("tpu-v5p:2x2x1", "small", (1, 1, 4, 1), True, ("full", "full"), 1, "xla", True, 32, 512, 512, "bf16", "adamw"),
@@ -162,8 +172,11 @@ def workload(cfg) -> tuple[Workload, Candidate, str]:
 
 
 def key(cfg) -> str:
+    # Flash on a TPU target compiles the Pallas TPU kernel (before 2026-12-07 its
+    # blockwise twin): tagged, so no earlier result is reused for it.
+    kernel = ["tpu-kernel"] if cfg[6] == "flash" and cfg[0].startswith("tpu") else []
     return json.dumps([list(x) if isinstance(x, tuple) else x for x in cfg]
-                      + [jax.__version__, _libtpu_version()])
+                      + [jax.__version__, _libtpu_version()] + kernel)
 
 
 def _libtpu_version() -> str:
@@ -257,7 +270,7 @@ def main():
             if a.cache:
                 with open(a.cache, "w") as f:
                     json.dump(cache, f)
-        row["compiled"] = cache[k]
+        row["compiled"] = _out_of_memory(cache[k], row["predicted_arguments"]) or cache[k]
 
     ok = [r for r in rows if "error" not in r["compiled"]]
     fitted = fit(ok) if a.fit else None
@@ -283,7 +296,9 @@ def main():
             continue
         print(f"{r['index']:>3} {r['target']:<14}{r['model']:<6}{r['candidate']:<52}"
               f"{r['predicted_bytes'] / MiB:>9.1f}{r['compiled_bytes'] / MiB:>9.1f}"
-              f"{100 * r['error']:>7.1f}%{100 * r['temp_error']:>8.1f}%")
+              f"{100 * r['error']:>7.1f}%{100 * r['temp_error']:>8.1f}%"
+              + ("  OOM: temporaries from XLA's refusal" if r["compiled"].get("out_of_memory")
+                 else ""))
     errors = [abs(r["error"]) for r in ok]
     out = {"configs": len(ok), "failed": len(rows) - len(ok),
            "worst_mem_error": round(max(errors), 4) if errors else None,
@@ -301,21 +316,35 @@ def main():
         print(json.dumps(out))
 
 
+def _out_of_memory(entry: dict, arguments: int) -> dict | None:
+    """A compile XLA refused for want of memory as a measurement: its message gives the
+    temporaries ("the total memory required for HLO temporaries (17.53G) exceeds
+    available HBM"); the arguments are the model's count (exact to 0.1% wherever XLA
+    reported them). None for any other entry."""
+    found = re.search(r"HLO temporaries \(([\d.]+)([KMG])\)", entry.get("error", ""))
+    if not found:
+        return None
+    temp = int(float(found[1]) * 1024 ** ("KMG".index(found[2]) + 1))
+    return {"compiled_bytes_per_device": arguments + temp, "temp_bytes": temp,
+            "out_of_memory": True}
+
+
 def _kind(r) -> str:
     """The calibration group (:func:`jaxmt.plan.memory.calibration_group`)."""
     return memory.calibration_group(parse_target(r["target"]).kind, r["candidate"].endswith("scan"))
 
 
 def _solve(rows: list[dict]) -> dict[str, float]:
-    """Non-negative least squares of the compiled temporaries on the feature terms, in
-    bytes: the large configurations, where memory decides a plan, weigh most (a fit of
-    relative error let the tiny ones, whose temporaries XLA shrinks most, set factors
-    that under-predicted base on v5e:4x4 by 57%)."""
+    """Non-negative least squares of the compiled temporaries on the feature terms, each
+    configuration weighed by its compiled total (relative error). A fit in bytes let the
+    largest configuration decide: with 1B on v5p:2x2x2 (78 GiB) among the unrolled ones,
+    it scaled the gradients by 52 and missed tiny on v5p by 148%."""
     import numpy as np
     from scipy.optimize import nnls
     names = list(memory.TEMP_PARTS)
-    x = np.array([[r["features"][n] for n in names] for r in rows])
-    y = np.array([r["compiled"]["temp_bytes"] for r in rows], float)
+    w = np.array([1 / r["compiled"]["compiled_bytes_per_device"] for r in rows])
+    x = np.array([[r["features"][n] for n in names] for r in rows]) * w[:, None]
+    y = np.array([r["compiled"]["temp_bytes"] for r in rows], float) * w
     coef, _ = nnls(x, y)
     return {n: round(float(v), 3) for n, v in zip(names, coef)}
 

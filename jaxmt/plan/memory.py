@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmt.config import PRECISIONS, ModelConfig
+from jaxmt.kernels.common import tracing_for
 from jaxmt.modeling.attention import runs_as
 from jaxmt.modeling.model import EncoderDecoderModel
 from jaxmt.plan.workload import Candidate, Workload
@@ -44,8 +45,11 @@ from jaxmt.train.trainer import Trainer
 # shape names its dimensions. b: batch rows, s: source length, t: target length,
 # e: embed, h: heads, d: head size, f: MLP units, v: vocabulary, r: relative-position
 # buckets.
-_PROXY = {"b": 3, "s": 20, "t": 28, "e": 40, "h": 5, "d": 6, "f": 56, "v": 136, "r": 11}
-_LETTER = {size: letter for letter, size in _PROXY.items()}
+# The lengths are multiples of 8, which the TPU flash kernel's tiles keep; the GPU
+# kernel pads lengths to powers of two and the head size to 16, named by the same
+# letters (at real sizes, 512 and 64, the padding is none).
+_PROXY = {"b": 3, "s": 24, "t": 48, "e": 40, "h": 5, "d": 6, "f": 56, "v": 136, "r": 11}
+_LETTER = {size: letter for letter, size in _PROXY.items()} | {32: "s", 64: "t", 16: "d"}
 # Which letters each mesh axis divides, for activations (axes.RULES: act_batch over the
 # batch axes; act_heads, act_mlp and act_vocab over tensor).
 _SPLIT_BY = {"b": axes.BATCH_MESH_AXES, "h": ("tensor",), "f": ("tensor",), "v": ("tensor",)}
@@ -205,9 +209,11 @@ def _proxy(model: ModelConfig, enc_layers: int, dec_layers: int) -> ModelConfig:
 
 
 @functools.lru_cache(maxsize=256)
-def _kinds(model: ModelConfig, enc_layers: int, dec_layers: int) -> collections.Counter:
-    """Residuals of the loss's vjp for the proxy: ``{(letters, itemsize): count}``.
-    Residuals that are parameters (no batch dimension) are keyed with a leading ``w:``."""
+def _kinds(model: ModelConfig, enc_layers: int, dec_layers: int, platform: str
+           ) -> collections.Counter:
+    """Residuals of the loss's vjp for the proxy, traced for ``platform`` (its kernels):
+    ``{(letters, itemsize): count}``. Residuals that are parameters (no batch dimension)
+    are keyed with a leading ``w:``."""
     cfg = _proxy(model, enc_layers, dec_layers)
     m = EncoderDecoderModel(cfg)
     params = m.param_shapes()
@@ -219,23 +225,26 @@ def _kinds(model: ModelConfig, enc_layers: int, dec_layers: int) -> collections.
         return jax.vjp(lambda p: m.loss(p, b, dropout_rng=None)[0], p)[1]
 
     out = collections.Counter()
-    for r in jax.tree.leaves(jax.eval_shape(vjp, params, batch)):
+    with tracing_for(platform):
+        residuals = jax.eval_shape(vjp, params, batch)
+    for r in jax.tree.leaves(residuals):
         letters = "".join(_LETTER.get(n, "?") for n in r.shape)
         key = letters if "b" in letters else "w:" + letters
         out[(key, np.dtype(r.dtype).itemsize)] += 1
     return out
 
 
-def residual_kinds(model: ModelConfig) -> dict[str, collections.Counter]:
+def residual_kinds(model: ModelConfig, platform: str = "cpu"
+                   ) -> dict[str, collections.Counter]:
     """Saved residuals per encoder layer, per decoder layer and outside the layers
-    (``fixed``). A stack's per-layer residuals depend on its own remat policy only, so
+    (``fixed``), with the kernels of ``platform`` ("cpu", "gpu" or "tpu"). A stack's per-layer residuals depend on its own remat policy only, so
     they come from proxies with that policy on both stacks (1+1, 2+1 and 1+2 layers,
     cached per policy); ``fixed`` from the 1+1 proxy with the model's two policies."""
     both = lambda p: dataclasses.replace(model, encoder_remat=p, decoder_remat=p)
     enc_m, dec_m = both(model.encoder_remat), both(model.decoder_remat)
-    enc = _kinds(enc_m, 2, 1) - _kinds(enc_m, 1, 1)
-    dec = _kinds(dec_m, 1, 2) - _kinds(dec_m, 1, 1)
-    fixed = _kinds(model, 1, 1) - enc - dec
+    enc = _kinds(enc_m, 2, 1, platform) - _kinds(enc_m, 1, 1, platform)
+    dec = _kinds(dec_m, 1, 2, platform) - _kinds(dec_m, 1, 1, platform)
+    fixed = _kinds(model, 1, 1, platform) - enc - dec
     return {"encoder": enc, "decoder": dec, "fixed": fixed}
 
 
@@ -259,9 +268,12 @@ def _term(key: str, itemsize: int) -> str | None:
 
 
 def activation_terms(w: Workload, c: Candidate, kind: str = "cpu") -> dict[str, float]:
-    """Residual bytes per device by term (``act_layers``: [batch, length, ...] tensors;
-    ``act_scores``: [batch, heads, length, length] ones), for one microbatch. On CPU,
-    16-bit residuals count as float32: XLA's CPU backend upcasts bf16 work."""
+    """Residual bytes per device by term, for one microbatch: ``act_layers`` (16-bit
+    [batch, length, ...] tensors), ``act_wide`` (float32 ones), ``act_scores`` ([batch,
+    heads, length, length] ones), ``act_working`` (one layer's with no remat: what the
+    backward pass rebuilds, whatever the policy saved) and ``act_offload`` (what the
+    stacks with ``offload`` send to host: XLA stages it in device memory). On CPU, 16-bit
+    residuals count as float32: XLA's CPU backend upcasts bf16 work."""
     m = c.model_config(w.model)
     sizes = c.sizes
     dims = {"b": w.batch / c.num_microbatches, "s": w.src_len, "t": w.tgt_len,
@@ -269,25 +281,49 @@ def activation_terms(w: Workload, c: Candidate, kind: str = "cpu") -> dict[str, 
             "v": m.vocab_size, "r": m.relpos_buckets}
     div = {k: math.prod(sizes[a] for a in v) for k, v in _SPLIT_BY.items()}
     layers = {"encoder": m.num_encoder_layers, "decoder": m.num_decoder_layers, "fixed": 1}
+
+    def by_term(policy: str | None) -> dict[str, collections.Counter]:
+        """Per-stack bytes by term for one layer, with ``policy`` on both stacks (None:
+        the candidate's own)."""
+        model = m if policy is None else dataclasses.replace(
+            m, encoder_remat=policy, decoder_remat=policy)
+        out = {}
+        for where, counter in residual_kinds(_residual_key(model, kind), kind).items():
+            out[where] = collections.Counter()
+            for (key, itemsize), n in counter.items():
+                if term := _term(key, itemsize):
+                    out[where][term] += n * _size(key, _held(itemsize, kind), dims, div)
+        return out
+
     out = collections.Counter()
-    for where, counter in residual_kinds(_residual_key(m)).items():
-        for (key, itemsize), n in counter.items():
-            term = _term(key, itemsize)
-            if term:
-                size = max(itemsize, 4) if kind == "cpu" else itemsize
-                out[term] += n * layers[where] * _size(key, size, dims, div)
-    return {t: out.get(t, 0.0) for t in ("act_layers", "act_wide", "act_scores")}
+    for where, terms in by_term(None).items():
+        for term, nbytes in terms.items():
+            out[term] += layers[where] * nbytes
+    none = by_term("none")
+    out["act_working"] = max(sum(none[where].values()) for where in ("encoder", "decoder"))
+    remat = {"encoder": m.encoder_remat, "decoder": m.decoder_remat}
+    if "offload" in remat.values():
+        dots = by_term("dots_saveable")
+        out["act_offload"] = sum(layers[where] * sum(dots[where].values())
+                                 for where, policy in remat.items() if policy == "offload")
+    return {t: out.get(t, 0.0) for t in ACT_TERMS}
 
 
-def _residual_key(model: ModelConfig) -> ModelConfig:
+def _held(itemsize: int, kind: str) -> int:
+    """Bytes per element as the target holds it: XLA's CPU backend upcasts 16-bit work."""
+    return max(itemsize, 4) if kind == "cpu" else itemsize
+
+
+def _residual_key(model: ModelConfig, platform: str) -> ModelConfig:
     """The model with what the proxy replaces set to defaults (a cache key). ``offload``
-    is traced as ``full``: what it saves goes to host memory, not the device's. Where
-    this process cannot run the Pallas kernel, ``flash`` traces as ``blockwise`` (what
-    :func:`jaxmt.modeling.attention.attend` runs instead), so the two share a key."""
+    is traced as ``full``: what it saves goes to host memory, not the device's. On a
+    platform without the Pallas kernel, ``flash`` traces as ``blockwise`` (what
+    :func:`jaxmt.modeling.attention.attend` runs there), so the two share a key."""
     full = lambda p: "full" if p == "offload" else p
     att = model.attention
-    att = dataclasses.replace(att, encoder=runs_as(att.encoder, att),
-                              decoder=runs_as(att.decoder, att), cross=runs_as(att.cross, att))
+    run = lambda impl: runs_as(impl, att, platform)
+    att = dataclasses.replace(att, encoder=run(att.encoder), decoder=run(att.decoder),
+                              cross=run(att.cross))
     return dataclasses.replace(_proxy(model, 1, 1), num_encoder_layers=1, num_decoder_layers=1,
                                encoder_remat=full(model.encoder_remat),
                                decoder_remat=full(model.decoder_remat), attention=att)
@@ -297,23 +333,26 @@ def _residual_key(model: ModelConfig) -> ModelConfig:
 # The estimate.
 
 # The temporaries' terms, each scaled by its factor in the calibration.
-TEMP_PARTS = ("grads", "grads_gathered", "weights_copy", "act_layers", "act_wide",
-              "act_scores", "logits")
+ACT_TERMS = ("act_layers", "act_wide", "act_scores", "act_working", "act_offload")
+TEMP_PARTS = ("grads", "grads_gathered", "weights_copy", *ACT_TERMS, "logits")
 UNIT = {k: 1.0 for k in TEMP_PARTS}
 # Fitted to ahead-of-time compiles by ``benchmarks/planner_accuracy.py --fit`` (non-negative
-# least squares in bytes: the large configurations weigh most), per group: the TPU groups
-# on ``--set main`` (runs' sizes, the base plan for v5e:4x4 among them), ``cpu`` on
-# ``--set small``. XLA's CPU backend upcasts bf16 work and makes no reduce-scatters; a
-# scanned TPU stack keeps what the loop carries, an unrolled one lets fusions recompute
-# element-wise residuals. A 0 means the term did not help the fit (its bytes went to
-# correlated terms), not that XLA keeps none of it.
+# least squares of the relative error), per group: the TPU groups on ``--set main`` (runs'
+# sizes, the plans ``jaxmt plan`` recommended among them; flash compiled as the Pallas TPU
+# kernel), ``cpu`` on ``--set small``. XLA's CPU backend upcasts bf16 work and makes no
+# reduce-scatters; a scanned TPU stack keeps what the loop carries, an unrolled one lets
+# fusions recompute element-wise residuals but keeps gathered gradients. A 0 means the
+# term did not help the fit (its bytes went to correlated terms), not that XLA keeps none.
 CALIBRATION = {
-    "tpu_scan": {"grads": 1.477, "grads_gathered": 0.0, "weights_copy": 0.0, "act_layers": 2.744,
-                 "act_wide": 1.123, "act_scores": 2.305, "logits": 1.165},
-    "tpu_unrolled": {"grads": 0.0, "grads_gathered": 0.0, "weights_copy": 0.0,
-                     "act_layers": 1.022, "act_wide": 1.918, "act_scores": 0.0, "logits": 1.49},
-    "cpu": {"grads": 0.8, "grads_gathered": 0.735, "weights_copy": 0.0, "act_layers": 1.945,
-            "act_wide": 0.807, "act_scores": 1.61, "logits": 1.614},
+    "tpu_scan": {"grads": 1.358, "grads_gathered": 0.0, "weights_copy": 0.211,
+                 "act_layers": 1.858, "act_wide": 1.06, "act_scores": 1.083,
+                 "act_working": 0.255, "act_offload": 0.377, "logits": 0.694},
+    "tpu_unrolled": {"grads": 3.242, "grads_gathered": 2.194, "weights_copy": 0.0,
+                     "act_layers": 0.722, "act_wide": 0.116, "act_scores": 1.832,
+                     "act_working": 0.0, "act_offload": 0.235, "logits": 0.745},
+    "cpu": {"grads": 0.86, "grads_gathered": 0.66, "weights_copy": 0.0, "act_layers": 2.331,
+            "act_wide": 0.974, "act_scores": 0.0, "act_working": 0.0, "act_offload": 0.0,
+            "logits": 0.0},
 }
 
 
@@ -340,12 +379,16 @@ class MemoryEstimate:
     act_layers: int
     act_wide: int
     act_scores: int
+    act_working: int
+    act_offload: int
     logits: int
 
     @property
     def activations(self) -> int:
-        """Saved activations and the weights' gathered or cast copies."""
-        return self.act_layers + self.act_wide + self.act_scores + self.weights_copy
+        """Saved activations, the backward pass's working set and the weights' gathered
+        or cast copies."""
+        return (self.act_layers + self.act_wide + self.act_scores + self.act_working
+                + self.act_offload + self.weights_copy)
 
     @property
     def arguments(self) -> int:
@@ -393,4 +436,7 @@ def predict_memory(w: Workload, c: Candidate, kind: str = "cpu",
         weights_copy=int(k["weights_copy"] * st.get("weights_copy", 0)),
         act_layers=int(k["act_layers"] * acts["act_layers"]),
         act_wide=int(k["act_wide"] * acts["act_wide"]),
-        act_scores=int(k["act_scores"] * acts["act_scores"]), logits=int(k["logits"] * logits))
+        act_scores=int(k["act_scores"] * acts["act_scores"]),
+        act_working=int(k["act_working"] * acts["act_working"]),
+        act_offload=int(k["act_offload"] * acts["act_offload"]),
+        logits=int(k["logits"] * logits))
