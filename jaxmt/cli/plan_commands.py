@@ -156,19 +156,20 @@ def _compile(w, target, devices, s, rank: int, progress) -> dict:
         progress(f"  failed to compile: {text}")
         return entry
     compiled = int(got["compiled_bytes_per_device"])
-    # XLA's own per-device figure against the device's memory: on TPU its liveness-aware
-    # peak (the sum of arguments and temporaries overstates: base on v5e:4x4 peaked at
-    # 13.74 GiB against a 16.99 GiB sum), elsewhere the sum.
-    tpu_peak = target.kind == "tpu" and got.get("peak_bytes", 0) > 0
-    need = got["peak_bytes"] if tpu_peak else compiled
-    fits = need <= target.chip.hbm_bytes
+    # On TPU, XLA refuses a program that does not fit in HBM (RESOURCE_EXHAUSTED, above),
+    # so a compile is a fit. Neither its sum nor its peak is the test: base on v5e:4x4
+    # compiled with a 16.99 GiB sum, and with remat="offload" the peak counts the host
+    # copies (1B on v5e:4x4 compiled with a 29.59 GiB peak). Elsewhere, the sum.
+    tpu = target.kind == "tpu"
+    fits = tpu or compiled <= target.chip.hbm_bytes
     entry.update(got, compiled=True, compiled_bytes_per_device=compiled, fits=fits,
-                 fit_check="XLA's peak against device memory" if tpu_peak
+                 fit_check="XLA's TPU compile (it refuses what does not fit)" if tpu
                  else "compiled bytes against device memory", out_of_memory=not fits,
                  relative_error=(s.memory.total - compiled) / compiled if compiled else None)
+    peak = got.get("peak_bytes", 0)
     progress(f"  compiled in {got.get('compile_s', 0):.0f}s: {size(compiled)} per device "
              f"(predicted {size(s.memory.total)}, {entry['relative_error']:+.1%}); "
-             + (f"XLA's peak {size(need)}; " if tpu_peak else "")
+             + (f"XLA's peak {size(peak)}; " if tpu and peak else "")
              + ("fits" if fits else f"does NOT fit in {size(target.chip.hbm_bytes)}"))
     return entry
 

@@ -68,8 +68,9 @@ def compile_candidate(w: Workload, c: Candidate, target: Target,
 
     Returns:
       ``compiled_bytes_per_device`` (:func:`jaxmt.plan.memory.compiled_bytes`),
-      ``peak_bytes`` (XLA's peak; meaningful on TPU only), ``argument_bytes``, ``temp_bytes``, ``output_bytes``, ``alias_bytes``, ``flops``
-      (None where XLA gives none) and ``compile_s``.
+      ``peak_bytes`` (XLA's peak; meaningful on TPU only), ``argument_bytes``,
+      ``temp_bytes``, ``output_bytes``, ``alias_bytes``, ``flops`` (None where XLA gives
+      none) and ``compile_s``.
 
     Raises:
       ValueError: the target cannot be compiled for here, or the mesh does not suit the
@@ -86,8 +87,8 @@ def compile_candidate(w: Workload, c: Candidate, target: Target,
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     return {"compiled_bytes_per_device": compiled_bytes(mem),
-            # TPU: XLA's liveness-aware peak, what its own memory check uses (below the
-            # sum above: base on v5e:4x4 peaked at 13.74 GiB against a 16.99 GiB sum).
+            # TPU: XLA's liveness-aware peak (base on v5e:4x4: 13.74 GiB against a
+            # 16.99 GiB sum), which with remat="offload" counts the host copies too.
             # CPU: the arguments alone, not a peak.
             "peak_bytes": int(getattr(mem, "peak_memory_in_bytes", 0) or 0),
             "argument_bytes": int(mem.argument_size_in_bytes),
