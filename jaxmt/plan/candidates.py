@@ -213,7 +213,7 @@ def rank(w: Workload, target: Target, candidates: list[Candidate], headroom: flo
     # transfers to host memory, so its memory saving looks free. Then less compute: a
     # step bound by memory traffic or collectives hides the attention kernels'
     # difference, and flash and blockwise trace to the same residuals, though on TPU
-    # blockwise compiled to 46% more memory (base, v5e:4x4: 16.99 against 11.66 GiB).
+    # blockwise compiled to 49% more memory (base, v5e:4x4: 16.99 against 11.39 GiB).
     group = lambda s: 2 if not s.fits else int(s.candidate in rejected)  # noqa: E731
     scored.sort(key=lambda s: (group(s), s.time.total_s if s.fits else s.memory.total,
                                s.candidate.offloads, s.time.compute_s, s.memory.total,
