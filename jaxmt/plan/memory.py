@@ -11,7 +11,8 @@ The compiled step holds, per device (XLA's ``memory_analysis()``; :func:`compile
 
 The saved activations come from the program itself: :func:`residual_kinds` traces
 ``jax.vjp`` of the loss (``jax.eval_shape``; no compile) for a small proxy model whose
-every dimension has its own size, and reads the residuals the remat policy keeps. Each
+every dimension has its own size, with the target's kernels (flash as the Pallas kernel on
+TPU and GPU), and reads the residuals the remat policy keeps. Each
 residual's shape, written in dimension letters (``bshd``: batch, length, heads, head
 size), is then sized for the real model and the candidate's mesh. XLA does not keep
 exactly those buffers (it fuses some away and adds backward scratch); the factors in
