@@ -235,12 +235,12 @@ def _kinds(model: ModelConfig, enc_layers: int, dec_layers: int, platform: str
     return out
 
 
-def residual_kinds(model: ModelConfig, platform: str = "cpu"
-                   ) -> dict[str, collections.Counter]:
+def residual_kinds(model: ModelConfig, platform: str) -> dict[str, collections.Counter]:
     """Saved residuals per encoder layer, per decoder layer and outside the layers
-    (``fixed``), with the kernels of ``platform`` ("cpu", "gpu" or "tpu"). A stack's per-layer residuals depend on its own remat policy only, so
-    they come from proxies with that policy on both stacks (1+1, 2+1 and 1+2 layers,
-    cached per policy); ``fixed`` from the 1+1 proxy with the model's two policies."""
+    (``fixed``), with the kernels of ``platform`` ("cpu", "gpu" or "tpu"). A stack's
+    per-layer residuals depend on its own remat policy only, so they come from proxies
+    with that policy on both stacks (1+1, 2+1 and 1+2 layers, cached per policy);
+    ``fixed`` from the 1+1 proxy with the model's two policies."""
     both = lambda p: dataclasses.replace(model, encoder_remat=p, decoder_remat=p)
     enc_m, dec_m = both(model.encoder_remat), both(model.decoder_remat)
     enc = _kinds(enc_m, 2, 1, platform) - _kinds(enc_m, 1, 1, platform)

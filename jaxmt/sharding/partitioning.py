@@ -15,8 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxmt.kernels.common import tracing_for
 from jaxmt.config import MeshConfig, ModelConfig
+from jaxmt.kernels.common import tracing_for
 from jaxmt.sharding import axes
 
 PyTree = Any
