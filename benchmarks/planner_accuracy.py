@@ -19,6 +19,10 @@ measures :data:`SMALL_CONFIGS`, the same coverage at a few to a few hundred MiB 
 where XLA keeps temporaries in the TPU's on-chip VMEM; ``--set held_out`` measures
 :data:`HELD_OUT`, plans compiled after the factors were fitted.
 
+Beside it, each configuration is also predicted by :mod:`jaxmt.plan.liveness` (a
+simulation of the traced step's buffers, with no fitted number; its traces compile
+nothing either): the ``sim`` columns and the JSON line's ``liveness_*`` fields.
+
 ``--fit`` refits :data:`jaxmt.plan.memory.CALIBRATION` by least squares of the relative
 error on the temporaries of the compiled configurations and prints the factors (the TPU
 factors committed were fitted on ``--set main``; the CPU ones on ``--set small``, as a refit
@@ -56,7 +60,7 @@ import jax  # noqa: E402
 
 from jaxmt.config import ModelConfig, TrainConfig  # noqa: E402
 from jaxmt.gin_files import parse_gin  # noqa: E402
-from jaxmt.plan import memory  # noqa: E402
+from jaxmt.plan import liveness, memory  # noqa: E402
 from jaxmt.plan.targets import parse_target  # noqa: E402
 from jaxmt.plan.verify import compile_candidate, target_devices  # noqa: E402
 from jaxmt.plan.workload import Candidate, Workload  # noqa: E402
@@ -255,7 +259,8 @@ def main():
                      "batch": cfg[8], "src_len": cfg[9], "tgt_len": cfg[10],
                      "predicted": est.parts(), "predicted_bytes": est.total,
                      "predicted_arguments": est.arguments,
-                     "features": features(w, c, t.kind)})
+                     "features": features(w, c, t.kind),
+                     "simulated_temp": liveness.simulate_temporaries(w, c, t.kind)})
     counter.active = False
     analytic_s = time.perf_counter() - t0
     print(f"analytic pass: {len(rows)} configurations in {analytic_s:.1f} s, "
@@ -299,8 +304,10 @@ def main():
         r["compiled_bytes"] = comp["compiled_bytes_per_device"]
         r["error"] = r["predicted_bytes"] / r["compiled_bytes"] - 1
         r["temp_error"] = r["temp_predicted"] / max(comp["temp_bytes"], 1) - 1
+        r["simulated_bytes"] = int(state + r["simulated_temp"])
+        r["sim_error"] = r["simulated_bytes"] / r["compiled_bytes"] - 1
     print(f"\n{'#':>3} {'target':<14}{'model':<6}{'candidate':<52}{'pred MiB':>9}"
-          f"{'XLA MiB':>9}{'error':>8}{'temp err':>9}")
+          f"{'XLA MiB':>9}{'error':>8}{'temp err':>9}{'sim MiB':>9}{'sim err':>8}")
     for r in rows:
         if "error" in r["compiled"]:
             print(f"{r['index']:>3} {r['target']:<14}{r['model']:<6}{r['candidate']:<52} "
@@ -309,6 +316,7 @@ def main():
         print(f"{r['index']:>3} {r['target']:<14}{r['model']:<6}{r['candidate']:<52}"
               f"{r['predicted_bytes'] / MiB:>9.1f}{r['compiled_bytes'] / MiB:>9.1f}"
               f"{100 * r['error']:>7.1f}%{100 * r['temp_error']:>8.1f}%"
+              f"{r['simulated_bytes'] / MiB:>9.1f}{100 * r['sim_error']:>7.1f}%"
               + ("  OOM: temporaries from XLA's refusal" if r["compiled"].get("out_of_memory")
                  else ""))
     errors = [abs(r["error"]) for r in ok]
@@ -320,9 +328,18 @@ def main():
            "analytic_compiles": counter.count, "analytic_s": round(analytic_s, 1)}
     if a.loo:
         out["loo_worst_mem_error"] = loo(ok)
+    sim = [abs(r["sim_error"]) for r in ok]
+    if sim:  # the liveness simulation (jaxmt.plan.liveness): no fitted number
+        out.update(liveness_worst_mem_error=round(max(sim), 4),
+                   liveness_median_mem_error=round(statistics.median(sim), 4),
+                   liveness_within_10pct=sum(e <= 0.10 for e in sim))
     print(f"\n{out['configs']} configurations: worst error {100 * (out['worst_mem_error'] or 0):.1f}%"
           f", median {100 * (out['median_mem_error'] or 0):.1f}%, {out['within_10pct']} within 10%"
           f"; analytic pass {out['analytic_compiles']} compiles")
+    if sim:
+        print(f"liveness simulation: worst error {100 * out['liveness_worst_mem_error']:.1f}%, "
+              f"median {100 * out['liveness_median_mem_error']:.1f}%, "
+              f"{out['liveness_within_10pct']} within 10%")
     if a.json:
         print(json.dumps({"rows": rows}), file=sys.stderr)
         print(json.dumps(out))
