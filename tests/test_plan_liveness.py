@@ -38,9 +38,9 @@ def test_simulated_temporaries_are_near_xla_on_cpu(cand):
     assert simulated / compiled["temp_bytes"] == pytest.approx(1, abs=0.2)
 
 
-def test_offload_takes_device_memory_only_inside_a_scan():
-    """What ``offload`` sends to host counts nowhere when layers are scanned, and in full
-    when they are unrolled (XLA keeps it in device memory there). Traces only."""
+def test_offload_frees_device_memory_only_when_scanned():
+    """What ``offload`` sends to host takes no device memory when layers are scanned, and
+    stays in it when they are unrolled (XLA keeps it there). Traces only."""
     w = workload(dataclasses.replace(TINY, precision="bf16"), batch=16, length=128)
 
     def tpu(policy, scan):
