@@ -107,11 +107,11 @@ def _product(n: int) -> str:
 
 
 class _Buffer:
-    """A value the simulation adds that the program does not name (a gathered or hoisted
-    copy)."""
+    """One value in the simulation: an equation's output (one per call of an inlined
+    jaxpr), or a copy the program does not name (gathered or hoisted)."""
 
     def __init__(self, shape: tuple[int, ...], dtype: Any):
-        self.aval = jax.core.ShapedArray(shape, np.dtype(dtype))
+        self.aval = jax.ShapeDtypeStruct(shape, np.dtype(dtype))
 
 
 @dataclasses.dataclass
