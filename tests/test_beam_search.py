@@ -3,8 +3,10 @@ prefix, beam 1 equals greedy, length limits per row, shared and moved caches, sc
 layers, the growing cache, the blocked top-k."""
 
 import dataclasses
+import functools
 import itertools
 
+import jax
 import numpy as np
 import pytest
 from greedy_reference import tiny_decode_setup
@@ -32,6 +34,11 @@ def setup():
     return tiny_decode_setup(CFG, 3)
 
 
+@functools.cache
+def _jitted_logits(model):
+    return jax.jit(model.logits)
+
+
 def _brute_force(model, params, src, length, kind, alpha):
     """Every output (ids < NUM_IDS): ending in EOS within ``length`` tokens, or cut off
     at ``length`` without one; with its length-penalised teacher-forced log-probability,
@@ -50,7 +57,9 @@ def _brute_force(model, params, src, length, kind, alpha):
                  decoder_segment_ids=np.ones_like(tgt),
                  decoder_loss_weights=(np.arange(length)[None] < lengths[:, None]).astype(np.float32))
     # Only ids < NUM_IDS may be generated: renormalise over them, as the search does.
-    logits = np.asarray(model.logits(params, batch), np.float64)[..., :NUM_IDS]
+    # Jitted (one program for every call: the batches share their shapes); op by op,
+    # each primitive compiled on its own.
+    logits = np.asarray(_jitted_logits(model)(params, batch), np.float64)[..., :NUM_IDS]
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     tok_logp = np.take_along_axis(logp, tgt[..., None], -1)[..., 0]
     total = (tok_logp * batch["decoder_loss_weights"]).sum(1)

@@ -28,13 +28,16 @@ def _check(lq, lk, blocks, relpos=None, **kw):
     def loss(fn, q, k, v, t, **extra):
         return jnp.sum(fn(q, k, v, bias_table=t, relpos=relpos, **kw, **extra) * ct)
 
-    ref = reference_attention(q, k, v, bias_table=table, relpos=relpos, **kw)
-    out = blockwise_attention(q, k, v, bias_table=table, relpos=relpos, block_sizes=blocks, **kw)
+    # Jitted: op by op (the gradients above all), every primitive compiles on its own.
+    ref = jax.jit(lambda q, k, v, t: reference_attention(
+        q, k, v, bias_table=t, relpos=relpos, **kw))(q, k, v, table)
+    out = jax.jit(lambda q, k, v, t: blockwise_attention(
+        q, k, v, bias_table=t, relpos=relpos, block_sizes=blocks, **kw))(q, k, v, table)
     np.testing.assert_allclose(out, ref, **TOL)
     argnums = (0, 1, 2, 3) if relpos is not None else (0, 1, 2)
-    g_ref = jax.grad(lambda *a: loss(reference_attention, *a), argnums)(q, k, v, table)
-    g_blk = jax.grad(lambda *a: loss(blockwise_attention, *a, block_sizes=blocks),
-                     argnums)(q, k, v, table)
+    g_ref = jax.jit(jax.grad(lambda *a: loss(reference_attention, *a), argnums))(q, k, v, table)
+    g_blk = jax.jit(jax.grad(lambda *a: loss(blockwise_attention, *a, block_sizes=blocks),
+                             argnums))(q, k, v, table)
     for name, a, b in zip("qkvt", g_ref, g_blk):
         assert np.isfinite(b).all(), name
         np.testing.assert_allclose(b, a, err_msg=f"d{name}", **TOL)

@@ -63,12 +63,13 @@ def test_logits_shape_and_packing_isolation():
     dec_seg = np.array([[1] * 5 + [2] * 5] * b, np.int32)
     batch = dict(encoder_input_tokens=enc, encoder_segment_ids=enc_seg,
                  decoder_input_tokens=dec, decoder_segment_ids=dec_seg)
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), model.dummy_batch(b, s, t)))
-    logits = model.logits(params, batch)
+    # Jitted: op by op, every primitive of a new shape compiles on its own.
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), model.dummy_batch(b, s, t)))
+    logits = jax.jit(model.logits)(params, batch)
     assert logits.shape == (b, t, 320) and logits.dtype == jnp.float32
     enc2 = enc.copy(); enc2[:, 8] = 5  # segment 2 of the source
     dec2 = dec.copy(); dec2[:, 7] = 5  # segment 2 of the target
-    logits2 = model.logits(params, dict(batch, encoder_input_tokens=enc2,
+    logits2 = jax.jit(model.logits)(params, dict(batch, encoder_input_tokens=enc2,
                                                           decoder_input_tokens=dec2))
     np.testing.assert_allclose(logits[:, :5], logits2[:, :5], atol=1e-5)
     assert not np.allclose(logits[:, 5:], logits2[:, 5:], atol=1e-3)
@@ -140,13 +141,14 @@ def test_score_batch_is_each_rows_log_likelihood():
     """score_batch equals log_softmax picked at the targets, per row, and sums to the
     negative of the loss's unsmoothed NLL."""
     model = EncoderDecoderModel(TINY)
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), model.dummy_batch(1, 8, 8)))
+    # Jitted: op by op, every primitive of a new shape compiles on its own.
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), model.dummy_batch(1, 8, 8)))
     batch = model.random_batch(3, 9, 7, seed=1)
     batch["decoder_loss_weights"][1, 4:] = 0  # a shorter row
-    got = np.asarray(model.score_batch(params, batch))
-    log_p = jax.nn.log_softmax(model.logits(params, batch), axis=-1)
+    got = np.asarray(jax.jit(model.score_batch)(params, batch))
+    log_p = jax.nn.log_softmax(jax.jit(model.logits)(params, batch), axis=-1)
     tok = np.take_along_axis(np.asarray(log_p), batch["decoder_target_tokens"][..., None], -1)
     want = (tok[..., 0] * batch["decoder_loss_weights"]).sum(-1)
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    _, metrics = model.loss(params, batch, dropout_rng=None)
+    _, metrics = jax.jit(lambda p, b: model.loss(p, b, dropout_rng=None))(params, batch)
     np.testing.assert_allclose(-got.sum(), float(metrics["nll_sum"]), rtol=1e-5)

@@ -180,12 +180,22 @@ def test_plan_gin_binds_the_candidate(tmp_path):
     assert (data.src_len, data.tgt_len) == (48, 40)
 
 
-@pytest.mark.slow
-def test_cli_json_and_verification_on_fake_cpu_devices(tmp_path):
-    out, png = tmp_path / "plan.gin", tmp_path / "plan.png"
+@pytest.fixture(scope="module")
+def tiny_cpu_plan(tmp_path_factory):
+    """One real `jaxmt plan` of the tiny model on 8 fake CPU devices, with --verify 1,
+    --json, --out and --plot: its JSON is checked below, and the plan.gin it wrote is
+    the one `jaxmt train` runs (one plan subprocess instead of two: the suite's time)."""
+    tmp = tmp_path_factory.mktemp("plan")
+    out, png = tmp / "plan.gin", tmp / "plan.png"
     p = _jaxmt("plan", "--model", "tiny", "--target", "cpu:8", "--batch", "16",
                "--src_len", "32", "--tgt_len", "32", "--verify", "1", "--json",
                f"--out={out}", f"--plot={png}")
+    return p, out, png
+
+
+@pytest.mark.slow
+def test_cli_json_and_verification_on_fake_cpu_devices(tiny_cpu_plan):
+    p, out, png = tiny_cpu_plan
     assert p.returncode == 0, p.stderr[-3000:]
     assert "verifying #1 " in p.stdout and "compiled in" in p.stdout
     r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -220,12 +230,11 @@ def test_base_on_v5e_plans_without_compiling():
 
 
 @pytest.mark.slow
-def test_the_plan_gin_trains(tmp_path):
+def test_the_plan_gin_trains(tiny_cpu_plan, tmp_path):
     """The acceptance test: `jaxmt train --gin_file=plan.gin` runs the plan as written
-    (only the step count and the vocabulary's size, for time, come from flags)."""
-    out = tmp_path / "plan.gin"
-    p = _jaxmt("plan", "--model", "tiny", "--target", "cpu:8", "--batch", "8",
-               "--src_len", "32", "--tgt_len", "32", "--verify", "0", f"--out={out}")
+    (only the step count and the vocabulary's size, for time, come from flags). The
+    plan.gin is the one the module's real `jaxmt plan` run wrote."""
+    p, out, _ = tiny_cpu_plan
     assert p.returncode == 0, p.stderr[-3000:]
     assert "recommended:" in p.stdout and out.exists()
     model_dir = tmp_path / "run"

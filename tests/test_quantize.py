@@ -45,28 +45,35 @@ def _flat(tree) -> dict:
 @pytest.fixture(scope="module")
 def float_model():
     model = EncoderDecoderModel(CFG)
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), model.dummy_batch(1, 8, 8)))
+    # Jitted, here and for the logits below: op by op, every primitive of a new shape is
+    # an XLA compile of its own (hundreds per model); one program compiles in a second.
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), model.dummy_batch(1, 8, 8)))
     return model, jax.tree.map(np.asarray, params)
+
+
+def _logits(model, params, batch):
+    """[b, t, vocab] logits as numpy, from one jitted program per model."""
+    return np.asarray(jax.jit(model.logits)(params, batch))
 
 
 def test_logits_close_to_fp32_and_greedy_agrees(float_model):
     model, params = float_model
     batch = model.random_batch(8, 12, 10, seed=1)
     src = {"encoder_input_tokens": batch["encoder_input_tokens"]}
-    ref = np.asarray(model.logits(params, batch))
+    ref = _logits(model, params, batch)
     ref_ids = np.asarray(model.predict_batch(params, src, max_decode_len=10))
     span = ref.max() - ref.min()
     for mode in ("int8", "w8a8"):
         qparams, qcfg = quantize_params(params, CFG, mode)
         assert qcfg == dataclasses.replace(CFG, quant=mode)
         qmodel = EncoderDecoderModel(qcfg)
-        got = np.asarray(qmodel.logits(qparams, batch))
+        got = _logits(qmodel, qparams, batch)
         err = np.abs(got - ref).max() / span
         print(f"{mode}: max |dlogit| / range {err:.4f}")
         assert err < LOGIT_BOUND, (mode, err)
         assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
         if mode == "int8":  # weight-only: the dequantized model, up to fp32 rounding
-            deq = np.asarray(model.logits(dequantize_params(qparams, qcfg)[0], batch))
+            deq = _logits(model, dequantize_params(qparams, qcfg)[0], batch)
             np.testing.assert_allclose(got, deq, atol=1e-5 * span)
         ids = np.asarray(qmodel.predict_batch(qparams, src, max_decode_len=10))
         agree = (ids == ref_ids).mean()
@@ -114,10 +121,10 @@ def test_scanned_equals_unrolled_and_tied_embeddings(float_model):
         np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(want[p]), err_msg=p)
     model = EncoderDecoderModel(qcfg)
     batch = model.random_batch(4, 12, 10, seed=2)
-    out = np.asarray(model.logits(q_unrolled, batch))
-    np.testing.assert_allclose(np.asarray(EncoderDecoderModel(qcfg_s).logits(q_scanned, batch)),
+    out = _logits(model, q_unrolled, batch)
+    np.testing.assert_allclose(_logits(EncoderDecoderModel(qcfg_s), q_scanned, batch),
                                out, atol=1e-5)
-    ref = np.asarray(EncoderDecoderModel(tied).logits(params, batch))
+    ref = _logits(EncoderDecoderModel(tied), params, batch)
     assert np.abs(out - ref).max() / (ref.max() - ref.min()) < LOGIT_BOUND
 
 
