@@ -416,15 +416,16 @@ class _Sizer:
 
 @functools.lru_cache(maxsize=256)
 def _program(model, train, microbatches: int, kind: str, gathers: bool) -> _Program:
-    platform = "cpu" if kind == "cpu" else kind
-    closed = _trace(model, train, microbatches, platform)
+    closed = _trace(model, train, microbatches, kind)  # a kind is a platform
     return _Flattener(kind, gathers).program(closed.jaxpr)
 
 
-def simulate_temporaries(w: Workload, c: Candidate, kind: str = "cpu") -> float:
+def simulate_temporaries(w: Workload, c: Candidate, kind: str) -> float:
     """Predicted bytes of XLA's temporaries per device for ``w``'s step under ``c`` on a
     ``kind`` ("cpu", "tpu" or "gpu") target: the peak of the simulated step. No compile;
-    the trace is cached per model, remat policies, attention, layers and microbatches."""
+    the trace is cached per model, remat policies, attention, layers and microbatches.
+    ``kind`` has no default: it picks the kernels traced and XLA's rules (as
+    :func:`jaxmt.plan.memory.residual_kinds`' platform)."""
     wc = c.apply(w)
     gathers = c.sizes["fsdp"] > 1 and c.shard_params
     prog = _program(wc.model, wc.train, c.num_microbatches, kind, gathers)
