@@ -3,8 +3,13 @@
 import contextlib
 import os
 
+# LLVM at -O0 unless the caller chose a level: the suite compiles hundreds of small
+# programs whose run time is negligible, and -O0 cut the suite from 1,546 s to 1,231 s on
+# 2 cores (a test's numerics may differ from -O2's in the last bits, never its semantics).
+_opt = ("" if "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", "")
+        else " --xla_backend_optimization_level=0")
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + _opt
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
