@@ -20,14 +20,13 @@ demo: $(STAMP)
 
 # Tests run in TEST_WORKERS pytest-xdist processes (each test file in one; 2 = CI's
 # cores; each worker holds 8 fake devices and a few GiB). The notebooks run in smoke mode
-# in a real Jupyter kernel on .venv's Python (notebooks/conftest.py sees to both), after
-# the tests.
+# in a real Jupyter kernel on .venv's Python (notebooks/conftest.py sees to both), in the
+# same run, so that they fill the workers' gaps.
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadfile
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x $(XDIST) --durations=15 tests
-	$(BIN)/python -m pytest -q -x $(XDIST) --durations=5 --nbmake --nbmake-timeout=600 notebooks
+	$(BIN)/python -m pytest -q -x $(XDIST) --durations=20 --nbmake --nbmake-timeout=600 tests notebooks
 
 # While you work: everything but the tests marked `slow` (end-to-end runs, Hugging Face
 # parity, parallelism, multi-host, and any test over about 5 s) and the notebook runs
