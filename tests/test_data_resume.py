@@ -19,7 +19,7 @@ from jaxmt.gin_files import parse_gin  # noqa: E402
 from jaxmt.checkpoint import Checkpointer, checkpoint_dir  # noqa: E402
 from jaxmt.data import pipeline, tasks  # noqa: E402
 
-from conftest import persistent_compile_cache  # noqa: E402
+from compile_cache import persistent_compile_cache  # noqa: E402
 
 LANGS = ("en", "de", "ru")
 STEPS, CRASH_AT = 6, 3  # checkpoint every 3 steps; the crashed run dies fetching batch 4

@@ -11,7 +11,7 @@ from contextlib import redirect_stdout
 
 import gin
 import pytest
-from conftest import persistent_compile_cache
+from compile_cache import persistent_compile_cache
 
 from jaxmt import cli
 from jaxmt.gin_files import parse_gin

@@ -16,7 +16,7 @@ from jaxmt.gin_files import MESH_PRESETS, mesh_preset
 from jaxmt.sharding.partitioning import Partitioner
 from jaxmt.train.trainer import Trainer
 
-from conftest import persistent_compile_cache
+from compile_cache import persistent_compile_cache
 
 pytestmark = pytest.mark.slow  # `make test-fast` skips these
 
