@@ -217,7 +217,7 @@ def _kinds(model: ModelConfig, enc_layers: int, dec_layers: int, platform: str
     are keyed with a leading ``w:``."""
     cfg = _proxy(model, enc_layers, dec_layers)
     m = EncoderDecoderModel(cfg)
-    params = m.param_shapes()
+    params = _param_shapes(_state_key(cfg))
     batch = jax.eval_shape(lambda: m.dummy_batch(_PROXY["b"], _PROXY["s"], _PROXY["t"]))
     batch = dict(batch, decoder_loss_weights=jax.ShapeDtypeStruct(
         batch["decoder_target_tokens"].shape, jnp.int32))
@@ -233,6 +233,13 @@ def _kinds(model: ModelConfig, enc_layers: int, dec_layers: int, platform: str
         key = letters if "b" in letters else "w:" + letters
         out[(key, np.dtype(r.dtype).itemsize)] += 1
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shapes(model: ModelConfig):
+    """The parameters' shapes, one init trace per :func:`_state_key` (the remat policies
+    and attention implementations that :func:`_kinds` varies share them)."""
+    return EncoderDecoderModel(model).param_shapes()
 
 
 def residual_kinds(model: ModelConfig, platform: str) -> dict[str, collections.Counter]:
