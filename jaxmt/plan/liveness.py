@@ -52,6 +52,7 @@ import numpy as np
 from jax.extend.core import Literal
 
 from jaxmt.kernels.common import tracing_for
+from jaxmt.plan import memory
 from jaxmt.plan.workload import Candidate, Workload
 from jaxmt.sharding import axes
 from jaxmt.sharding.partitioning import Partitioner
@@ -137,9 +138,7 @@ def _trace(model, train, microbatches: int, platform: str):
     """The proxy's step as a ClosedJaxpr (one device: shapes are global; the mesh is
     applied by :func:`_bytes`)."""
     p = PROXY
-    proxy = dataclasses.replace(model, vocab_size=p["v"], emb_dim=p["e"], num_heads=p["h"],
-                                head_dim=p["d"], mlp_dim=p["f"], relpos_buckets=p["r"],
-                                dropout_rate=0.0)
+    proxy = memory.proxy_model(model, p)
     rows = p["b"] * microbatches
     train = dataclasses.replace(train, batch_size=rows, num_microbatches=microbatches)
     part = Partitioner(devices=jax.devices()[:1])
@@ -368,11 +367,8 @@ class _Sizer:
     """Bytes per device of a proxy value, for the real model under a candidate's mesh."""
 
     def __init__(self, w: Workload, c: Candidate, kind: str, whole: set):
-        m = c.model_config(w.model)
         s = c.sizes
-        self.dims = {"b": w.batch / c.num_microbatches, "s": w.src_len, "t": w.tgt_len,
-                     "e": m.emb_dim, "h": m.num_heads, "d": m.head_dim, "f": m.mlp_dim,
-                     "v": m.vocab_size, "r": m.relpos_buckets}
+        self.dims = memory.dimension_sizes(w, c)
         self.batch_split = math.prod(s[a] for a in axes.BATCH_MESH_AXES)
         self.fsdp = s["fsdp"] if c.shard_params else 1
         self.tensor = s["tensor"]

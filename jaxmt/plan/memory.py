@@ -201,12 +201,26 @@ def batch_bytes(w: Workload, c: Candidate, kind: str = "cpu") -> int:
 # ---------------------------------------------------------------------------------------
 # Saved activations: the residuals of jax.vjp, traced for a proxy model.
 
-def _proxy(model: ModelConfig, enc_layers: int, dec_layers: int) -> ModelConfig:
-    p = _PROXY
+def proxy_model(model: ModelConfig, sizes: dict) -> ModelConfig:
+    """``model`` with each dimension a letter names set to ``sizes[letter]`` (the batch
+    and lengths aside: they are the step's), without dropout."""
     return dataclasses.replace(
-        model, vocab_size=p["v"], emb_dim=p["e"], num_heads=p["h"], head_dim=p["d"],
-        mlp_dim=p["f"], relpos_buckets=p["r"], num_encoder_layers=enc_layers,
-        num_decoder_layers=dec_layers, scan_layers=False, dropout_rate=0.0)
+        model, vocab_size=sizes["v"], emb_dim=sizes["e"], num_heads=sizes["h"],
+        head_dim=sizes["d"], mlp_dim=sizes["f"], relpos_buckets=sizes["r"], dropout_rate=0.0)
+
+
+def dimension_sizes(w: Workload, c: Candidate) -> dict[str, float]:
+    """The real size of each dimension letter for ``w`` under ``c`` (``b``: the rows of
+    one microbatch)."""
+    m = c.model_config(w.model)
+    return {"b": w.batch / c.num_microbatches, "s": w.src_len, "t": w.tgt_len,
+            "e": m.emb_dim, "h": m.num_heads, "d": m.head_dim, "f": m.mlp_dim,
+            "v": m.vocab_size, "r": m.relpos_buckets}
+
+
+def _proxy(model: ModelConfig, enc_layers: int, dec_layers: int) -> ModelConfig:
+    return dataclasses.replace(proxy_model(model, _PROXY), num_encoder_layers=enc_layers,
+                               num_decoder_layers=dec_layers, scan_layers=False)
 
 
 @functools.lru_cache(maxsize=256)
@@ -284,9 +298,7 @@ def activation_terms(w: Workload, c: Candidate, kind: str = "cpu") -> dict[str, 
     residuals count as float32: XLA's CPU backend upcasts bf16 work."""
     m = c.model_config(w.model)
     sizes = c.sizes
-    dims = {"b": w.batch / c.num_microbatches, "s": w.src_len, "t": w.tgt_len,
-            "e": m.emb_dim, "h": m.num_heads, "d": m.head_dim, "f": m.mlp_dim,
-            "v": m.vocab_size, "r": m.relpos_buckets}
+    dims = dimension_sizes(w, c)
     div = {k: math.prod(sizes[a] for a in v) for k, v in _SPLIT_BY.items()}
     layers = {"encoder": m.num_encoder_layers, "decoder": m.num_decoder_layers, "fixed": 1}
 
